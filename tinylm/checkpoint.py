@@ -1,0 +1,83 @@
+"""The checkpoint file: one `torch.save`d dict of tensors and plain Python values.
+
+It loads with `torch.load(..., weights_only=True)`, so opening a checkpoint never
+runs code from it. Layout (version 1):
+
+    format            "tinylm-checkpoint"
+    version           1
+    model             state dict of the GPT2LMHeadModel (fp32, on CPU)
+    model_config      GPT2Config.to_dict()
+    tokenizer         {"kind": "char"|"bpe", "path": str, "json": tokenizer.json text}
+    config            the run's Config.to_dict()
+    meta              the prepared data's meta.json (dict)
+    iter              optimizer steps completed
+    best_val_loss     best validation loss so far (inf if none)
+    val_loss          validation loss at this checkpoint (or None)
+    train_state       what resuming needs: optimizer, scheduler, scaler, RNG states, ... (dict)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from . import tokenizer as tok
+from .atomic import atomic_path
+from .errors import UserError
+
+FORMAT = "tinylm-checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "iter")
+
+
+def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Atomically write a checkpoint dict (format and version are added here)."""
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a checkpoint without running any code stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise UserError(f"checkpoint {path} {what}; train first (tinylm train) or pass the right --checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors have many types; all mean "not a usable checkpoint"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it contains Python objects that could run code when loaded, so it was refused"
+        raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a tinylm checkpoint (no '{FORMAT}' marker)")
+    if payload.get("version") != VERSION:
+        raise UserError(
+            f"checkpoint {path} has format version {payload.get('version')!r}; this tinylm reads version {VERSION}"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    return payload
+
+
+def model_from(payload: dict[str, Any]) -> GPT2LMHeadModel:
+    """The GPT2LMHeadModel stored in a loaded checkpoint, in eval mode."""
+    config = GPT2Config.from_dict(payload["model_config"])
+    model = GPT2LMHeadModel(config)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint weights do not match its model config: {str(exc).splitlines()[0]}") from None
+    model.tie_weights()
+    return model.eval()
+
+
+def tokenizer_from(payload: dict[str, Any]):
+    """The tokenizer stored in a loaded checkpoint (a PreTrainedTokenizerFast)."""
+    return tok.from_json(payload["tokenizer"]["json"])

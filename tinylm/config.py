@@ -1,0 +1,218 @@
+"""Typed, validated run configuration: TOML presets -> dataclasses.
+
+Every key has a type and a default; an unknown key is an error that names the
+closest valid key, and a wrong type or out-of-range value names the key and
+what was expected. Command-line flags override the file via `apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from . import paths
+from .errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "fp16", "bf16")
+DATA_FORMATS = ("txt", "bin")
+TOKENIZERS = ("char", "bpe")
+TRACKERS = ("none", "tensorboard", "trackio")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT-2 model. The vocab size comes from the prepared data's tokenizer."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared data lives and which tokenizer it was prepared with."""
+
+    processed_dir: str = paths.PROCESSED_DIR
+    tokenizer: str = "char"
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation loop, evaluation, checkpointing and hardware."""
+
+    data_format: str = "bin"
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 12
+    grad_accum_steps: int = 1
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    seed: int = 1337
+    out_dir: str = paths.CHECKPOINT_DIR
+    save_best: bool = True
+    early_stopping: bool = False
+    early_stopping_patience: int = 3
+    early_stopping_min_delta: float = 0.0
+    tracker: str = "none"
+
+
+@dataclass
+class Config:
+    """A whole run: `[model]`, `[data]` and `[training]`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Sequences per optimizer step on one process."""
+        return self.training.batch_size * self.training.grad_accum_steps
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig}
+
+CHOICES = {
+    "training.device": DEVICES,
+    "training.precision": PRECISIONS,
+    "training.data_format": DATA_FORMATS,
+    "training.tracker": TRACKERS,
+    "data.tokenizer": TOKENIZERS,
+}
+POSITIVE = {
+    "model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
+    "training.batch_size", "training.grad_accum_steps", "training.max_iters",
+    "training.learning_rate", "training.eval_interval", "training.eval_iters",
+    "training.log_interval", "training.early_stopping_patience", "training.lr_decay_iters",
+}
+NON_NEGATIVE = {
+    "training.min_lr", "training.warmup_iters", "training.weight_decay", "training.grad_clip",
+    "training.early_stopping_min_delta", "training.seed",
+}
+UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "training.beta1": (0.0, 1.0), "training.beta2": (0.0, 1.0)}
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a TOML preset (or the built-in defaults when `path` is None) and validate it."""
+    if path is None:
+        return from_dict({}, source="defaults")
+    path = Path(path)
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "missing"
+        raise UserError(f"config {path} is {kind}: pass a TOML file, e.g. --config {paths.CONFIG_EXAMPLE}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"config {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated `Config` from nested dicts shaped like the TOML file."""
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise UserError(f"{source}: unknown section [{name}]{_suggest(name, SECTIONS)}")
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: [{name}] must be a table of keys, got {_type_name(value)}")
+        sections[name] = _build_section(name, value, source)
+    config = Config(**sections)
+    _check_consistency(config, source)
+    return config
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any], source: str = "command line") -> Config:
+    """Return a copy of `config` with dotted-key overrides (`{"training.max_iters": 10}`), validated."""
+    merged = config.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        merged[section][key] = value
+    return from_dict(merged, source=source)
+
+
+def _build_section(name: str, values: dict[str, Any], source: str):
+    cls = SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"{source}: unknown key {name}.{key}{_suggest(key, fields)}")
+        checked[key] = _check_value(f"{name}.{key}", value, type(getattr(cls(), key)), source)
+    return cls(**checked)
+
+
+def _check_value(dotted: str, value: Any, expected: type, source: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not expected:
+        raise UserError(
+            f"{source}: {dotted} must be {_type_name(expected())}, got {_type_name(value)} {value!r}"
+        )
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        options = ", ".join(f'"{c}"' for c in CHOICES[dotted])
+        raise UserError(f"{source}: {dotted} must be one of {options}, got {value!r}")
+    if expected is float and value != value:
+        raise UserError(f"{source}: {dotted} must be a number, got nan")
+    if dotted in POSITIVE and not value > 0:
+        raise UserError(f"{source}: {dotted} must be greater than 0, got {value!r}")
+    if dotted in NON_NEGATIVE and not value >= 0:
+        raise UserError(f"{source}: {dotted} must be 0 or more, got {value!r}")
+    if dotted in UNIT_INTERVAL:
+        low, high = UNIT_INTERVAL[dotted]
+        if not low <= value < high:
+            raise UserError(f"{source}: {dotted} must be in [{low}, {high}), got {value!r}")
+    return value
+
+
+def _check_consistency(config: Config, source: str) -> None:
+    model = config.model
+    if model.n_embd % model.n_head:
+        raise UserError(
+            f"{source}: model.n_embd ({model.n_embd}) must be divisible by model.n_head ({model.n_head})"
+        )
+    training = config.training
+    if training.min_lr > training.learning_rate:
+        raise UserError(
+            f"{source}: training.min_lr ({training.min_lr}) must not exceed "
+            f"training.learning_rate ({training.learning_rate})"
+        )
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    valid = ", ".join(sorted(options))
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {valid})"
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            dict: "a table", list: "an array"}.get(type(value), type(value).__name__)

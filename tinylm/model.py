@@ -1,0 +1,58 @@
+"""The model: a plain `transformers` GPT2LMHeadModel, so weights are ordinary transformers weights."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .config import ModelConfig
+
+
+def gpt2_config(model: ModelConfig, vocab_size: int, eos_token_id: int = 0) -> GPT2Config:
+    """The GPT2Config for our `[model]` section and the tokenizer's vocab size."""
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=model.block_size,
+        n_embd=model.n_embd,
+        n_layer=model.n_layer,
+        n_head=model.n_head,
+        # nanoGPT uses one dropout rate everywhere; GPT-2 splits it three ways.
+        resid_pdrop=model.dropout,
+        embd_pdrop=model.dropout,
+        attn_pdrop=model.dropout,
+        # GPT2Config defaults to GPT-2's 50256, which is outside a small vocab.
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+        # Share the input embedding with the output projection (fewer parameters, as GPT-2).
+        tie_word_embeddings=True,
+    )
+
+
+def build_model(config: GPT2Config) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 (transformers applies GPT-2's scaled residual init)."""
+    return GPT2LMHeadModel(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameters, counting the tied embedding once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: decay the matrices only, never biases or LayerNorm gains."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def next_token_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting `blocks[:, 1:]` from `blocks[:, :-1]` (nanoGPT's x/y split)."""
+    inputs, targets = blocks[:, :-1], blocks[:, 1:]
+    logits = model(input_ids=inputs).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -1,0 +1,25 @@
+"""Every file name and path constant the docs name, in one place.
+
+Relative paths are resolved against the current working directory, the way the
+training page's commands are run (from the project root).
+"""
+
+CONFIG_EXAMPLE = "configs/base.toml"
+
+DATA_DIR = "data"
+PROCESSED_DIR = "data/processed"
+META_TXT = "data/processed/meta.json"
+META_BIN = "data/meta.json"
+META_NAME = "meta.json"
+TOKENIZER_NAME = "tokenizer.json"
+META_FORMAT_VERSION = 1
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT = "checkpoints/ckpt_last.pt"
+CHECKPOINT_BEST = "checkpoints/ckpt_best.pt"
+TRAIN_LOG = "checkpoints/train_log.json"
+LAST_NAME = "ckpt_last.pt"
+BEST_NAME = "ckpt_best.pt"
+TRAIN_LOG_NAME = "train_log.json"
+
+TROUBLESHOOTING = "docs/troubleshooting.md"
