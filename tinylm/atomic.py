@@ -15,6 +15,11 @@ from typing import IO, Any, Iterator
 
 from .errors import UserError
 
+# mkstemp creates files readable by the owner only; give ours the usual umask-based mode.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
@@ -33,6 +38,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         ) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, FILE_MODE)
     try:
         yield tmp
         _fsync(tmp)

@@ -52,7 +52,18 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def next_token_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting `blocks[:, 1:]` from `blocks[:, :-1]` (nanoGPT's x/y split)."""
+    """Mean cross-entropy of predicting `blocks[:, 1:]` from `blocks[:, :-1]` (nanoGPT's x/y split).
+
+    We compute the loss ourselves rather than passing `labels=`: transformers would
+    shift inside the block and score only block_size - 1 positions.
+    """
+    return per_block_loss(model, blocks).mean()
+
+
+def per_block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each block, shape (batch,)."""
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
     logits = model(input_ids=inputs).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    # Score in fp32 even under autocast: fp16 log-softmax over the vocab loses precision.
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return losses.mean(dim=1)

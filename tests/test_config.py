@@ -1,0 +1,107 @@
+"""The TOML config loader: presets load, bad keys and values get clear errors, flags override."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinylm.config import Config, apply_overrides, from_dict, load_config
+from tinylm.errors import UserError
+
+PRESETS = ["base", "baby", "rtx4060", "gpt2-124m"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load(name):
+    config = load_config(f"configs/{name}.toml")
+    assert config.effective_batch_size == config.training.batch_size * config.training.grad_accum_steps
+
+
+def test_page_defaults():
+    training = Config().training
+    assert training.grad_accum_steps == 1
+    assert training.precision == "fp32"
+    assert training.early_stopping is False
+
+
+def test_baby_preset_matches_nanogpt():
+    config = load_config("configs/baby.toml")
+    m, t = config.model, config.training
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (t.batch_size, t.learning_rate, t.warmup_iters, t.min_lr, t.lr_decay_iters) == (12, 1e-3, 100, 1e-4, 2000)
+    assert (t.beta2, t.weight_decay, t.grad_clip, t.max_iters) == (0.99, 0.1, 1.0, 2000)
+
+
+def test_rtx4060_preset_is_the_page_example():
+    t = load_config("configs/rtx4060.toml").training
+    assert (t.batch_size, t.grad_accum_steps, t.precision) == (8, 4, "fp16")
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"training": {"batchsize": 4}}, "unknown key training.batchsize (did you mean 'batch_size'?)"),
+        ({"trainig": {}}, "unknown section [trainig] (did you mean 'training'?)"),
+        ({"training": {"grad_accum_step": 2}}, "did you mean 'grad_accum_steps'?"),
+        ({"training": {"batch_size": "8"}}, "training.batch_size must be an integer, got a string '8'"),
+        ({"training": {"batch_size": 0}}, "training.batch_size must be greater than 0"),
+        ({"training": {"precision": "fp8"}}, 'training.precision must be one of "fp32", "fp16", "bf16"'),
+        ({"training": {"save_best": "yes"}}, "training.save_best must be a boolean"),
+        ({"training": {"learning_rate": math.nan}}, "training.learning_rate must be a number, got nan"),
+        ({"model": {"dropout": 1.5}}, "model.dropout must be in [0.0, 1.0)"),
+        ({"model": {"n_embd": 100, "n_head": 3}}, "must be divisible by model.n_head"),
+        ({"model": 3}, "[model] must be a table of keys"),
+    ],
+)
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(UserError) as error:
+        from_dict(raw, source="my.toml")
+    assert message in str(error.value)
+    assert str(error.value).startswith("my.toml: ")
+
+
+def test_not_toml(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[training\nbatch_size = ")
+    with pytest.raises(UserError, match="is not valid TOML"):
+        load_config(path)
+
+
+def test_missing_and_folder(tmp_path):
+    with pytest.raises(UserError, match="missing"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(UserError, match="a folder"):
+        load_config(tmp_path)
+
+
+def test_int_accepted_for_float_and_overrides_win():
+    config = from_dict({"training": {"learning_rate": 1, "max_iters": 10}})
+    assert config.training.learning_rate == 1.0
+    config = apply_overrides(config, {"training.max_iters": 5, "training.device": None})
+    assert config.training.max_iters == 5 and config.training.device == "auto"
+    with pytest.raises(UserError, match="training.max_iters must be greater than 0"):
+        apply_overrides(config, {"training.max_iters": -1})
+
+
+toml_scalars = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.booleans(),
+                         st.text(max_size=8), st.lists(st.integers(), max_size=2))
+keys = st.sampled_from(["batch_size", "precision", "dropout", "n_head", "n_embd", "device", "seed",
+                        "learning_rate", "min_lr", "save_best", "tokenizer", "bogus", "eval_iters"])
+documents = st.dictionaries(
+    st.sampled_from(["model", "data", "training", "extra"]),
+    st.one_of(st.dictionaries(keys, toml_scalars, max_size=5), toml_scalars),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents)
+def test_any_document_loads_or_fails_cleanly(raw):
+    """Property: the loader never raises anything but UserError, and what it returns is valid."""
+    try:
+        config = from_dict(raw)
+    except UserError:
+        return
+    assert config.model.n_embd % config.model.n_head == 0
+    assert config.training.batch_size > 0

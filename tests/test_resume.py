@@ -1,0 +1,170 @@
+"""Exact resume after a real SIGKILL or Ctrl-C, crash-safe checkpoint writes, refusing unsafe input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import (
+    REPO, assert_clean_error, load_checkpoint, losses, make_corpus, prepare, read_log, train, write_config,
+)
+
+from tinylm import checkpoint
+from tinylm.errors import UserError
+
+SLOW_TRAIN = Path(__file__).with_name("slow_train.py")
+# Dropout on, so resuming must restore the random state too, not just the weights.
+RUN = {"model": {"dropout": 0.1}, "training": {"max_iters": 16, "eval_interval": 4}}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    prepare(make_corpus(root / "corpus.txt"), root / "data")
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def straight(prepared, tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce."""
+    root = tmp_path_factory.mktemp("straight")
+    train(write_config(root / "run.toml", prepared, root / "ckpt", **RUN))
+    return root / "ckpt"
+
+
+def start_slow(config: Path, step_delay: float, slow_save_from: int = 0, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(SLOW_TRAIN), str(step_delay), str(slow_save_from), "--config", str(config), *flags],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the training subprocess"
+        time.sleep(0.05)
+
+
+def logged_iters(out_dir: Path) -> list[int]:
+    try:
+        return [record["iter"] for record in read_log(out_dir)["records"]]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def assert_same_run(out_dir: Path, reference: Path) -> None:
+    assert losses(out_dir) == losses(reference)  # bit-identical floats
+    weights, expected = (load_checkpoint(d / "ckpt_last.pt")["model"] for d in (out_dir, reference))
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(prepared, straight, tmp_path):
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", **RUN)
+    process = start_slow(config, 0.1)
+    wait_for(lambda: any(i >= 8 for i in logged_iters(tmp_path / "ckpt")))
+    process.kill()  # SIGKILL: no handler runs, whatever was being written stays as it was
+    process.wait()
+    killed_at = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["iter"]
+    assert 8 <= killed_at < 16
+    result = train(config, "--resume")
+    assert f"resumed from iter {killed_at}" in result.stdout
+    assert_same_run(tmp_path / "ckpt", straight)
+
+
+def test_ctrl_c_saves_then_resume_reproduces_the_run(prepared, straight, tmp_path):
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", **RUN)
+    process = start_slow(config, 0.1)
+    wait_for(lambda: 4 in logged_iters(tmp_path / "ckpt"))
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout + stderr
+    assert "Resume with: tinylm train" in stdout
+    stopped_at = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["iter"]
+    assert 4 < stopped_at < 16
+    assert read_log(tmp_path / "ckpt")["summary"]["stop_reason"] == "interrupted"
+    train(config, "--resume", str(tmp_path / "ckpt" / "ckpt_last.pt"))
+    assert_same_run(tmp_path / "ckpt", straight)
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(prepared, tmp_path):
+    out_dir = tmp_path / "ckpt"
+    config = write_config(tmp_path / "run.toml", prepared, out_dir, **RUN)
+    # writes 1 and 2 are ckpt_last/ckpt_best at iter 0; write 3 (ckpt_last at iter 4) hangs half-way
+    process = start_slow(config, 0.0, 3)
+    wait_for(lambda: any(p.name.endswith(".half-written") for p in out_dir.iterdir()) if out_dir.exists() else False)
+    process.kill()
+    process.wait()
+    assert checkpoint.load(out_dir / "ckpt_last.pt")["iter"] == 0
+    assert checkpoint.load(out_dir / "ckpt_best.pt")["iter"] == 0
+    assert logged_iters(out_dir) == [0]
+    train(config, "--resume")
+    assert logged_iters(out_dir) == [0, 4, 8, 12, 16]
+
+
+def test_resume_refuses_another_model_shape(prepared, straight, tmp_path):
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", model={"n_embd": 64})
+    result = train(config, "--resume", str(straight / "ckpt_last.pt"), check=False)
+    assert_clean_error(result, "cannot resume", "n_embd 32 -> 64")
+
+
+def test_resume_refuses_another_tokenizer(straight, tmp_path):
+    other = tmp_path / "other"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(tmp_path / "base.txt").read_text().upper())
+    prepare(corpus, other)
+    config = write_config(tmp_path / "run.toml", other, tmp_path / "ckpt", **RUN)
+    assert_clean_error(train(config, "--resume", str(straight / "ckpt_last.pt"), check=False), "cannot resume")
+
+
+def test_resume_from_a_missing_checkpoint(prepared, tmp_path):
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt")
+    assert_clean_error(train(config, "--resume", check=False), "ckpt_last.pt", "does not exist")
+
+
+class RunsCode:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(prepared, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "model": RunsCode(marker)}, evil)
+    with pytest.raises(UserError, match="could run code"):
+        checkpoint.load(evil)
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt")
+    assert_clean_error(train(config, "--resume", str(evil), check=False), str(evil), "could run code")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_broken_checkpoints_get_one_clear_line(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        torch.save({"just": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as error:
+        checkpoint.load(path)
+    assert str(path) in str(error.value)
+
+
+def test_truncated_checkpoint(straight, tmp_path):
+    path = tmp_path / "truncated.pt"
+    whole = (straight / "ckpt_last.pt").read_bytes()
+    path.write_bytes(whole[: len(whole) // 3])
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        checkpoint.load(path)

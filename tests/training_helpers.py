@@ -1,0 +1,100 @@
+"""Shared helpers for tests that run real training in a subprocess on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "tinylm" / "train.py"
+
+# A model and a run small enough to train in a few seconds on 2 CPU cores.
+TINY = {
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0},
+    "data": {"tokenizer": "char"},
+    "training": {
+        "device": "cpu", "batch_size": 4, "max_iters": 12, "eval_interval": 4, "eval_iters": 2,
+        "log_interval": 4, "learning_rate": 1e-2, "min_lr": 1e-3, "warmup_iters": 2,
+        "lr_decay_iters": 12, "seed": 7,
+    },
+}
+
+WORDS = ("the king my lord thou art good night sweet prince what is this speak to me "
+         "come hither friend farewell love death crown sword heaven earth").split()
+
+
+def make_corpus(path: Path, chars: int = 40_000, seed: int = 0) -> Path:
+    """A deterministic play-like text of about `chars` characters."""
+    rng = random.Random(seed)
+    lines = []
+    while sum(map(len, lines)) < chars:
+        speaker = rng.choice(["HAMLET", "HORATIO", "OPHELIA", "KING"])
+        speech = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14)))
+        lines.append(f"{speaker}:\n{speech.capitalize()}.\n\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def prepare(corpus: Path, out: Path, *, tokenizer: str = "char", fmt: str = "bin") -> subprocess.CompletedProcess:
+    """Run `python -m tinylm.prepare` on `corpus` into `out`."""
+    return run([sys.executable, "-m", "tinylm.prepare", "--input", str(corpus), "--tokenizer", tokenizer,
+                "--format", fmt, "--out", str(out)], check=True)
+
+
+def write_config(path: Path, processed_dir: Path, out_dir: Path, **sections) -> Path:
+    """Write a TOML config: TINY, pointed at `processed_dir`/`out_dir`, with per-section overrides."""
+    config = {name: dict(values) for name, values in TINY.items()}
+    config["data"]["processed_dir"] = str(processed_dir)
+    config["training"]["out_dir"] = str(out_dir)
+    for name, values in sections.items():
+        config[name].update(values)
+    lines = []
+    for name, values in config.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(command: list[str], *, check: bool = False, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command with the test environment; on `check`, fail with its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **kwargs.pop("env", {})}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=kwargs.pop("cwd", REPO))
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def train(config: Path, *flags: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python tinylm/train.py --config CONFIG FLAGS...`."""
+    return run([sys.executable, str(TRAIN_SCRIPT), "--config", str(config), *flags], check=check, **kwargs)
+
+
+def read_log(out_dir: Path) -> dict:
+    return json.loads((out_dir / "train_log.json").read_text())
+
+
+def losses(out_dir: Path) -> list[tuple]:
+    """(iter, train_loss, val_loss) of every evaluation record."""
+    return [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_log(out_dir)["records"]]
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: exit code 2, one `error:` line naming the problem, no traceback."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    for fragment in fragments:
+        assert fragment in errors[0], output

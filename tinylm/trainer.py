@@ -1,0 +1,411 @@
+"""The training loop: a GPT2LMHeadModel trained in a custom loop driven by `accelerate`.
+
+The accelerate calls appear explicitly and in order: `prepare`, `accumulate`,
+`backward`, `sync_gradients` / `clip_grad_norm_`, `gather_for_metrics`.
+Everything here works unchanged on one process or many: batches are a pure
+function of (seed, rank, step, micro_step), only the main process writes files
+and prints, and every rank takes the same stop decisions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+
+from . import checkpoint, data, rng
+from . import tokenizer as tok
+from .atomic import write_json
+from .config import Config
+from .errors import UserError
+from .hardware import choose_hardware
+from .model import build_model, count_parameters, gpt2_config, optimizer_groups, per_block_loss
+from .paths import BEST_NAME, LAST_NAME, TRAIN_LOG_NAME
+from .progress import Progress
+from .schedule import build_scheduler
+
+# Optimizer steps in a row whose gradients are inf/nan before we give up. Under fp16
+# the loss scaler skips a few such steps while it finds its scale; more means divergence.
+MAX_NONFINITE_STEPS = 10
+# Shape keys that must match to resume from a checkpoint.
+SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+@dataclass
+class RunState:
+    """Everything about the run's progress that a checkpoint must carry to resume it."""
+
+    iter: int = 0
+    best_val_loss: float = math.inf
+    best_iter: int = -1
+    evals_without_improvement: int = 0
+    nonfinite_steps: int = 0
+    elapsed_s: float = 0.0
+    records: list[dict] = field(default_factory=list)
+
+    def logged(self, step: int) -> bool:
+        return any(record["iter"] == step for record in self.records)
+
+
+class Trainer:
+    """One training run, from config (and optionally a checkpoint to resume) to checkpoints."""
+
+    def __init__(self, config: Config, resume: str | Path | None = None):
+        self.config = config
+        training = config.training
+        self.hardware = hardware = choose_hardware(training.device, training.precision)
+        self.accelerator = Accelerator(
+            cpu=hardware.device == "cpu",
+            mixed_precision=hardware.mixed_precision,
+            gradient_accumulation_steps=training.grad_accum_steps,
+            log_with=None if training.tracker == "none" else training.tracker,
+            project_dir=training.out_dir,
+            step_scheduler_with_optimizer=False,
+        )
+        self.is_main = self.accelerator.is_main_process
+        self.out_dir = Path(training.out_dir)
+        for warning in hardware.warnings:
+            self.print(f"warning: {warning}")
+
+        # Only the main process tokenizes a txt corpus; the others wait, then read its cache.
+        with self.accelerator.main_process_first():
+            self.data = data.resolve(config.data.processed_dir, training.data_format, config.data.tokenizer)
+            self.train_tokens = self.data.split("train")
+            self.val_tokens = self.data.split("val")
+        self.tokenizer = self.data.tokenizer()
+
+        resumed = checkpoint.load(resume) if resume else None
+        self.state = RunState()
+        # Seeds differ per process, so dropout masks differ across ranks like their batches do.
+        set_seed(training.seed, device_specific=True)
+        model_config = gpt2_config(config.model, self.data.vocab_size, self.tokenizer.eos_token_id)
+        model = build_model(model_config)
+        if resumed:
+            self._check_resumable(resumed, model_config)
+            model.load_state_dict(resumed["model"])
+        optimizer = torch.optim.AdamW(
+            optimizer_groups(model, training.weight_decay),
+            lr=training.learning_rate,
+            betas=(training.beta1, training.beta2),
+        )
+        self.scheduler = build_scheduler(optimizer, training)
+        eval_loaders = [self._eval_loader(self.train_tokens), self._eval_loader(self.val_tokens)]
+        self.model, self.optimizer, train_eval, val_eval = self.accelerator.prepare(model, optimizer, *eval_loaders)
+        self.eval_loaders = {"train": train_eval, "val": val_eval}
+        if resumed:
+            self._restore(resumed)
+
+    # ----------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train until max_iters, early stopping or an interrupt; return the run's summary."""
+        training = self.config.training
+        self._describe()
+        if training.tracker != "none":
+            self.accelerator.init_trackers("tinylm", config=_flat(self.config.to_dict()))
+        stop_reason = "max_iters"
+        progress = Progress(training.max_iters, self.state.iter, self.tokens_per_step, self.is_main,
+                            training.log_interval)
+        interrupts = _InterruptFlag()
+        started = time.perf_counter() - self.state.elapsed_s
+        self.model.train()
+        with interrupts, progress:
+            while True:
+                step = self.state.iter
+                if self._eval_due(step):
+                    self.state.elapsed_s = time.perf_counter() - started
+                    if self._evaluate_and_checkpoint(step, progress):
+                        stop_reason = "early_stopping"
+                        break
+                if step >= training.max_iters:
+                    break
+                loss = self._train_step(step)
+                self.state.iter = step + 1
+                progress.step(loss, self.scheduler.get_last_lr()[0])
+                if interrupts.raised:
+                    self.accelerator.set_trigger()
+                if self.accelerator.check_trigger():
+                    stop_reason = "interrupted"
+                    break
+        self.state.elapsed_s = time.perf_counter() - started
+        summary = self._summary(stop_reason)
+        if stop_reason == "interrupted":
+            self._save(LAST_NAME, val_loss=None)
+            self.print(
+                f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. "
+                f"Resume with: tinylm train --config <your config> --resume {self.out_dir / LAST_NAME}"
+            )
+        self._write_log(summary)
+        if training.tracker != "none":
+            self.accelerator.end_training()
+        return summary
+
+    def _train_step(self, step: int) -> float:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss."""
+        training = self.config.training
+        micro_losses = []
+        for micro_step in range(training.grad_accum_steps):
+            blocks = data.train_batch(
+                self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
+                seed=training.seed, rank=self.accelerator.process_index, step=step, micro_step=micro_step,
+            ).to(self.accelerator.device)
+            # accumulate() skips the DDP all-reduce on all but the last micro-step, and
+            # backward() already divides the loss by grad_accum_steps: don't divide again.
+            with self.accelerator.accumulate(self.model):
+                loss = per_block_loss(self.model, blocks).mean()
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self._optimizer_step()
+            micro_losses.append(loss.detach())
+        self.scheduler.step()
+        return torch.stack(micro_losses).mean().item()
+
+    def _optimizer_step(self) -> None:
+        """Clip, then step unless the (already all-reduced) gradients are not finite."""
+        max_norm = self.config.training.grad_clip or math.inf
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:
+            self.optimizer.step()  # under fp16 the grad scaler may still skip it
+        self.optimizer.zero_grad(set_to_none=True)
+        skipped = not finite or self.optimizer.step_was_skipped
+        self.state.nonfinite_steps = self.state.nonfinite_steps + 1 if skipped else 0
+        if self.state.nonfinite_steps >= MAX_NONFINITE_STEPS:
+            raise UserError(
+                f"training diverged: {MAX_NONFINITE_STEPS} optimizer steps in a row had inf/nan gradients "
+                f"(iter {self.state.iter}); lower training.learning_rate, or use precision = \"bf16\"/\"fp32\". "
+                f"The last good checkpoint in {self.out_dir} was kept"
+            )
+
+    # ----------------------------------------------------- evaluation and saving
+
+    def _eval_due(self, step: int) -> bool:
+        training = self.config.training
+        due = step % training.eval_interval == 0 or step >= training.max_iters
+        return due and not self.state.logged(step)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the fixed evaluation blocks of each split, gathered from all processes."""
+        self.model.eval()
+        losses = {}
+        for split, loader in self.eval_loaders.items():
+            per_block = [self.accelerator.gather_for_metrics(per_block_loss(self.model, batch["input_ids"]))
+                         for batch in loader]
+            losses[split] = torch.cat(per_block).float().mean().item()
+        self.model.train()
+        return losses
+
+    def _evaluate_and_checkpoint(self, step: int, progress: Progress) -> bool:
+        """Evaluate at `step`, log, save checkpoints; return True when early stopping says stop."""
+        training = self.config.training
+        losses = self.evaluate()
+        val_loss = losses["val"]
+        if not math.isfinite(val_loss):
+            raise UserError(
+                f"validation loss is {val_loss} at iter {step}; nothing was saved over the last good checkpoint "
+                f"in {self.out_dir}. Lower training.learning_rate or use precision = \"fp32\""
+            )
+        state = self.state
+        improved = val_loss < state.best_val_loss and state.best_val_loss - val_loss >= training.early_stopping_min_delta
+        if improved:
+            state.best_val_loss, state.best_iter, state.evals_without_improvement = val_loss, step, 0
+        else:
+            state.evals_without_improvement += 1
+        record = {
+            "iter": step,
+            "train_loss": losses["train"],
+            "val_loss": val_loss,
+            "train_ppl": math.exp(min(losses["train"], 50.0)),
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_seen": step * self.tokens_per_step,
+            "elapsed_s": round(state.elapsed_s, 3),
+            "tokens_per_s": round(progress.tokens_per_s, 1),
+        }
+        state.records.append(record)
+        progress.write(
+            f"eval iter {step}: train loss {record['train_loss']:.4f} (ppl {record['train_ppl']:.2f}) | "
+            f"val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})" + (" | best" if improved else "")
+        )
+        if training.tracker != "none":
+            self.accelerator.log({k: v for k, v in record.items() if k != "iter"}, step=step)
+        self._save(LAST_NAME, val_loss)
+        if improved and training.save_best:
+            self._save(BEST_NAME, val_loss)
+        self._write_log(None)
+        stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
+        if stop:
+            progress.write(
+                f"early stopping at iter {step}: val loss has not improved by at least "
+                f"{training.early_stopping_min_delta} for {state.evals_without_improvement} evaluations "
+                f"(best {state.best_val_loss:.4f} at iter {state.best_iter})"
+            )
+        return stop
+
+    def _save(self, name: str, val_loss: float | None) -> None:
+        """Write a checkpoint (main process); every process contributes its RNG state."""
+        rng_states = gather_object([rng.capture()])
+        # A collective under FSDP (it gathers the shards), so every process calls it.
+        weights = self.accelerator.get_state_dict(self.model)
+        if not self.is_main:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        scaler = self.accelerator.scaler
+        payload = {
+            "model": {k: v.detach().to("cpu") for k, v in weights.items()},
+            "model_config": model.config.to_dict(),
+            "tokenizer": {"kind": self.data.tokenizer_kind, "path": str(self.data.tokenizer_path),
+                          "json": tok.to_json(self.tokenizer)},
+            "config": self.config.to_dict(),
+            "meta": self.data.meta,
+            "iter": self.state.iter,
+            "best_val_loss": self.state.best_val_loss,
+            "val_loss": val_loss,
+            "train_state": {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_states,
+                "world_size": self.accelerator.num_processes,
+                "run": dataclasses.asdict(self.state),
+            },
+        }
+        checkpoint.save(self.out_dir / name, payload)
+
+    def _write_log(self, summary: dict | None) -> None:
+        if self.is_main:
+            write_json(self.out_dir / TRAIN_LOG_NAME, {
+                "config": self.config.to_dict(),
+                "records": self.state.records,
+                "summary": summary,
+            })
+
+    # ------------------------------------------------------------------ resume
+
+    def _check_resumable(self, payload: dict, model_config) -> None:
+        saved = payload["model_config"]
+        changed = [f"{key} {saved.get(key)} -> {getattr(model_config, key)}" for key in SHAPE_KEYS
+                   if saved.get(key) != getattr(model_config, key)]
+        if changed:
+            raise UserError(
+                f"cannot resume: the config changes the model shape ({', '.join(changed)}); "
+                "resume with the config the checkpoint was trained with, or start a new run in another out_dir"
+            )
+        if payload["tokenizer"]["json"] != tok.to_json(self.tokenizer):
+            raise UserError(
+                f"cannot resume: the checkpoint was trained with a different tokenizer than {self.data.tokenizer_path}; "
+                "prepare the data with the original tokenizer or start a new run"
+            )
+
+    def _restore(self, payload: dict) -> None:
+        train_state = payload.get("train_state") or {}
+        if "optimizer" not in train_state:
+            raise UserError("cannot resume: the checkpoint has no optimizer state (was it written by tinylm export?)")
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        if self.accelerator.scaler is not None and train_state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(train_state["scaler"])
+        run = dict(train_state["run"])
+        self.state = RunState(**run)
+        states = train_state["rng"]
+        if len(states) == self.accelerator.num_processes:
+            rng.restore(states[self.accelerator.process_index])
+        else:
+            self.print(f"warning: checkpoint was written by {len(states)} processes, now {self.accelerator.num_processes}: "
+                       "random state (dropout) is reseeded, so the run will not match an uninterrupted one exactly")
+        self.print(f"resumed from iter {self.state.iter} (best val loss {self.state.best_val_loss:.4f})")
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens consumed by one optimizer step across all processes."""
+        return self.global_batch_size * self.config.model.block_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.config.effective_batch_size * self.accelerator.num_processes
+
+    def _eval_loader(self, tokens) -> DataLoader:
+        training = self.config.training
+        blocks = data.eval_dataset(tokens, block_size=self.config.model.block_size,
+                                   num_blocks=training.eval_iters * training.batch_size)
+        return DataLoader(blocks, batch_size=training.batch_size, shuffle=False)
+
+    def _describe(self) -> None:
+        training = self.config.training
+        model = self.accelerator.unwrap_model(self.model)
+        self.print(
+            f"model: {count_parameters(model) / 1e6:.2f}M parameters "
+            f"({self.config.model.n_layer} layers, {self.config.model.n_head} heads, {self.config.model.n_embd} wide, "
+            f"block {self.config.model.block_size}, vocab {self.data.vocab_size} {self.data.tokenizer_kind})\n"
+            f"data: {self.train_tokens.num_tokens:,} train / {self.val_tokens.num_tokens:,} val tokens "
+            f"from {self.data.meta_path}\n"
+            f"device: {self.accelerator.device} | precision: {self.hardware.precision} | "
+            f"processes (world size): {self.accelerator.num_processes}\n"
+            f"effective_batch_size = batch_size * grad_accum_steps = {training.batch_size} * "
+            f"{training.grad_accum_steps} = {self.config.effective_batch_size} | "
+            f"global batch = {self.global_batch_size} | tokens per optimizer step = {self.tokens_per_step:,}"
+        )
+
+    def _summary(self, stop_reason: str) -> dict:
+        state = self.state
+        last = state.records[-1] if state.records else {}
+        return {
+            "stop_reason": stop_reason,
+            "iters": state.iter,
+            "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+            "best_iter": state.best_iter,
+            "final_train_loss": last.get("train_loss"),
+            "final_val_loss": last.get("val_loss"),
+            "tokens_seen": state.iter * self.tokens_per_step,
+            "elapsed_s": round(state.elapsed_s, 3),
+            "world_size": self.accelerator.num_processes,
+        }
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+
+class _InterruptFlag:
+    """Turn the first Ctrl-C / SIGTERM into a flag the loop checks after the current step.
+
+    A second Ctrl-C interrupts at once (the default behaviour comes back).
+    """
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.raised = True
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def _flat(config: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def train(config: Config, resume: str | Path | None = None) -> dict:
+    """Run training end to end; return the summary also written to train_log.json."""
+    return Trainer(config, resume).fit()
