@@ -155,7 +155,7 @@ class Trainer:
         for micro_step in range(training.grad_accum_steps):
             blocks = data.train_batch(
                 self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
-                seed=training.seed, rank=self.accelerator.process_index, step=step, micro_step=micro_step,
+                seed=training.seed, step=step, slot=self.accelerator.process_index * training.grad_accum_steps + micro_step,
             ).to(self.accelerator.device)
             # accumulate() skips the DDP all-reduce on all but the last micro-step, and
             # backward() already divides the loss by grad_accum_steps: don't divide again.

@@ -1,0 +1,20 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def snapshot():
+    """`snapshot(folder)`: every file below `folder` with its bytes and mtime, to prove nothing changed."""
+
+    def take(folder: Path) -> dict[str, tuple[bytes, int]]:
+        return {
+            str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(Path(folder).rglob("*")) if path.is_file()
+        }
+
+    return take

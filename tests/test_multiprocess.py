@@ -1,0 +1,81 @@
+"""Two real gloo processes through `accelerate launch` (configs/accelerate/cpu-2proc.yaml)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from training_helpers import REPO, load_checkpoint, losses, make_corpus, prepare, read_log, run, train, write_config
+
+CPU_2PROC = REPO / "configs" / "accelerate" / "cpu-2proc.yaml"
+SPY_TRAIN = Path(__file__).with_name("spy_train.py")
+SLOW_TRAIN = Path(__file__).with_name("slow_train.py")
+
+
+def launch(script: Path, *args: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+            "--main_process_port", str(port), str(script), *args]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    prepare(make_corpus(root / "corpus.txt"), root / "data")
+    return root / "data"
+
+
+def test_two_processes_train_stop_together_and_resume(prepared, tmp_path):
+    out_dir, writes = tmp_path / "ckpt", tmp_path / "writes.log"
+    # min_delta 100 with patience 1: both ranks must agree to stop at the evaluation after iter 0
+    config = write_config(tmp_path / "run.toml", prepared, out_dir, training={
+        "max_iters": 12, "early_stopping": True, "early_stopping_patience": 1, "early_stopping_min_delta": 100.0})
+    first = run(launch(SPY_TRAIN, str(writes), "--config", str(config), port=29611), check=True)
+    assert "processes (world size): 2" in first.stdout
+    assert "global batch = 8" in first.stdout  # batch 4 x accumulation 1 x 2 processes
+    assert first.stdout.count("eval iter 0:") == 1, "only the main process prints"
+    summary = read_log(out_dir)["summary"]
+    assert summary["stop_reason"] == "early_stopping" and summary["iters"] == 4 and summary["world_size"] == 2
+    assert len(load_checkpoint(out_dir / "ckpt_last.pt")["train_state"]["rng"]) == 2  # every rank's RNG
+
+    config = write_config(tmp_path / "run.toml", prepared, out_dir, training={"max_iters": 12})
+    second = run(launch(SPY_TRAIN, str(writes), "--config", str(config), "--resume", port=29612), check=True)
+    assert "resumed from iter 4" in second.stdout
+    assert [record["iter"] for record in read_log(out_dir)["records"]] == [0, 4, 8, 12]
+    ranks = {line.split()[0] for line in writes.read_text().splitlines()}
+    assert ranks == {"0"}, "only the main process may write files"
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(prepared, tmp_path):
+    """2 processes x batch 2 draw the same blocks as 1 process x batch 4: same losses up to float noise."""
+    one = write_config(tmp_path / "one.toml", prepared, tmp_path / "one", training={"batch_size": 4, "eval_iters": 2})
+    two = write_config(tmp_path / "two.toml", prepared, tmp_path / "two", training={"batch_size": 2, "eval_iters": 4})
+    train(one)
+    run(launch(SPY_TRAIN, str(tmp_path / "writes.log"), "--config", str(two), port=29613), check=True)
+    single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [r[0] for r in single] == [r[0] for r in double] == [0, 4, 8, 12]
+    for a, b in zip(single, double):
+        assert b[1] == pytest.approx(a[1], abs=1e-4) and b[2] == pytest.approx(a[2], abs=1e-4)
+
+
+def test_ctrl_c_stops_every_rank_without_hanging(prepared, tmp_path):
+    out_dir = tmp_path / "ckpt"
+    config = write_config(tmp_path / "run.toml", prepared, out_dir, training={"max_iters": 400})
+    process = subprocess.Popen(launch(SLOW_TRAIN, "0.05", "0", "--config", str(config), port=29614),
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 180
+    while not (out_dir / "train_log.json").exists():
+        assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    output, _ = process.communicate(timeout=120)  # a hang fails here
+    assert process.returncode != 0
+    assert "Resume with: tinylm train" in output
+    stopped_at = load_checkpoint(out_dir / "ckpt_last.pt")["iter"]
+    assert 0 < stopped_at < 400

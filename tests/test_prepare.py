@@ -1,0 +1,237 @@
+"""`tinylm prepare` end to end, in subprocesses: outputs, read-back, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinylm import corpus, data, paths
+from tinylm import prepare as prepare_module
+
+BLOCK = 32
+WORDS = "the king my lord thou art good night sweet prince what is this speak to me come hither".split()
+
+
+def prepare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tinylm.prepare", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def play_text(chars: int, seed: int = 0) -> str:
+    """A deterministic ASCII play-like text of about `chars` characters."""
+    rng = random.Random(seed)
+    speeches = []
+    while sum(map(len, speeches)) < chars:
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        speeches.append(f"{rng.choice(['HAMLET', 'KING'])}:\n{words.capitalize()}.\n\n")
+    return "".join(speeches)
+
+
+def assert_blocks_match_text(prepared: data.PreparedData, split: str, text: str, char_offset: int = 0) -> None:
+    """Random training blocks and the eval blocks decode to the text at their (char = token) offsets."""
+    stream = prepared.split(split)
+    tokenizer = prepared.tokenizer()
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, stream.num_tokens - BLOCK, size=8)
+    for start, row in zip(starts, stream.blocks(starts, BLOCK)):
+        assert tokenizer.decode(row.tolist()) == text[char_offset + start : char_offset + start + BLOCK + 1]
+    batch = data.train_batch(stream, block_size=BLOCK, batch_size=4, seed=1, rank=0, step=3, micro_step=0)
+    for row in batch:
+        assert tokenizer.decode(row.tolist()) in text
+    evaluation = data.eval_dataset(stream, block_size=BLOCK, num_blocks=5)
+    for start, item in zip(evaluation.with_format(None)["start"], evaluation):
+        expected = text[char_offset + start : char_offset + start + BLOCK + 1]
+        assert tokenizer.decode(item["input_ids"].tolist()) == expected
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    """The built-in corpus prepared with the char tokenizer in both formats, plus its text."""
+    root = tmp_path_factory.mktemp("shakespeare")
+    for fmt in ("txt", "bin"):
+        result = prepare(root, "--format", fmt)
+        assert result.returncode == 0, result.stderr
+    return root, corpus.text()
+
+
+def test_builtin_corpus_is_tiny_shakespeare_style_plain_text(shakespeare):
+    _, text = shakespeare
+    assert len(corpus.play_files()) == 38
+    assert text.startswith("THESEUS:\nNow, fair Hippolyta, our nuptial hour\n")
+    assert "\n\nHAMLET:\n" in text and "BERNARDO:\nWho's there?\n\nFRANCISCO:\n" in text
+    for markup in ("**", "_", "#", "\\", "  \n"):
+        assert markup not in text, markup
+    for direction in ("Enter HORATIO and MARCELLUS", "\nExit\n", "[Aside]", "SCENE I."):
+        assert direction not in text, direction
+
+
+def test_builtin_bin_outputs_and_meta(shakespeare):
+    root, text = shakespeare
+    out = root / paths.DATA_DIR
+    meta = json.loads((root / paths.META_BIN).read_text())
+    train_chars = int(len(text) * 0.9)
+    assert meta["format_version"] == paths.META_FORMAT_VERSION
+    described = (meta["data_format"], meta["tokenizer_kind"], meta["dtype"], meta["source"])
+    assert described == ("bin", "char", "uint16", "shakespeare")
+    assert meta["vocab_size"] == len(set(text)) + 2  # every character, plus <|endoftext|> and [UNK]
+    assert meta["splits"]["train"]["files"] == [{"tokens": "train.bin", "num_tokens": train_chars}]
+    assert meta["splits"]["val"]["num_tokens"] == len(text) - train_chars
+    assert (out / "train.bin").stat().st_size == 2 * train_chars
+    assert (out / meta["tokenizer_file"]).is_file()
+    assert not list(out.glob(".prepare-*"))  # no staging leftovers
+
+
+def test_builtin_bin_reads_back_as_the_text(shakespeare):
+    root, text = shakespeare
+    prepared = data.resolve(str(root / paths.PROCESSED_DIR), "bin", "char")  # falls back to data/
+    assert prepared.meta_path == root / paths.META_BIN
+    train_chars = int(len(text) * 0.9)
+    assert_blocks_match_text(prepared, "train", text)
+    assert_blocks_match_text(prepared, "val", text, char_offset=train_chars)
+
+
+def test_builtin_txt_outputs_and_read_back(shakespeare):
+    root, text = shakespeare
+    out = root / paths.PROCESSED_DIR
+    train_chars = int(len(text) * 0.9)
+    assert (out / "train.txt").read_text(encoding="utf-8") + (out / "val.txt").read_text(encoding="utf-8") == text
+    assert (out / "val.txt").read_text(encoding="utf-8") == text[train_chars:]
+    prepared = data.resolve(str(out), "txt", "char")
+    assert prepared.meta_path == root / paths.META_TXT
+    assert prepared.meta["splits"]["val"]["files"] == [
+        {"text": "val.txt", "tokens": "val.npy", "num_tokens": len(text) - train_chars}
+    ]
+    # The same tokens as the binary pipeline, stored as .npy next to the text.
+    assert np.array_equal(np.load(out / "train.npy"), np.fromfile(root / "data" / "train.bin", dtype="<u2"))
+    assert_blocks_match_text(prepared, "val", text, char_offset=train_chars)
+
+
+def test_user_file_with_bpe_reads_back_exactly(tmp_path):
+    text = play_text(30_000)
+    source = tmp_path / "plays.txt"
+    source.write_text(text, encoding="utf-8")
+    result = prepare(tmp_path, "--input", source, "--tokenizer", "bpe", "--vocab-size", 340, "--out", "out")
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "vocab size 340" in result.stdout
+    prepared = data.resolve(str(tmp_path / "out"), "bin", "bpe")
+    assert prepared.meta["source"] == str(source)
+    tokenizer = prepared.tokenizer()
+    train_chars = int(len(text) * 0.9)
+    for split, expected in (("train", text[:train_chars]), ("val", text[train_chars:])):
+        stream = prepared.split(split)
+        everything = stream.blocks(np.array([0]), stream.num_tokens - 1)[0].tolist()
+        assert tokenizer.decode(everything) == expected
+        assert len(everything) < len(expected) / 2  # BPE merged the frequent words
+        # Each random block decodes to the text right where its tokens sit.
+        batch = data.train_batch(stream, block_size=BLOCK, batch_size=6, seed=0, rank=0, step=0, micro_step=0)
+        for row in batch.tolist():
+            start = next(i for i in range(len(everything)) if everything[i : i + len(row)] == row)
+            offset = len(tokenizer.decode(everything[:start]))
+            assert expected[offset:].startswith(tokenizer.decode(row))
+
+
+def test_user_file_keeps_unicode_tabs_and_crlf_exactly(tmp_path):
+    text = play_text(4_000, seed=1).replace("\n", "\r\n") + "\tcafé 日本語 🙂\n" + play_text(1_000, seed=2)
+    source = tmp_path / "mixed.txt"
+    source.write_bytes(text.encode("utf-8"))
+    result = prepare(tmp_path, "--input", source, "--format", "txt", "--out", "out")
+    assert result.returncode == 0, result.stderr
+    prepared = data.resolve(str(tmp_path / "out"), "txt", "char")
+    train_chars = int(len(text) * 0.9)
+    assert (tmp_path / "out" / "train.txt").read_bytes() == text[:train_chars].encode("utf-8")
+    assert_blocks_match_text(prepared, "train", text)
+    assert_blocks_match_text(prepared, "val", text, char_offset=train_chars)
+
+
+def test_folder_input_joins_sorted_files_with_newlines(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "b.txt").write_text("second file\n" * 20)
+    (folder / "a.txt").write_text("first file, no final newline")
+    (folder / ".hidden").write_text("never read")
+    result = prepare(tmp_path, "--input", folder, "--format", "txt", "--out", "out", "--val-fraction", 0.5)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    joined = (out / "train.txt").read_text() + (out / "val.txt").read_text()
+    assert joined == "first file, no final newline\n" + "second file\n" * 20
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory):
+    """A folder already holding a good prepared dataset (made in-process: it is only the backdrop)."""
+    root = tmp_path_factory.mktemp("existing")
+    source = write(root / "good.txt", play_text(3_000))
+    assert prepare_module.main(["--input", str(source), "--out", str(root / "out")]) == 0
+    return root / "out"
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def make_dir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+BAD_INPUTS = {
+    "missing input": (lambda tmp: ["--input", tmp / "nope.txt"], "input {tmp}/nope.txt does not exist"),
+    "empty file": (lambda tmp: ["--input", write(tmp / "empty.txt", "")], "input {tmp}/empty.txt is empty"),
+    "empty folder": (lambda tmp: ["--input", make_dir(tmp / "void")], "input folder {tmp}/void holds no files"),
+    "not utf-8": (lambda tmp: ["--input", write(tmp / "latin1.txt", "caf\xe9 au lait\n".encode("latin-1"))],
+                  "input {tmp}/latin1.txt is not UTF-8 text"),
+    "too short to split": (lambda tmp: ["--input", write(tmp / "tiny.txt", "x")],
+                           "too little to split into train and validation"),
+    "val split under one block": (
+        lambda tmp: ["--input", write(tmp / "short.txt", "ab" * 20 + "c"), "--tokenizer", "bpe",
+                     "--vocab-size", 300, "--val-fraction", 0.02],
+        "its val split has 1 token(s), fewer than one block"),
+    "vocab below the byte alphabet": (lambda tmp: ["--tokenizer", "bpe", "--vocab-size", 100],
+                                      "--vocab-size 100 is out of range"),
+    "vocab too big": (lambda tmp: ["--tokenizer", "bpe", "--vocab-size", 10**9],
+                      "--vocab-size 1000000000 is out of range"),
+    "vocab size with char": (lambda tmp: ["--vocab-size", 500], "--vocab-size applies to --tokenizer bpe only"),
+    "val fraction out of range": (lambda tmp: ["--val-fraction", 1.5], "--val-fraction 1.5 is out of range"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_leaves_outputs_intact(case, existing, snapshot, tmp_path):
+    out, before = existing, snapshot(existing)
+    make_args, message = BAD_INPUTS[case]
+    args = make_args(tmp_path)
+    result = prepare(tmp_path, *args, "--out", out)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr
+    assert snapshot(out) == before  # same bytes, not even rewritten
+    assert not list(out.glob(".prepare-*"))
+
+
+@pytest.mark.parametrize("blocker", ["file", "under a file"])
+def test_unwritable_output_folder_is_refused_before_any_work(blocker, tmp_path):
+    source = write(tmp_path / "text.txt", play_text(2_000))
+    afile = write(tmp_path / "afile", "not a folder")
+    out = afile if blocker == "file" else afile / "sub"
+    result = prepare(tmp_path, "--input", source, "--out", out)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"output folder {out}" in result.stderr and "--out" in result.stderr
+    assert afile.read_text() == "not a folder"
+
+
+def test_console_command_and_help(tmp_path):
+    console = Path(sys.executable).parent / "tinylm"
+    result = subprocess.run([console, "prepare", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0
+    for flag in ("--input", "--tokenizer", "--vocab-size", "--format", "--out", "--val-fraction"):
+        assert flag in result.stdout

@@ -1,0 +1,393 @@
+"""Reading prepared data back: meta.json, the tokenizer, and memory-mapped token streams.
+
+`resolve(processed_dir, data_format, tokenizer_kind)` finds the files the training
+page's table names, checks them against meta.json, and returns a `PreparedData`.
+Its splits are `TokenStream`s: token files opened with `np.memmap` (never read
+whole into RAM), from which
+
+- `train_batch` draws random-offset blocks whose offsets depend only on
+  (seed, rank, step, micro_step), so any batch can be recomputed after a resume,
+- `eval_dataset` serves a fixed, evenly spaced set of blocks as a `datasets.Dataset`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import weakref
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from . import paths, prepare
+from . import tokenizer as tok
+from .errors import UserError
+
+DATA_FORMATS = ("txt", "bin")
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # little-endian, as prepare writes them
+REQUIRED_KEYS = ("data_format", "tokenizer_kind", "tokenizer_file", "vocab_size", "dtype", "splits")
+SCAN_CHUNK = 1 << 22  # tokens read at a time when checking a whole file's ids (8-16 MB)
+
+# Sections of docs/troubleshooting.md that the training page links to.
+BINARY_SHARDS_NOT_FOUND = "binary-shards-not-found"
+META_PATH_MISMATCH = "meta-path-mismatch"
+CHAR_VOCAB_MISSING = "char-vocab-missing"
+
+
+
+def load_meta(path: str | Path) -> dict:
+    """Read meta.json and check it is one this tinylm can read back with no guessing."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "is missing"
+        raise UserError(f"{path} {what}: prepare the data first (tinylm prepare, see docs/data-pipeline.md)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise UserError(f"{path} is not valid JSON ({exc}): re-run tinylm prepare to rewrite it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a tinylm meta.json (expected a JSON object): re-run tinylm prepare")
+    version = meta.get("format_version")
+    if version != paths.META_FORMAT_VERSION:
+        raise UserError(
+            f"{path} has format_version {version!r}, but this tinylm reads version {paths.META_FORMAT_VERSION}: "
+            "re-run tinylm prepare to rewrite the data in the current format"
+        )
+    check_meta(meta, path)
+    return meta
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """Refuse a meta.json whose fields are missing or of the wrong kind (hand-edited or truncated)."""
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{path} is malformed: {what}; re-run tinylm prepare to rewrite it")
+
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    if meta["data_format"] not in DATA_FORMATS:
+        raise bad(f"data_format {meta['data_format']!r} is not one of {', '.join(DATA_FORMATS)}")
+    if meta["tokenizer_kind"] not in tok.KINDS:
+        raise bad(f"tokenizer_kind {meta['tokenizer_kind']!r} is not one of {', '.join(tok.KINDS)}")
+    if meta["dtype"] not in DTYPES:
+        raise bad(f"dtype {meta['dtype']!r} is not one of {', '.join(DTYPES)}")
+    vocab_size = meta["vocab_size"]
+    if not isinstance(vocab_size, int) or not 0 < vocab_size <= np.iinfo(DTYPES[meta["dtype"]]).max + 1:
+        raise bad(f"vocab_size {vocab_size!r} is not a positive integer that fits {meta['dtype']}")
+    for split in ("train", "val"):
+        entry = meta["splits"].get(split) if isinstance(meta["splits"], dict) else None
+        files = entry.get("files") if isinstance(entry, dict) else None
+        listed = isinstance(files, list) and files and all(isinstance(e, dict) and "tokens" in e for e in files)
+        if not listed:
+            raise bad(f"splits.{split}.files must list the split's token files")
+
+
+def resolve(processed_dir: str, data_format: str, tokenizer_kind: str) -> "PreparedData":
+    """The prepared data training should read, as the training page's table lays it out.
+
+    txt: `<processed_dir>/meta.json` with train/val .txt (tokenized into .npy) or .npy files beside it.
+    bin: `meta.json` with train.bin/val.bin in `processed_dir`; when that folder is named
+    "processed" and holds no .bin files, its parent (data/) is used instead.
+    """
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    folder = Path(processed_dir)
+    meta_path = find_bin_meta(folder) if data_format == "bin" else find_txt_meta(folder)
+    meta = load_meta(meta_path)
+    if meta["data_format"] != data_format:
+        raise UserError(
+            f"{meta_path} describes {meta['data_format']} data, but training.data_format is {data_format!r}: "
+            f"set training.data_format = \"{meta['data_format']}\", or run `{prepare_command(data_format, folder)}`",
+            anchor=META_PATH_MISMATCH,
+        )
+    if meta["tokenizer_kind"] != tokenizer_kind:
+        raise UserError(
+            f"{meta_path} was prepared with the {meta['tokenizer_kind']} tokenizer, but training asks for "
+            f"{tokenizer_kind} (data.tokenizer / --tokenizer): pass --tokenizer {meta['tokenizer_kind']}, or run "
+            f"`{prepare_command(data_format, folder)} --tokenizer {tokenizer_kind}`",
+            anchor=CHAR_VOCAB_MISSING if tokenizer_kind == "char" else None,
+        )
+    return PreparedData(meta, meta_path)
+
+
+def find_txt_meta(folder: Path) -> Path:
+    """`<folder>/meta.json`, or a meta-path-mismatch error when only binary data is around."""
+    meta_path = folder / paths.META_NAME
+    if meta_path.is_file():
+        return meta_path
+    binary = [c for c in bin_candidates(folder) if has_bin_files(c)]
+    if binary:
+        raise UserError(
+            f"training.data_format is \"txt\" but {meta_path} is missing; {binary[0]} holds binary data "
+            f"(.bin files): set training.data_format = \"bin\", or run `{prepare_command('txt', folder)}`",
+            anchor=META_PATH_MISMATCH,
+        )
+    raise UserError(f"{meta_path} is missing: prepare the text data first with `{prepare_command('txt', folder)}`")
+
+
+def find_bin_meta(folder: Path) -> Path:
+    """The meta.json beside the .bin files: in `folder`, or in its parent when `folder` is ".../processed"."""
+    candidates = bin_candidates(folder)
+    found = next((c for c in candidates if has_bin_files(c)), None)
+    if found is None:
+        where = " or ".join(str(c) for c in candidates)
+        txt_meta = folder / paths.META_NAME
+        also = (
+            f", or set training.data_format = \"txt\" to use {txt_meta}"
+            if txt_meta.is_file() else ""
+        )
+        raise UserError(
+            f"no train.bin/val.bin in {where}: run `{prepare_command('bin', folder)}`{also}",
+            anchor=BINARY_SHARDS_NOT_FOUND,
+        )
+    meta_path = found / paths.META_NAME
+    if not meta_path.is_file():
+        raise UserError(
+            f"found .bin files in {found} but no {meta_path} to describe them: re-run "
+            f"`{prepare_command('bin', found)}` (it writes meta.json beside the .bin files)",
+            anchor=META_PATH_MISMATCH,
+        )
+    return meta_path
+
+
+def prepare_command(data_format: str, folder: Path) -> str:
+    """The `tinylm prepare` command that writes `data_format` data where training looks in `folder`."""
+    command = f"tinylm prepare --format {data_format}"
+    # prepare's default --out: data/ for bin (which training also finds from data/processed), data/processed for txt.
+    defaults = {Path(paths.PROCESSED_DIR)} | ({Path(paths.DATA_DIR)} if data_format == "bin" else set())
+    return command if folder in defaults else f"{command} --out {folder}"
+
+
+def bin_candidates(folder: Path) -> list[Path]:
+    # The training page: bin data for data/processed is looked for in data/ as well.
+    return [folder, folder.parent] if folder.name == Path(paths.PROCESSED_DIR).name else [folder]
+
+
+def has_bin_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.bin"))
+
+
+class PreparedData:
+    """A prepared dataset: its meta.json, its tokenizer and its train/val token streams."""
+
+    def __init__(self, meta: dict, meta_path: Path):
+        self.meta = meta
+        self.meta_path = meta_path
+        self.tokenizer_path = meta_path.parent / meta["tokenizer_file"]
+        self.vocab_size: int = meta["vocab_size"]
+        self.tokenizer_kind: str = meta["tokenizer_kind"]
+        # A char vocabulary that is missing or does not match is the training page's "char vocab missing".
+        anchor = CHAR_VOCAB_MISSING if self.tokenizer_kind == "char" else None
+        rerun = f"re-run `{prepare_command(meta['data_format'], self.folder)} --tokenizer {self.tokenizer_kind}`"
+        if not self.tokenizer_path.is_file():
+            raise UserError(
+                f"{self.tokenizer_path} (the {self.tokenizer_kind} vocabulary named by {meta_path}) is missing: "
+                f"{rerun}",
+                anchor=anchor,
+            )
+        self._tokenizer = tok.load(self.tokenizer_path)
+        found = (tok.kind_of(self._tokenizer), len(self._tokenizer))
+        if found != (self.tokenizer_kind, self.vocab_size):
+            raise UserError(
+                f"{self.tokenizer_path} is a {found[0]} tokenizer of {found[1]} tokens, but {meta_path} says "
+                f"{self.tokenizer_kind} with vocab_size {self.vocab_size}: they come from different prepare runs; "
+                f"{rerun}",
+                anchor=anchor,
+            )
+
+    @property
+    def folder(self) -> Path:
+        return self.meta_path.parent
+
+    @property
+    def dtype(self) -> np.dtype:
+        return DTYPES[self.meta["dtype"]]
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The tokenizer the data was prepared with (a `transformers` tokenizer)."""
+        return self._tokenizer
+
+    def split(self, name: str) -> "TokenStream":
+        """The "train" or "val" split: its token files checked against meta.json and memory-mapped."""
+        if name not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        files = [self.token_file(entry) for entry in self.meta["splits"][name]["files"]]
+        for path, entry in zip(files, self.meta["splits"][name]["files"]):
+            check_token_file(path, self.dtype, self.vocab_size, entry, self.meta_path)
+        return TokenStream(files, self.meta["dtype"])
+
+    def token_file(self, entry: dict) -> Path:
+        """The file holding one entry's tokens; for a txt entry, (re)built from its text when stale."""
+        tokens = self.folder / entry["tokens"]
+        text = self.folder / entry["text"] if "text" in entry else None
+        if text is not None and text.is_file():
+            if not prepare.tokens_are_current(text, tokens, self.tokenizer_path):
+                print(f"tokenizing {text} into {tokens} (new or changed text or tokenizer)", file=sys.stderr)
+                prepare.tokenize_text_file(text, tokens, self.tokenizer_path, self.meta["dtype"])
+        elif not tokens.is_file():
+            missing = f"{text} and {tokens} are" if text is not None else f"{tokens} is"
+            rerun = prepare_command(self.meta["data_format"], self.folder)
+            raise UserError(
+                f"{missing} missing (listed in {self.meta_path}): re-run `{rerun}`",
+                anchor=BINARY_SHARDS_NOT_FOUND if self.meta["data_format"] == "bin" else None,
+            )
+        return tokens
+
+
+def open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
+    """Memory-map a token file: a flat .bin of `dtype`, or a 1-D .npy. Nothing is read yet."""
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{path} is not a readable .npy token file ({exc}): re-run tinylm prepare") from None
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise UserError(
+            f"{path} is {size} bytes, not a whole number of {dtype.name} tokens ({dtype.itemsize} bytes each): "
+            "the file is truncated or was written with another dtype; re-run tinylm prepare"
+        )
+    if size == 0:  # mmap cannot map an empty file
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def check_token_file(path: Path, dtype: np.dtype, vocab_size: int, entry: dict, meta_path: Path) -> None:
+    """Refuse a token file that does not match meta.json: wrong dtype, shape, length or token ids."""
+    tokens = open_tokens(path, dtype)
+    if tokens.ndim != 1 or tokens.dtype != dtype:
+        raise UserError(
+            f"{path} holds {tokens.dtype} of shape {tokens.shape}, but {meta_path} says a flat array of "
+            f"{dtype.name}: re-run tinylm prepare"
+        )
+    if path.suffix != ".npy" and len(tokens) != entry.get("num_tokens"):
+        raise UserError(
+            f"{path} holds {len(tokens)} tokens but {meta_path} says {entry.get('num_tokens')}: the files come "
+            "from different prepare runs; re-run tinylm prepare"
+        )
+    # Plain reads of bounded chunks, not the memory map: mapped pages would count toward
+    # resident memory, which must not grow with the size of the data.
+    for begin in range(0, len(tokens), SCAN_CHUNK):
+        chunk = np.fromfile(path, dtype=dtype, count=SCAN_CHUNK, offset=tokens.offset + begin * dtype.itemsize)
+        if chunk.max() >= vocab_size:
+            position = begin + int(np.argmax(chunk >= vocab_size))
+            raise UserError(
+                f"{path} holds token id {int(chunk[position - begin])} at position {position}, but the "
+                f"vocabulary has {vocab_size} ids ({meta_path}): the tokens were made with another tokenizer; "
+                "re-run tinylm prepare"
+            )
+
+
+class TokenStream:
+    """The tokens of one split: one or more token files, read as one memory-mapped stream.
+
+    The files are held open, so the stream keeps reading the very files it checked even if
+    `prepare` atomically replaces them meanwhile. Each read maps them afresh and unmaps them
+    when done (as nanoGPT's get_batch does): pages a long run touches at random never pile up
+    in resident memory, which therefore does not grow with the size of the data.
+    """
+
+    def __init__(self, files: list[Path], dtype: str):
+        self.files = [Path(f) for f in files]
+        self.dtype = dtype
+        arrays = [open_tokens(f, DTYPES[dtype]) for f in self.files]
+        self.offsets = [getattr(a, "offset", 0) for a in arrays]  # bytes before the tokens: a .npy header
+        self.lengths = [len(a) for a in arrays]
+        self.ends = np.cumsum(self.lengths)  # stream position where each file ends
+        self.num_tokens = int(self.ends[-1]) if self.files else 0
+        self.handles = [open(f, "rb") for f in self.files]
+        weakref.finalize(self, close_all, self.handles)
+
+    def __reduce__(self):
+        # Pickle (for DataLoader workers, or datasets' fingerprint hashing) by path: never the tokens.
+        return TokenStream, (self.files, self.dtype)
+
+    def __repr__(self) -> str:
+        return f"TokenStream({', '.join(map(str, self.files))}; {self.num_tokens} tokens)"
+
+    def num_starts(self, block_size: int) -> int:
+        """How many block offsets fit; a UserError naming the files when not even one block does."""
+        if self.num_tokens < block_size + 1:
+            names = ", ".join(map(str, self.files))
+            raise UserError(
+                f"{names} holds {self.num_tokens} tokens, fewer than one block (model.block_size + 1 = "
+                f"{block_size + 1}): use a smaller model.block_size, or prepare more text "
+                "(or a larger --val-fraction for the validation split)"
+            )
+        return self.num_tokens - block_size
+
+    def mapped(self, index: int) -> np.ndarray:
+        """File `index`'s tokens, freshly memory-mapped; unmapped again once the array is dropped."""
+        return np.memmap(
+            self.handles[index], dtype=DTYPES[self.dtype], mode="r",
+            offset=self.offsets[index], shape=(self.lengths[index],),
+        )
+
+    def blocks(self, starts: np.ndarray, block_size: int) -> torch.Tensor:
+        """The tokens [start, start + block_size] for each start: int64, shape (len(starts), block_size + 1)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        if starts.size and (starts.min() < 0 or starts.max() >= self.num_starts(block_size)):
+            raise IndexError(f"block starts must lie in [0, {self.num_starts(block_size)}) for {self!r}")
+        positions = starts[:, None] + np.arange(block_size + 1)  # one fancy-indexing read per file
+        if len(self.files) == 1:
+            tokens = self.mapped(0)[positions]
+        else:  # blocks may cross from one file into the next
+            tokens = np.empty(positions.shape, dtype=DTYPES[self.dtype])
+            file_of = np.searchsorted(self.ends, positions, side="right")
+            for index in np.unique(file_of):
+                here = file_of == index
+                tokens[here] = self.mapped(index)[positions[here] - (self.ends[index] - self.lengths[index])]
+        return torch.from_numpy(tokens.astype(np.int64))
+
+
+def close_all(handles: list) -> None:
+    for handle in handles:
+        handle.close()
+
+
+def train_batch(stream: TokenStream, *, block_size: int, batch_size: int, seed: int, step: int, slot: int) -> torch.Tensor:
+    """`batch_size` blocks at random offsets: int64, shape (batch_size, block_size + 1).
+
+    Each optimizer step draws one global batch from a generator seeded with (seed, step)
+    alone; `slot` (= rank * grad_accum_steps + micro_step) picks this micro-batch's share.
+    So a resumed run redraws exactly the batches it would have drawn, every rank and
+    micro-step gets different blocks, and 1 x batch 8, 4 x batch 2 and 2 processes x
+    batch 4 all see the same blocks in each step.
+    """
+    rng = np.random.default_rng([seed, step])
+    # Generator.integers draws sequentially, so the first n values don't depend on size.
+    starts = rng.integers(0, stream.num_starts(block_size), size=(slot + 1) * batch_size)
+    return stream.blocks(starts[slot * batch_size :], block_size)
+
+
+def eval_starts(num_tokens: int, block_size: int, num_blocks: int) -> np.ndarray:
+    """`num_blocks` evenly spaced block offsets, never overlapping (fewer if the split is short)."""
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+    count = min(num_blocks, num_tokens // (block_size + 1))
+    # Spacing >= block_size + 1 when count is clamped, and floor keeps it so: no token is counted twice.
+    return np.floor(np.linspace(0, num_tokens - (block_size + 1), count)).astype(np.int64)
+
+
+def eval_dataset(stream: TokenStream, *, block_size: int, num_blocks: int) -> datasets.Dataset:
+    """A fixed set of evenly spaced blocks as a `datasets.Dataset`: item i is {"input_ids": (block_size + 1,) int64}.
+
+    The dataset holds only the block offsets (in memory, so nothing is cached on disk and a
+    rewritten token file can never come back stale); its transform slices the memory map.
+    """
+    stream.num_starts(block_size)  # a clear error when the split is shorter than one block
+    starts = eval_starts(stream.num_tokens, block_size, num_blocks)
+    offsets = datasets.Dataset.from_dict({"start": starts})
+    return offsets.with_transform(functools.partial(slice_blocks, stream=stream, block_size=block_size))
+
+
+def slice_blocks(batch: dict, *, stream: TokenStream, block_size: int) -> dict:
+    """The eval dataset's transform: block offsets -> {"input_ids": int64 blocks}."""
+    return {"input_ids": stream.blocks(np.asarray(batch["start"], dtype=np.int64), block_size)}
