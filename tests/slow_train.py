@@ -18,7 +18,7 @@ from tinylm.errors import run_cli
 from tinylm.train import main
 
 step_delay, slow_save_from = float(sys.argv[1]), int(sys.argv[2])
-original_step = trainer_module.Trainer._train_step
+original_step = trainer_module.Trainer.train_step
 original_save = torch.save
 saves = 0
 
@@ -44,6 +44,6 @@ def slow_save(obj, target, *args, **kwargs):
         handle.write(payload[len(payload) // 2 :])
 
 
-trainer_module.Trainer._train_step = slow_step
+trainer_module.Trainer.train_step = slow_step
 torch.save = slow_save
 sys.exit(run_cli(main, sys.argv[3:]))

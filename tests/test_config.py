@@ -61,9 +61,10 @@ def test_bad_values_name_the_key(raw, message):
     assert str(error.value).startswith("my.toml: ")
 
 
-def test_not_toml(tmp_path):
+@pytest.mark.parametrize("content", [b"[training\nbatch_size = ", b"\xff\xfe\x00binary", b"[model]\n[model]\n"])
+def test_not_toml(tmp_path, content):
     path = tmp_path / "bad.toml"
-    path.write_text("[training\nbatch_size = ")
+    path.write_bytes(content)
     with pytest.raises(UserError, match="is not valid TOML"):
         load_config(path)
 
@@ -104,4 +105,31 @@ def test_any_document_loads_or_fails_cleanly(raw):
     except UserError:
         return
     assert config.model.n_embd % config.model.n_head == 0
+    assert config.training.batch_size > 0
+
+
+toml_lines = st.lists(
+    st.one_of(
+        st.sampled_from(["[model]", "[data]", "[training]", "[training.extra]", "[[training]]", "[other]"]),
+        st.builds(lambda key, value: f"{key} = {value}",
+                  st.sampled_from(["batch_size", "n_head", "precision", "dropout", "device", "bogus", '"quoted key"']),
+                  st.sampled_from(["1", "-3", "0", "1e-3", "nan", "inf", "true", '"fp16"', '"cuda"', "[1, 2]",
+                                   "{a = 1}", "1979-05-27", "0x10", "'x'", '"""multi"""', "", "= ="])),
+        st.text(max_size=20),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(toml_lines)
+def test_any_toml_text_loads_or_fails_cleanly(tmp_path_factory, lines):
+    """Property: any file content gives a valid Config or a UserError naming the file, nothing else."""
+    path = tmp_path_factory.mktemp("fuzz") / "fuzz.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    try:
+        config = load_config(path)
+    except UserError as error:
+        assert str(path) in str(error)
+        return
     assert config.training.batch_size > 0

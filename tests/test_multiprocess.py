@@ -63,6 +63,18 @@ def test_two_processes_match_one_process_with_twice_the_batch(prepared, tmp_path
         assert b[1] == pytest.approx(a[1], abs=1e-4) and b[2] == pytest.approx(a[2], abs=1e-4)
 
 
+@pytest.mark.parametrize("name", ["accelerate_config.yaml", "configs/accelerate/cpu-2proc.yaml",
+                                  "configs/accelerate/multi-gpu.yaml", "configs/accelerate/multi-node.yaml",
+                                  "configs/accelerate/fsdp.yaml"])
+def test_launch_files_are_complete_accelerate_configs(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / name))
+    assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"
+    if name.endswith("cpu-2proc.yaml"):
+        assert config.use_cpu and config.num_processes == 2
+
+
 def test_ctrl_c_stops_every_rank_without_hanging(prepared, tmp_path):
     out_dir = tmp_path / "ckpt"
     config = write_config(tmp_path / "run.toml", prepared, out_dir, training={"max_iters": 400})

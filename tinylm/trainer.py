@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from . import checkpoint, data, rng
@@ -127,7 +127,7 @@ class Trainer:
                         break
                 if step >= training.max_iters:
                     break
-                loss = self._train_step(step)
+                loss = self.train_step(step)
                 self.state.iter = step + 1
                 progress.step(loss, self.scheduler.get_last_lr()[0])
                 if interrupts.raised:
@@ -148,7 +148,7 @@ class Trainer:
             self.accelerator.end_training()
         return summary
 
-    def _train_step(self, step: int) -> float:
+    def train_step(self, step: int) -> float:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss."""
         training = self.config.training
         micro_losses = []
@@ -307,6 +307,9 @@ class Trainer:
             )
 
     def _restore(self, payload: dict) -> None:
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise UserError("cannot resume under FSDP: the checkpoint holds only the main process's optimizer shard; "
+                            "resume with DDP (configs/accelerate/multi-gpu.yaml) or start a new run")
         train_state = payload.get("train_state") or {}
         if "optimizer" not in train_state:
             raise UserError("cannot resume: the checkpoint has no optimizer state (was it written by tinylm export?)")
