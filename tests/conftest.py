@@ -18,3 +18,13 @@ def snapshot():
         }
 
     return take
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A tiny char corpus prepared once (bin) for the tests that train; treat it as read-only."""
+    from training_helpers import make_corpus, prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    prepare(make_corpus(root / "corpus.txt"), root / "data")
+    return root / "data"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from training_helpers import REPO, load_checkpoint, losses, make_corpus, prepare, read_log, run, train, write_config
+from training_helpers import REPO, load_checkpoint, losses, read_log, run, train, write_config
 
 CPU_2PROC = REPO / "configs" / "accelerate" / "cpu-2proc.yaml"
 SPY_TRAIN = Path(__file__).with_name("spy_train.py")
@@ -20,13 +20,6 @@ SLOW_TRAIN = Path(__file__).with_name("slow_train.py")
 def launch(script: Path, *args: str, port: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
             "--main_process_port", str(port), str(script), *args]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    prepare(make_corpus(root / "corpus.txt"), root / "data")
-    return root / "data"
 
 
 def test_two_processes_train_stop_together_and_resume(prepared, tmp_path):

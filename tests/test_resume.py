@@ -24,13 +24,6 @@ RUN = {"model": {"dropout": 0.1}, "training": {"max_iters": 16, "eval_interval":
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    prepare(make_corpus(root / "corpus.txt"), root / "data")
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
 def straight(prepared, tmp_path_factory):
     """The uninterrupted run every interrupted one must reproduce."""
     root = tmp_path_factory.mktemp("straight")

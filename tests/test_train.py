@@ -9,19 +9,12 @@ import sys
 import pytest
 import torch
 from training_helpers import (
-    REPO, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, losses, make_corpus, prepare, read_log, run,
+    REPO, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, losses, read_log, run,
     train, write_config,
 )
 
 from tinylm import checkpoint, data
 from tinylm.model import per_block_loss
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    prepare(make_corpus(root / "corpus.txt"), root / "data")
-    return root / "data"
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +130,23 @@ def test_accelerate_launch_and_console_command(prepared, tmp_path):
     assert "processes (world size): 1" in result.stdout
     console = run([sys.executable, "-m", "tinylm.cli", "train", "--config", str(config), "--max-iters", "4"], check=True)
     assert read_log(tmp_path / "ckpt")["summary"]["iters"] == 4, console.stdout
+
+
+def test_hub_repo_id_is_checked_before_training(prepared, tmp_path):
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt")
+    config.write_text(config.read_text() + '[hub]\nrepo_id = "no-namespace"\n')
+    assert_clean_error(train(config, check=False), "hub.repo_id 'no-namespace' needs a namespace")
+    assert not (tmp_path / "ckpt").exists(), "nothing trained, nothing written"
+
+
+def test_push_at_the_end_of_training_fails_cleanly_and_keeps_the_run(prepared, tmp_path):
+    """The Hub is unreachable here (HF_ENDPOINT points at a closed local port): the push fails
+    with one line after training, and the checkpoints and the export folder are all there."""
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={"max_iters": 4})
+    config.write_text(config.read_text() + '[hub]\nrepo_id = "someone/tiny"\n')
+    env = {"HF_TOKEN": "hf_test_token_never_printed", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    result = train(config, check=False, env=env)
+    assert_clean_error(result, "cannot reach the Hub")
+    assert "hf_test_token_never_printed" not in result.stdout + result.stderr
+    assert {"ckpt_last.pt", "ckpt_best.pt", "train_log.json", "exported"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert (tmp_path / "ckpt" / "exported" / "model.safetensors").is_file()

@@ -79,12 +79,21 @@ class TrainingConfig:
 
 
 @dataclass
+class HubConfig:
+    """Optionally export and push the model to the Hugging Face Hub when training ends."""
+
+    repo_id: str = ""  # "user/name"; empty: don't push
+    private: bool = False
+
+
+@dataclass
 class Config:
-    """A whole run: `[model]`, `[data]` and `[training]`."""
+    """A whole run: `[model]`, `[data]`, `[training]` and `[hub]`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -95,7 +104,7 @@ class Config:
         return self.training.batch_size * self.training.grad_accum_steps
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "hub": HubConfig}
 
 CHOICES = {
     "training.device": DEVICES,

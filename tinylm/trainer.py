@@ -35,6 +35,8 @@ from .schedule import build_scheduler
 # Optimizer steps in a row whose gradients are inf/nan before we give up. Under fp16
 # the loss scaler skips a few such steps while it finds its scale; more means divergence.
 MAX_NONFINITE_STEPS = 10
+# Where a run that pushes to the Hub writes its export folder, inside out_dir.
+EXPORT_NAME = "exported"
 # Shape keys that must match to resume from a checkpoint.
 SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 
@@ -82,6 +84,11 @@ class Trainer:
             self.val_tokens = self.data.split("val")
         self.tokenizer = self.data.tokenizer()
 
+        if config.hub.repo_id:  # fail now, not after hours of training
+            from . import push
+
+            push.check_repo_id(config.hub.repo_id, name="hub.repo_id")
+            push.require_token()
         resumed = checkpoint.load(resume) if resume else None
         self.state = RunState()
         # Seeds differ per process, so dropout masks differ across ranks like their batches do.
@@ -146,7 +153,19 @@ class Trainer:
         self._write_log(summary)
         if training.tracker != "none":
             self.accelerator.end_training()
+        if self.config.hub.repo_id and stop_reason != "interrupted" and self.is_main:
+            self._push_to_hub()
         return summary
+
+    def _push_to_hub(self) -> None:
+        """Export the best (else the last) checkpoint to <out_dir>/exported and upload it."""
+        from . import export, push  # only runs that push need the Hub client
+
+        best = self.out_dir / BEST_NAME
+        source = best if best.is_file() else self.out_dir / LAST_NAME
+        folder = export.export(source, self.out_dir / EXPORT_NAME, force=True)
+        url = push.push_folder(folder, self.config.hub.repo_id, private=self.config.hub.private)
+        self.print(f"pushed {source} (exported to {folder}) to {self.config.hub.repo_id}: {url}")
 
     def train_step(self, step: int) -> float:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss."""
