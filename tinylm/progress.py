@@ -30,8 +30,9 @@ class Progress:
         self.iter += 1
         self._window_iters += 1
         now = time.perf_counter()
-        if now - self._window_start >= 1.0 or self._window_iters >= self.log_interval:
-            self.tokens_per_s = self._window_iters * self.tokens_per_step / (now - self._window_start)
+        # Throughput over a window of at least a second, restarted after each full window.
+        self.tokens_per_s = self._window_iters * self.tokens_per_step / max(now - self._window_start, 1e-9)
+        if now - self._window_start >= 1.0:
             self._window_start, self._window_iters = now, 0
         if not self.enabled:
             return
