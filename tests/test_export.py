@@ -1,0 +1,338 @@
+"""`tinylm export`: the folder loads with plain transformers and behaves exactly like the checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_checkpoint import BLOCK_SIZE, TEXT, save_checkpoint, train_tiny_model
+from hypothesis import given, settings, strategies as st
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
+
+from tinylm import checkpoint, export, generate, model as tinymodel, tokenizer as tok
+from tinylm.config import Config, ModelConfig
+
+GPT2_DEFAULT_SPECIAL_ID = 50256
+META = {
+    "source": "fox.txt",
+    "tokenizer_kind": "char",
+    "splits": {"train": {"num_tokens": 1620, "num_chars": 1620}, "val": {"num_tokens": 180, "num_chars": 180}},
+}
+# Evaluation records as tinylm train writes them; the checkpoint below is the one saved at iter 60.
+RECORDS = [
+    {"iter": i, "train_loss": loss + 0.05, "val_loss": loss, "lr": 1e-3, "tokens_seen": i * 192,
+     "elapsed_s": i / 10, "tokens_per_s": 1920.0}
+    for i, loss in ((0, 3.4012), (30, 1.9876), (60, 1.2345), (90, 1.3010))
+]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(model, config, tokenizer) of the tiny char model."""
+    return train_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, trained):
+    """checkpoints/ckpt_best.pt at iter 60 with data meta, and the run's train_log.json beside it."""
+    model, config, tokenizer = trained
+    folder = tmp_path_factory.mktemp("checkpoints")
+    path = save_checkpoint(folder / "ckpt_best.pt", model, config, tokenizer, iteration=60)
+    payload = checkpoint.load(path)
+    checkpoint.save(path, {**payload, "meta": META, "val_loss": 1.2345, "best_val_loss": 1.2345})
+    (folder / "train_log.json").write_text(json.dumps({"config": {}, "records": RECORDS, "summary": {}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ckpt) -> Path:
+    return export.export(ckpt, tmp_path_factory.mktemp("exported") / "tiny-char")
+
+
+def run_export(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinylm.export", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def sample_ids(tokenizer) -> torch.Tensor:
+    """A batch: the training sentence's first block, and one block of random ids."""
+    sentence = tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :BLOCK_SIZE]
+    random_ids = torch.randint(0, len(tokenizer), (1, BLOCK_SIZE), generator=torch.Generator().manual_seed(0))
+    return torch.cat([sentence, random_ids])
+
+
+# --- what is in the folder --------------------------------------------------------------------------
+
+def test_folder_holds_the_files_transformers_expects(exported):
+    names = {path.name for path in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "README.md"} <= names
+    assert not [name for name in names if name.startswith(".")]
+    with safe_open(exported / "model.safetensors", framework="pt") as weights:
+        keys = set(weights.keys())
+    # The output projection is the input embedding: stored once, tied again on load.
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+
+
+def test_exported_logits_equal_the_checkpoint_models(exported, ckpt):
+    payload = checkpoint.load(ckpt)
+    original = checkpoint.model_from(payload)
+    loaded = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
+    ids = sample_ids(checkpoint.tokenizer_from(payload))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+def test_tied_embeddings_stay_tied_after_load(exported):
+    loaded = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True)
+    assert loaded.config.tie_word_embeddings
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    with torch.no_grad():
+        loaded.transformer.wte.weight[3].fill_(7.0)
+    assert torch.all(loaded.lm_head.weight[3] == 7.0)
+
+
+def test_tokenizer_round_trips_after_export(exported, ckpt):
+    original = checkpoint.tokenizer_from(checkpoint.load(ckpt))
+    loaded = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    text = TEXT[:200]
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert ids == original(text, add_special_tokens=False)["input_ids"]
+    assert loaded.decode(ids) == text
+    assert loaded("é", add_special_tokens=False)["input_ids"] == [loaded.unk_token_id]
+
+
+def test_special_tokens_are_ours_and_decoding_keeps_spaces(exported):
+    config = json.loads((exported / "config.json").read_text())
+    generation = GenerationConfig.from_pretrained(exported, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    eos = tokenizer.convert_tokens_to_ids(tok.EOS_TOKEN)
+    assert eos != GPT2_DEFAULT_SPECIAL_ID
+    for ids in (config, generation.to_dict()):
+        assert (ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]) == (eos, eos, eos)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (eos, eos, eos)
+    # transformers v4 defaulted this to True, which turns "dog ." into "dog." on decode.
+    assert json.loads((exported / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is False
+    assert tokenizer.clean_up_tokenization_spaces is False
+    assert tokenizer.decode(tokenizer("the dog .", add_special_tokens=False)["input_ids"]) == "the dog ."
+    assert tokenizer.model_max_length == config["n_positions"] == BLOCK_SIZE
+
+
+def test_generation_config_samples_like_tinylm_generate_within_the_context(exported):
+    generation = GenerationConfig.from_pretrained(exported, local_files_only=True)
+    defaults = generate.Sampling()
+    assert generation.do_sample is True
+    assert (generation.temperature, generation.top_k, generation.top_p) == (
+        defaults.temperature, defaults.top_k, defaults.top_p)
+    assert generation.max_length == BLOCK_SIZE
+
+
+def test_pipeline_greedy_text_matches_the_checkpoint_model(exported, ckpt):
+    payload = checkpoint.load(ckpt)
+    model, tokenizer = checkpoint.model_from(payload), checkpoint.tokenizer_from(payload)
+    prompt = "the quick "
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):  # argmax, one token at a time, straight from the checkpoint's model
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    generator = pipeline("text-generation", model=str(exported))
+    assert generator(prompt, do_sample=False, max_new_tokens=6)[0]["generated_text"] == tokenizer.decode(ids)
+
+
+def test_pipeline_defaults_and_long_prompts_stay_inside_the_context(exported):
+    generator = pipeline("text-generation", model=str(exported))
+    tokenizer = generator.tokenizer
+    # No arguments: generation_config.json's max_length replaces pipeline's default of 256 new tokens.
+    text = generator("the ")[0]["generated_text"]
+    assert text.startswith("the ") and len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= BLOCK_SIZE
+    # A prompt that nearly fills the context plus more new tokens than fit: "hole" keeps the prompt's end.
+    prompt = TEXT[: BLOCK_SIZE - 2]
+    text = generator(prompt, max_new_tokens=8, do_sample=False, handle_long_generation="hole")[0]["generated_text"]
+    assert len(text) == len(prompt) + 8 and text.startswith(prompt)
+
+
+def test_folder_loads_offline_without_any_tinylm_code(exported):
+    script = f"""
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+folder = {str(exported)!r}
+AutoModelForCausalLM.from_pretrained(folder)
+AutoTokenizer.from_pretrained(folder)
+text = pipeline("text-generation", model=folder)("the ", max_new_tokens=4)[0]["generated_text"]
+print(json.dumps({{"text": text, "tinylm": sorted(m for m in sys.modules if m.startswith("tinylm"))}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=exported.parent)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["tinylm"] == [] and out["text"].startswith("the ")
+
+
+# --- the model card ---------------------------------------------------------------------------------
+
+def test_model_card_describes_model_data_training_and_use(exported, trained):
+    card = (exported / "README.md").read_text()
+    model, _, tokenizer = trained
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    assert f"{tinymodel.count_parameters(model):,}" in card
+    assert "| layers / heads / width | 2 / 2 / 32 |" in card
+    assert f"char (one token per character), {len(tokenizer):,} tokens" in card
+    assert "`<|endoftext|>` (id 0) is the bos, eos and pad token." in card
+    assert "fox.txt" in card and "1,620 tokens" in card and "180 tokens" in card
+    assert "iterations: 60" in card
+    # The iter-60 record (this checkpoint's evaluation), not the last one (iter 90).
+    assert f"validation loss 1.2345 (perplexity {math.exp(1.2345):.2f}) at iteration 60" in card
+    assert f"train loss 1.2845 (perplexity {math.exp(1.2845):.2f}) at iteration 60" in card
+    assert "1.3010" not in card
+    assert 'AutoModelForCausalLM.from_pretrained("tiny-char")' in card
+    assert "## Intended use and limits" in card
+    if importlib.util.find_spec("matplotlib"):
+        assert (exported / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+        assert "![loss curve](loss_curve.png)" in card
+    else:
+        assert not (exported / "loss_curve.png").exists()
+        assert "matplotlib is not installed" in card
+
+
+def test_card_falls_back_to_checkpoint_numbers_without_train_log(tmp_path, trained):
+    model, config, tokenizer = trained
+    path = save_checkpoint(tmp_path / "ckpt_last.pt", model, config, tokenizer, iteration=40)
+    checkpoint.save(path, {**checkpoint.load(path), "val_loss": 2.5})
+    card = (export.export(path, tmp_path / "out") / "README.md").read_text()
+    assert "iterations: 40" in card
+    assert f"validation loss 2.5000 (perplexity {math.exp(2.5):.2f})" in card
+    assert "No train_log.json was found" in card
+    assert not (tmp_path / "out" / "loss_curve.png").exists()
+
+
+# --- a BPE checkpoint -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bpe_export(tmp_path_factory):
+    tokenizer = tok.wrap(tok.train_bpe([TEXT, "Ünïcödé ☃ and emoji 🦊."], vocab_size=300, show_progress=False))
+    config = tinymodel.gpt2_config(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK_SIZE),
+                                   vocab_size=len(tokenizer))
+    torch.manual_seed(1)
+    model = tinymodel.build_model(config).eval()
+    path = tmp_path_factory.mktemp("bpe") / "ckpt_best.pt"
+    checkpoint.save(path, {
+        "model": model.state_dict(), "model_config": config.to_dict(),
+        "tokenizer": {"kind": "bpe", "path": "", "json": tok.to_json(tokenizer)},
+        "config": Config().to_dict(), "meta": {}, "iter": 0, "best_val_loss": float("inf"), "val_loss": None,
+        "train_state": {},
+    })
+    folder = export.export(path, tmp_path_factory.mktemp("exported") / "tiny-bpe")
+    return model, tokenizer, folder, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def test_bpe_export_matches_logits_and_tokens(bpe_export):
+    model, tokenizer, folder, loaded_tokenizer = bpe_export
+    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    text = "the lazy dog 🦊 jumps"
+    assert loaded_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert "byte-level BPE" in (folder / "README.md").read_text()
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=40))
+def test_exported_bpe_tokenizer_round_trips_any_text(bpe_export, text):
+    loaded_tokenizer = bpe_export[3]
+    assert loaded_tokenizer.decode(loaded_tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+# --- the tokenizer's whereabouts --------------------------------------------------------------------
+
+def test_tokenizer_json_beside_a_checkpoint_without_one_inside_is_used(tmp_path, trained):
+    model, config, tokenizer = trained
+    path = save_checkpoint(tmp_path / "ckpt_best.pt", model, config, tokenizer)
+    checkpoint.save(path, {**checkpoint.load(path), "tokenizer": {"kind": "char", "path": "", "json": ""}})
+    tok.save(tokenizer.backend_tokenizer, tmp_path)  # tokenizer.json beside the checkpoint
+    folder = export.export(path, tmp_path / "out")
+    loaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert loaded("the fox")["input_ids"] == tokenizer("the fox")["input_ids"]
+
+
+# --- the command line: writing, replacing, refusing -------------------------------------------------
+
+def test_cli_refuses_a_non_empty_out_and_force_replaces_an_earlier_export(tmp_path, ckpt, snapshot):
+    out = tmp_path / "exported" / "model"
+    first = run_export("--checkpoint", ckpt, "--out", out)
+    assert first.returncode == 0, first.stderr
+    assert "model.safetensors" in first.stdout and "Traceback" not in first.stderr
+    before = snapshot(out)
+
+    refused = run_export("--checkpoint", ckpt, "--out", out)
+    assert_one_line_error(refused, str(out), "--force")
+    assert snapshot(out) == before
+
+    replaced = run_export("--checkpoint", ckpt, "--out", out, "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    after = snapshot(out)
+    assert after.keys() == before.keys()
+    assert all(after[name][1] != before[name][1] for name in after)  # every file rewritten
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no temp or retired folders left
+
+
+def test_force_never_replaces_a_folder_that_is_not_an_export(tmp_path, ckpt, snapshot):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.txt").write_text("months of work")
+    before = snapshot(out)
+    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out, "--force"), str(out), "not an earlier export")
+    assert snapshot(out) == before
+
+
+def write_not_a_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "ckpt_best.pt"
+    path.write_text("these are not weights")
+    return path
+
+
+def write_checkpoint_without_tokenizer(tmp_path: Path) -> Path:
+    model, config, tokenizer = train_tiny_model(steps=0)
+    path = save_checkpoint(tmp_path / "ckpt_best.pt", model, config, tokenizer)
+    checkpoint.save(path, {**checkpoint.load(path), "tokenizer": {"kind": "char", "path": "", "json": ""}})
+    return path
+
+
+@pytest.mark.parametrize("make_checkpoint, needle", [
+    (lambda tmp: tmp / "missing.pt", "does not exist"),
+    (lambda tmp: tmp, "is a folder"),
+    (write_not_a_checkpoint, "cannot load checkpoint"),
+    (write_checkpoint_without_tokenizer, "holds no tokenizer"),
+], ids=["missing", "folder", "not-a-checkpoint", "no-tokenizer"])
+def test_bad_checkpoints_give_one_line_and_write_nothing(tmp_path, make_checkpoint, needle):
+    path = make_checkpoint(tmp_path)
+    out = tmp_path / "exported" / "model"
+    result = run_export("--checkpoint", path, "--out", out)
+    assert_one_line_error(result, needle)
+    assert not out.exists()
+    assert not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, ckpt):
+    out = tmp_path / "model"
+    out.write_text("keep me")
+    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out), "is a file")
+    assert out.read_text() == "keep me"

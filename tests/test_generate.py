@@ -1,0 +1,297 @@
+"""`tinylm generate` and the sampling library: determinism, greedy equivalence, the sliding window, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers_checkpoint import BLOCK_SIZE, TEXT, save_checkpoint, save_exported, train_tiny_model
+
+from tinylm import generate, tokenizer as tok
+from tinylm.errors import UserError, run_cli as run_cli_in_process
+
+GREEDY = generate.Sampling(max_new_tokens=10 * BLOCK_SIZE, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(model, tokenizer) of the tiny model trained on TEXT."""
+    model, _, tokenizer = train_tiny_model()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """(model, tokenizer) straight from random init: near-uniform logits make ties and slips likelier."""
+    model, _, tokenizer = train_tiny_model(steps=0, seed=3)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, trained):
+    model, tokenizer = trained
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt_best.pt"
+    return save_checkpoint(path, model, model.config, tokenizer)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "tinylm.generate", *args], capture_output=True, text=True,
+                          encoding="utf-8", timeout=timeout, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+# --- determinism and sampling settings -------------------------------------------------------
+
+def test_same_seed_same_text_different_seed_different_text(trained):
+    model, tokenizer = trained
+    hot = generate.Sampling(max_new_tokens=120, temperature=1.5, top_k=0)
+    first = generate.complete(model, tokenizer, "the ", hot, seed=7)
+    again = generate.complete(model, tokenizer, "the ", hot, seed=7)
+    other = generate.complete(model, tokenizer, "the ", hot, seed=8)
+    assert len(first) >= 120  # a character per token, more for a special token such as <|endoftext|>
+    assert first == again
+    assert first != other
+
+
+def test_top_k_1_is_greedy_and_matches_an_argmax_reference(untrained):
+    model, tokenizer = untrained
+    prompt = tokenizer("the quick", add_special_tokens=False)["input_ids"]
+    room = BLOCK_SIZE - len(prompt)  # tokens before the context is full: plain argmax needs no window
+    reference = list(prompt)
+    with torch.inference_mode():
+        for _ in range(room):
+            logits = model(input_ids=torch.tensor([reference])).logits[0, -1]
+            reference.append(int(logits.argmax()))
+    top1 = generate.Sampling(max_new_tokens=room, temperature=1.3, top_k=1)
+    sampled = list(generate.sample_tokens(model, prompt, top1, generate.make_generator("cpu", 0)))
+    assert sampled == reference[len(prompt):]
+    # Far past the context too, top-k=1 at any temperature and seed is exactly greedy.
+    long_top1 = generate.Sampling(max_new_tokens=GREEDY.max_new_tokens, temperature=2.0, top_k=1)
+    assert list(generate.sample_tokens(model, prompt, long_top1, generate.make_generator("cpu", 5))) == list(
+        generate.sample_tokens(model, prompt, GREEDY)
+    )
+
+
+def test_top_p_and_top_k_restrict_the_choices(untrained):
+    """An untrained model spreads probability widely; top-k/top-p must keep samples inside the allowed set."""
+    model, tokenizer = untrained
+    prompt = [0]
+    with torch.inference_mode():
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], dim=-1)
+    order = probs.argsort(descending=True).tolist()
+    nucleus = order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1]  # smallest set reaching p = 0.5
+    for sampling, allowed in [
+        (generate.Sampling(max_new_tokens=1, temperature=1.0, top_k=3), set(order[:3])),
+        (generate.Sampling(max_new_tokens=1, temperature=1.0, top_k=0, top_p=0.5), set(nucleus)),
+    ]:
+        firsts = {next(generate.sample_tokens(model, prompt, sampling, generate.make_generator("cpu", seed)))
+                  for seed in range(60)}
+        assert firsts <= allowed
+        assert len(firsts) > 1  # still random within the set
+
+
+# --- the sliding window with a KV cache ------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", ["", "the quick", "the quick brown fox jumps over"])  # empty, short, > context
+def test_cache_matches_full_recompute_within_the_first_block(untrained, prompt):
+    """Before the window first overflows, cached and nanoGPT's uncached sampler see the same context."""
+    model, tokenizer = untrained
+    ids = generate.encode_prompt(tokenizer, prompt)
+    room = max(1, BLOCK_SIZE - len(ids))
+    sampling = generate.Sampling(max_new_tokens=room, temperature=0.0)
+    cached = list(generate.sample_tokens(model, ids, sampling))
+    naive = list(generate.sample_tokens_recompute(model, ids, sampling, context="nanogpt"))
+    assert cached == naive
+
+
+@pytest.mark.parametrize("keep", [1, 5, BLOCK_SIZE // 2, BLOCK_SIZE - 1, BLOCK_SIZE])
+def test_cache_matches_recompute_with_the_same_window_far_past_the_context(untrained, keep):
+    """Ten blocks long: the re-prefilled cache (positions restarting at 0) equals recomputing that window."""
+    model, tokenizer = untrained
+    ids = generate.encode_prompt(tokenizer, "the lazy dog")
+    cached = list(generate.sample_tokens(model, ids, GREEDY, keep=keep))
+    reference = list(generate.sample_tokens_recompute(model, ids, GREEDY, context="refill", keep=keep))
+    assert len(cached) == GREEDY.max_new_tokens
+    assert cached == reference
+
+
+def test_seeded_sampling_past_the_context_matches_the_uncached_reference(untrained):
+    """Same seed, same window: the cached sampler draws exactly what the reference draws."""
+    model, tokenizer = untrained
+    ids = generate.encode_prompt(tokenizer, "a")
+    sampling = generate.Sampling(max_new_tokens=5 * BLOCK_SIZE, temperature=1.0, top_k=0)
+    cached = list(generate.sample_tokens(model, ids, sampling, generate.make_generator("cpu", 11)))
+    reference = list(generate.sample_tokens_recompute(
+        model, ids, sampling, generate.make_generator("cpu", 11), context="refill"))
+    assert cached == reference
+
+
+def test_long_generation_stays_on_the_learned_text(trained):
+    """Far past the 16-token context, the trained model keeps writing its sentence, character for character."""
+    model, tokenizer = trained
+    text = generate.complete(model, tokenizer, "the quick", GREEDY)
+    assert len(text) == GREEDY.max_new_tokens
+    assert "the quick" + text in TEXT
+
+
+def test_a_prompt_exactly_one_context_long_and_a_longer_one(trained):
+    model, tokenizer = trained
+    exact = TEXT[:BLOCK_SIZE]
+    longer = TEXT[:3 * BLOCK_SIZE + 5]
+    for prompt in (exact, longer):
+        text = generate.complete(model, tokenizer, prompt, generate.Sampling(max_new_tokens=40, temperature=0.0))
+        assert prompt + text in TEXT
+
+
+# --- prompts and decoding --------------------------------------------------------------------
+
+def test_empty_prompt_starts_from_endoftext(trained):
+    model, tokenizer = trained
+    assert generate.encode_prompt(tokenizer, "") == [0]
+    assert tokenizer.convert_ids_to_tokens(0) == tok.EOS_TOKEN
+    text = generate.complete(model, tokenizer, "", generate.Sampling(max_new_tokens=30))
+    assert len(text) == 30
+
+
+def test_unknown_characters_are_named(trained):
+    _, tokenizer = trained
+    with pytest.raises(UserError) as caught:
+        generate.encode_prompt(tokenizer, "The Quick fox")
+    message = str(caught.value)
+    assert "'T' (U+0054)" in message and "'Q' (U+0051)" in message
+    assert "'f'" not in message
+
+
+def test_streamed_bpe_pieces_never_split_a_character():
+    """Byte-level BPE splits 'é' and emoji over several tokens; the stream holds them back until whole."""
+    corpus = ["plain ascii text with some words " * 20, "café naïve 日本語 🙂🚀"]
+    tokenizer = tok.wrap(tok.train_bpe(corpus, vocab_size=270, show_progress=False))
+    text = "a café, 日本語 and 🙂🚀 here"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.encode("utf-8")) // 2  # mostly single bytes: characters really are split
+    pieces = list(generate.decode_stream(tokenizer, ids))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert len(pieces) > 5  # streamed, not decoded in one go
+
+
+def test_exported_folder_gives_the_same_text_as_the_checkpoint(tmp_path, ckpt):
+    model, tokenizer = generate.load(ckpt)
+    folder = save_exported(tmp_path / "exported", model, tokenizer)
+    exported_model, exported_tokenizer = generate.load(folder)
+    sampling = generate.Sampling(max_new_tokens=50, temperature=1.0)
+    assert generate.complete(exported_model, exported_tokenizer, "the ", sampling, seed=3) == generate.complete(
+        model, tokenizer, "the ", sampling, seed=3)
+
+
+# --- the command line ------------------------------------------------------------------------
+# Subprocesses (about 4 s each, mostly importing torch + transformers) where the process itself
+# matters: streaming, repeatability across runs, exit code 2 without a traceback. The rest run
+# `main` in-process through the same `run_cli` wrapper the `tinylm` command uses.
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    code = run_cli_in_process(generate.main, list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_streams_samples_and_is_repeatable(ckpt):
+    args = ["--checkpoint", str(ckpt), "--prompt", "the ", "--max-new-tokens", "60",
+            "--num-samples", "2", "--temperature", "1.2", "--seed", "5"]
+    first, again = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout
+    samples = first.stdout.rstrip("\n").split(generate.SAMPLE_SEPARATOR)
+    assert len(samples) == 2 and samples[0] != samples[1]
+    assert all(sample.startswith("the ") and len(sample) >= len("the ") + 60 for sample in samples)
+
+
+def test_cli_output_arrives_while_generating(ckpt):
+    """The first text is readable long before a very long sample is finished."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tinylm.cli", "generate", "--checkpoint", str(ckpt), "--prompt", "the ",
+         "--max-new-tokens", "1000000", "--temperature", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    try:
+        head = process.stdout.read(len("the ") + 20).decode("utf-8")
+        assert process.poll() is None  # still generating
+        assert head in TEXT
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("what", ["missing", "not a checkpoint"])
+def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, what):
+    path = tmp_path / "ckpt_best.pt"
+    if what == "not a checkpoint":
+        path.write_text("just some text\n", encoding="utf-8")
+    assert_one_line_error(run_cli("--checkpoint", str(path), "--prompt", "the"), str(path))
+
+
+def test_cli_unknown_characters(ckpt):
+    assert_one_line_error(run_cli("--checkpoint", str(ckpt), "--prompt", "Hello"), "'H' (U+0048)")
+
+
+def test_long_prompt_is_cut_to_the_context_with_a_note(ckpt, tmp_path, capsys):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(TEXT[:100], encoding="utf-8")
+    code, out, err = run_main(capsys, "--checkpoint", str(ckpt), "--prompt-file", str(prompt_file),
+                              "--max-new-tokens", "20", "--temperature", "0")
+    assert code == 0, err
+    assert "the prompt is 100 tokens" in err and f"only the last {BLOCK_SIZE}" in err
+    assert out.startswith(TEXT[:100]) and out.rstrip("\n") in TEXT
+
+
+def test_empty_prompt_from_the_command_line(ckpt, capsys):
+    code, out, err = run_main(capsys, "--checkpoint", str(ckpt), "--max-new-tokens", "25")
+    assert code == 0, err
+    assert len(out.rstrip("\n")) >= 25  # <|endoftext|> prints as its 13 characters
+
+
+@pytest.mark.parametrize("what", ["folder without config.json", "dict without the marker", "broken folder"])
+def test_other_bad_checkpoints(tmp_path, capsys, what):
+    path = tmp_path / "ckpt_best.pt"
+    if what == "folder without config.json":
+        path = tmp_path / "folder"
+        path.mkdir()
+    elif what == "dict without the marker":
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path = tmp_path / "exported"
+        path.mkdir()
+        (path / "config.json").write_text("{not json", encoding="utf-8")
+    code, _, err = run_main(capsys, "--checkpoint", str(path))
+    assert code == 2 and err.startswith("error: ") and str(path) in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-k", "-3"], "--top-k"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--prompt-file", "no/such/prompt.txt"], "no/such/prompt.txt"),
+])
+def test_bad_settings(ckpt, capsys, flags, needle):
+    code, _, err = run_main(capsys, "--checkpoint", str(ckpt), *flags)
+    assert code == 2 and err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_cuda_without_a_gpu(ckpt, capsys):
+    code, _, err = run_main(capsys, "--checkpoint", str(ckpt), "--device", "cuda")
+    assert code == 2 and "--device cpu" in err

@@ -1,0 +1,217 @@
+"""`tinylm push`: dry runs offline, clear refusals, and a real upload through huggingface_hub's client.
+
+No test talks to the real Hub. The upload test points HF_ENDPOINT at `FakeHub`, a small HTTP
+server on 127.0.0.1 that stands in for the five Hub API routes an upload of a small folder uses
+(create repo, create branch, validate the card's YAML, preupload, commit). It answers every file as
+a "regular" upload, so the file bytes travel base64-encoded in the commit; the real Hub would
+send model.safetensors through its Xet/LFS storage instead, which this test does not exercise.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers_checkpoint import tiny_checkpoint
+
+from tinylm import export
+
+TOKEN = "hf_tinylmTestTokenNeverPrinted0123"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "ckpt_best.pt")
+    return export.export(ckpt, tmp_path_factory.mktemp("exported") / "tiny")
+
+
+def run_push(*args, tmp_path: Path, token: str | None = TOKEN, **env_vars: str) -> subprocess.CompletedProcess:
+    """`tinylm push ARGS` with a private HF_HOME (so no stored login) and HF_TOKEN = `token`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", **env_vars)
+    if token:
+        env["HF_TOKEN"] = token
+    result = subprocess.run([sys.executable, "-m", "tinylm.push", *map(str, args)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert TOKEN not in result.stdout + result.stderr
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- dry run and refusals: no network ---------------------------------------------------------------
+
+def test_dry_run_lists_every_file_with_its_size_and_sends_nothing(exported, tmp_path):
+    # HF_HUB_OFFLINE makes any Hub request fail, so success proves no network was needed.
+    result = run_push(exported, "--repo-id", "someone/tiny", "--dry-run", tmp_path=tmp_path, token=None,
+                      HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr
+    files = sorted(path for path in exported.iterdir())
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert listed == [path.name for path in files]
+    for path in files:
+        assert any(line.split()[0] == path.name and export.format_size(path.stat().st_size) in line
+                   for line in result.stdout.splitlines() if line.startswith("  "))
+    summary = result.stdout.strip().splitlines()[-1]
+    assert f"{len(files)} files" in summary and "someone/tiny" in summary and "nothing was sent" in summary
+    assert "token not found" in summary
+
+
+def test_pushing_a_folder_that_is_not_an_export_is_refused(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    assert_one_line_error(run_push(folder, "--repo-id", "someone/tiny", "--dry-run", tmp_path=tmp_path),
+                          str(folder), "not a folder written by tinylm export")
+    assert_one_line_error(run_push(tmp_path / "nowhere", "--repo-id", "someone/tiny", tmp_path=tmp_path),
+                          "does not exist")
+
+
+def test_a_broken_export_fails_validation(exported, tmp_path):
+    broken = shutil.copytree(exported, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    assert_one_line_error(run_push(broken, "--repo-id", "someone/tiny", "--dry-run", tmp_path=tmp_path),
+                          "does not load with transformers")
+
+
+@pytest.mark.parametrize("repo_id, needle", [("not a repo!", "not a valid Hub repo id"), ("tiny", "needs a namespace")])
+def test_invalid_repo_id_is_refused_before_any_network(exported, tmp_path, repo_id, needle):
+    result = run_push(exported, "--repo-id", repo_id, "--dry-run", tmp_path=tmp_path, HF_HUB_OFFLINE="1")
+    assert_one_line_error(result, needle)
+
+
+def test_missing_token_is_one_clear_line(exported, tmp_path):
+    assert_one_line_error(run_push(exported, "--repo-id", "someone/tiny", tmp_path=tmp_path, token=None),
+                          "no Hugging Face token", "HF_TOKEN")
+
+
+def test_unreachable_hub_is_one_clear_line(exported, tmp_path):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    result = run_push(exported, "--repo-id", "someone/tiny", tmp_path=tmp_path, HF_ENDPOINT=endpoint)
+    assert_one_line_error(result, "cannot reach the Hub", endpoint)
+
+
+# --- a real upload through huggingface_hub, against a stand-in for the Hub's API --------------------
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Stands in for the Hub's HTTP API: records what the client sends and answers like the Hub."""
+
+    requests: list[tuple[str, str, dict]] = []  # (path, Authorization header, JSON body or commit lines)
+    refuse_with: int | None = None
+
+    def do_GET(self):  # huggingface_hub looks up optional registries; the Hub may not have them
+        self.reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.headers.get("Content-Type") == "application/x-ndjson":  # a commit: one JSON object a line
+            parsed = [json.loads(line) for line in body.splitlines() if line.strip()]
+        else:
+            parsed = json.loads(body or b"{}")
+        FakeHub.requests.append((self.path, self.headers.get("Authorization"), parsed))
+        if FakeHub.refuse_with:
+            return self.reply(FakeHub.refuse_with, {"error": "Invalid credentials in Authorization header"})
+        base = f"http://{self.headers['Host']}"
+        if self.path == "/api/repos/create":
+            return self.reply(200, {"url": f"{base}/{parsed['organization']}/{parsed['name']}"})
+        if self.path == "/api/validate-yaml":
+            return self.reply(200, {"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in parsed["files"]]
+            return self.reply(200, {"files": files})
+        if "/commit/" in self.path:  # /api/models/{namespace}/{name}/commit/{revision}
+            repo = "/".join(self.path.split("/")[3:5])
+            return self.reply(200, {"commitUrl": f"{base}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
+        if "/branch/" in self.path:
+            return self.reply(200, {})
+        self.reply(404, {"error": f"no route {self.path}"})
+
+    def reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    FakeHub.requests, FakeHub.refuse_with = [], None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_push_creates_the_repo_and_uploads_every_file(exported, tmp_path, fake_hub):
+    result = run_push(exported, "--repo-id", "someone/tiny", "--private", "--revision", "dev",
+                      "--commit-message", "first model", tmp_path=tmp_path, HF_ENDPOINT=fake_hub)
+    assert result.returncode == 0, result.stderr
+    assert "uploaded 6 files" in result.stdout and "someone/tiny (branch dev)" in result.stdout
+
+    by_route = {path.split("?")[0]: (auth, body) for path, auth, body in FakeHub.requests}
+    assert all(auth == f"Bearer {TOKEN}" for auth, _ in by_route.values())
+    create = by_route["/api/repos/create"][1]
+    assert (create["organization"], create["name"], create["visibility"]) == ("someone", "tiny", "private")
+    assert "/api/models/someone/tiny/branch/dev" in by_route
+
+    commit = by_route["/api/models/someone/tiny/commit/dev"][1]
+    assert commit[0] == {"key": "header", "value": {"summary": "first model", "description": ""}}
+    uploaded = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in commit[1:]}
+    assert uploaded == {path.name: path.read_bytes() for path in exported.iterdir()}
+
+
+def test_rejected_token_is_one_clear_line(exported, tmp_path, fake_hub):
+    FakeHub.refuse_with = 401
+    result = run_push(exported, "--repo-id", "someone/tiny", tmp_path=tmp_path, HF_ENDPOINT=fake_hub)
+    assert_one_line_error(result, "HTTP 401", "token was rejected")
+
+
+def test_offline_mode_makes_a_real_push_one_clear_line(exported, tmp_path):
+    result = run_push(exported, "--repo-id", "someone/tiny", tmp_path=tmp_path, HF_HUB_OFFLINE="1")
+    assert_one_line_error(result, "HF_HUB_OFFLINE")
+
+
+def test_push_folder_for_callers_uses_the_token_it_is_given(exported, tmp_path, fake_hub):
+    # What the training loop would call at the end of a run; no HF_TOKEN in the environment here.
+    code = ("import sys; from tinylm.push import push_folder; "
+            "print(push_folder(sys.argv[1], 'someone/tiny', token=sys.argv[2], commit_message='from code'))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT=fake_hub, HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run([sys.executable, "-c", code, str(exported), TOKEN], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{fake_hub}/someone/tiny/commit/{'a' * 40}"
+    assert {auth for _, auth, _ in FakeHub.requests if auth} == {f"Bearer {TOKEN}"}
+    commit = next(body for path, _, body in FakeHub.requests if "/commit/" in path)
+    assert commit[0]["value"]["summary"] == "from code"
+    # Not private: the visibility is left to the Hub (an organisation may default to private).
+    assert "visibility" not in next(body for path, _, body in FakeHub.requests if path == "/api/repos/create")

@@ -1,0 +1,385 @@
+"""`tinylm export`: turn a checkpoint into a folder plain `transformers` loads (and, with --onnx, model.onnx).
+
+    tinylm export --checkpoint checkpoints/ckpt_best.pt --out exported/NAME [--force] [--onnx]
+
+The folder holds config.json, model.safetensors, generation_config.json,
+tokenizer.json, tokenizer_config.json and a README.md model card (plus
+loss_curve.png when matplotlib is installed). It is written into a hidden
+temp folder beside --out and renamed into place only when complete, so a
+failure never leaves half a folder behind, and an existing folder is only
+replaced with --force (and only if it is itself an earlier export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.utils import logging as hf_logging
+
+from . import checkpoint, onnx_export, paths, plot
+from . import tokenizer as tok
+from .errors import UserError, run_cli
+from .generate import Sampling
+from .model import count_parameters
+
+# What makes a folder an export: `push` refuses anything without these, `--force` replaces nothing else.
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+CARD_NAME = "README.md"
+LOSS_CURVE_NAME = "loss_curve.png"
+# transformers v4's AutoTokenizer knows this class name and v5 keeps it as an alias of its
+# tokenizers backend, so naming it makes the folder load in both.
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tinylm export",
+        description="Write a transformers model folder (and optionally model.onnx) from a checkpoint "
+        "(see docs/export-and-deployment.md).",
+    )
+    parser.add_argument("--checkpoint", default=paths.CHECKPOINT_BEST,
+                        help=f"checkpoint file to export (default: {paths.CHECKPOINT_BEST})")
+    parser.add_argument("--out", required=True, help="folder to write, e.g. exported/my-model")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out if it already holds an earlier export")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx with past key values (needs pip install 'tinylm[onnx]')")
+    args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # transformers' per-file bars only clutter this command's output
+
+    out = export(args.checkpoint, args.out, force=args.force, onnx=args.onnx)
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name:<24} {format_size(path.stat().st_size):>10}")
+    print(f"exported {args.checkpoint} to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def export(checkpoint_path: str | Path, out: str | Path, *, force: bool = False, onnx: bool = False) -> Path:
+    """Write the export folder for `checkpoint_path` at `out`; return `out`."""
+    checkpoint_path, out = Path(checkpoint_path), Path(out)
+    name = out.resolve().name
+    check_out_folder(out, force)
+    if onnx:
+        onnx_export.require_onnx()  # before any work, so a missing extra costs nothing
+    payload = checkpoint.load(checkpoint_path)
+    model = checkpoint.model_from(payload)
+    tokenizer = tokenizer_of(payload, checkpoint_path)
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(
+            f"{checkpoint_path}: its tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{model.config.vocab_size}; the model and tokenizer do not belong together"
+        )
+    log_records = train_log_records(checkpoint_path)
+
+    with staged_folder(out, force) as staging:
+        save_model(model, staging)
+        save_tokenizer(tokenizer, model.config.n_positions, staging)
+        curve = draw_loss_curve(log_records, staging / LOSS_CURVE_NAME, title=name)
+        card = model_card(name, payload, model, tokenizer, log_records, curve)
+        (staging / CARD_NAME).write_text(card, encoding="utf-8")
+        if onnx:
+            print("writing model.onnx (tracing and checking the graph takes a few seconds)", flush=True)
+            onnx_export.export_onnx(model, staging / onnx_export.ONNX_NAME)
+        check_loads(staging)
+    return out
+
+
+# --- what goes in the folder ---------------------------------------------------------------------------
+
+
+def save_model(model, folder: Path) -> None:
+    """config.json, model.safetensors (the tied lm_head is stored once) and generation_config.json."""
+    config = model.config
+    # generate()'s defaults come from here; `tinylm generate` samples with the same settings.
+    sampling = Sampling()
+    model.generation_config = GenerationConfig(
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        # GPT-2's positions are learned: no token can sit past n_positions. A total length cap
+        # also stops pipeline() from adding its default max_new_tokens=256, which would overflow.
+        max_length=config.n_positions,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    model.save_pretrained(folder)
+
+
+def save_tokenizer(tokenizer, n_positions: int, folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json, loadable by transformers v4 and v5 alike."""
+    # model_max_length lets `truncation=True` and pipeline's handle_long_generation="hole" fit the context.
+    tokenizer.model_max_length = n_positions
+    # Padding a batch needs a pad token; GPT-2 convention is to reuse eos (attention masks hide it).
+    tokenizer.pad_token = tok.EOS_TOKEN
+    tokenizer.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = TOKENIZER_CLASS
+    # v4 defaulted this to True, which deletes spaces before punctuation on decode; v5 to False.
+    config["clean_up_tokenization_spaces"] = False
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def check_loads(folder: Path) -> None:
+    """Load `folder` with plain transformers (local files only) and run one forward pass."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        ids = tokenizer("a", return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            model(input_ids=ids[:, : model.config.n_positions])
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for broken folders
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{folder} does not load with transformers: {reason[:300]}") from None
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+
+
+def tokenizer_of(payload: dict[str, Any], checkpoint_path: Path):
+    """The checkpoint's tokenizer: the copy stored inside it, else the tokenizer.json it names or sits beside."""
+    stored = payload["tokenizer"] if isinstance(payload["tokenizer"], dict) else {}
+    if stored.get("json"):
+        try:
+            return checkpoint.tokenizer_from(payload)
+        except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
+            raise UserError(f"checkpoint {checkpoint_path} holds a tokenizer that does not parse: {exc}") from None
+    candidates = [Path(stored["path"])] if stored.get("path") else []
+    candidates.append(checkpoint_path.parent / paths.TOKENIZER_NAME)
+    for candidate in candidates:
+        if candidate.is_file():
+            return tok.load(candidate)
+    raise UserError(
+        f"checkpoint {checkpoint_path} holds no tokenizer and there is none at "
+        f"{' or '.join(map(str, candidates))}; copy the tokenizer.json from your prepared data there"
+    )
+
+
+def train_log_records(checkpoint_path: Path) -> list[dict]:
+    """The evaluation records of the train_log.json beside the checkpoint, or [] when there is none."""
+    log_path = checkpoint_path.parent / paths.TRAIN_LOG_NAME
+    if not log_path.is_file():
+        return []
+    try:
+        return plot.read_records(log_path)
+    except UserError as exc:  # a damaged log only costs the card its curve, not the export
+        print(f"warning: {exc}; the model card uses the checkpoint's own numbers", file=sys.stderr)
+        return []
+
+
+def draw_loss_curve(records: list[dict], target: Path, title: str) -> str | None:
+    """Draw the loss curve if matplotlib is installed; return why not when it isn't drawn."""
+    if not records:
+        return f"No {paths.TRAIN_LOG_NAME} was found next to the checkpoint, so there is no loss curve."
+    if importlib.util.find_spec("matplotlib") is None:
+        return ("The loss curve was not drawn: matplotlib is not installed "
+                "(`pip install 'tinylm[plot]'`, then export again).")
+    plot.plot_losses(records, target, title=title)
+    return None
+
+
+# --- the model card -------------------------------------------------------------------------------------
+
+
+def model_card(name: str, payload: dict, model, tokenizer, records: list[dict], no_curve: str | None) -> str:
+    """README.md: what the model is, what it was trained on, how well, how to load it, and its limits."""
+    config = model.config
+    meta = payload.get("meta") or {}
+    kind = tok.kind_of(tokenizer)
+    iteration = payload["iter"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- gpt2",
+        "- tinylm",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        "A small GPT-2 language model trained from scratch with tinylm"
+        + (f" on `{meta['source']}`." if meta.get("source") else "."),
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        "| architecture | GPT-2 (`GPT2LMHeadModel`), float32 safetensors |",
+        f"| parameters | {count_parameters(model):,} (input and output embeddings tied) |",
+        f"| layers / heads / width | {config.n_layer} / {config.n_head} / {config.n_embd} |",
+        f"| context | {config.n_positions} tokens |",
+        f"| tokenizer | {kind} ({'one token per character' if kind == 'char' else 'byte-level BPE'}), "
+        f"{len(tokenizer):,} tokens |",
+        "",
+        f"`<|endoftext|>` (id {config.eos_token_id}) is the bos, eos and pad token.",
+        "",
+        "## Training data",
+        "",
+        *data_lines(meta),
+        "",
+        "## Training",
+        "",
+        *training_lines(payload, records, iteration),
+        "",
+        f"![loss curve]({LOSS_CURVE_NAME})" if no_curve is None else no_curve,
+        "",
+        "## How to use",
+        "",
+        "Everything loads with plain `transformers` (no tinylm, no `trust_remote_code`):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        f'generator = pipeline("text-generation", model="{name}")',
+        'print(generator("Once upon a time", max_new_tokens=40)[0]["generated_text"])',
+        "```",
+        "",
+        f"Replace `{name}` with the folder's path or its Hub repo id. `generation_config.json` samples with "
+        f"temperature {model.generation_config.temperature} and top-k {model.generation_config.top_k}, "
+        f"and caps the total length (prompt + new tokens) at {config.n_positions}.",
+        "",
+        "## Intended use and limits",
+        "",
+        "- A small model for learning and experiments: it imitates the style of its training text and "
+        "knows nothing beyond it. It is not instruction-tuned and will state falsehoods fluently.",
+        f"- It sees at most {config.n_positions} tokens. GPT-2's positions are learned, so prompt + new tokens "
+        f"must stay within {config.n_positions}: past that, `generate` fails with an index error. For longer "
+        'text pass `handle_long_generation="hole"` to the pipeline (it keeps the prompt\'s end), or use '
+        "`tinylm generate`, whose context slides.",
+        *(["- A char tokenizer knows only the characters of its training text; any other character "
+           "becomes `[UNK]`."] if kind == "char" else []),
+        "- Perplexity is per token of this tokenizer, so it is not comparable across tokenizers.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def data_lines(meta: dict) -> list[str]:
+    """The card's data section, from the prepared data's meta.json (as stored in the checkpoint)."""
+    splits = meta.get("splits") if isinstance(meta.get("splits"), dict) else {}
+    lines = []
+    if meta.get("source"):
+        lines.append(f"- source: `{meta['source']}`")
+    for split, entry in splits.items():
+        if isinstance(entry, dict) and "num_tokens" in entry:
+            chars = f" ({entry['num_chars']:,} characters)" if isinstance(entry.get("num_chars"), int) else ""
+            lines.append(f"- {split}: {entry['num_tokens']:,} tokens{chars}")
+    return lines or ["The checkpoint records no data source or token counts."]
+
+
+def training_lines(payload: dict, records: list[dict], iteration: int) -> list[str]:
+    """The card's training section: iterations, and train/val loss and perplexity at this checkpoint."""
+    lines = [f"- iterations: {iteration:,}"]
+    # The record of this checkpoint's own evaluation (ckpt_best.pt is usually not the last one).
+    record = next((r for r in reversed(records) if r.get("iter", math.inf) <= iteration), None)
+    if record is not None:
+        if record.get("tokens_seen") is not None:
+            lines.append(f"- tokens seen: {record['tokens_seen']:,}")
+        lines.append(f"- train loss {loss_text(record.get('train_loss'))} at iteration {record['iter']:,}")
+        lines.append(f"- validation loss {loss_text(record.get('val_loss'))} at iteration {record['iter']:,}")
+    else:
+        val = payload.get("val_loss")
+        best = payload.get("best_val_loss")
+        if val is None and isinstance(best, (int, float)) and math.isfinite(best):
+            val = best
+        lines.append(f"- validation loss {loss_text(val)} (train loss not recorded in the checkpoint)")
+    return lines
+
+
+def loss_text(loss: float | None) -> str:
+    """`1.2345 (perplexity 3.44)`, or `not recorded`."""
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return "not recorded"
+    return f"{loss:.4f} (perplexity {math.exp(min(loss, 50.0)):.2f})"
+
+
+# --- the output folder ----------------------------------------------------------------------------------
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Whether `folder` holds every file an export writes."""
+    return folder.is_dir() and all((folder / name).is_file() for name in REQUIRED_FILES)
+
+
+def check_out_folder(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, a non-empty folder without --force, or (with --force) not an export."""
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} is a file, not a folder: pass a folder path, e.g. exported/my-model")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise UserError(f"--out {out} is not empty; pass --force to replace it, or choose another folder")
+    if not is_export_folder(out):
+        raise UserError(
+            f"--out {out} is not empty and is not an earlier export (no {' + '.join(REQUIRED_FILES)}), "
+            "so --force will not replace it; choose another folder"
+        )
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, force: bool) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `out`; when the block succeeds it replaces `out`."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); an export is an ordinary folder
+    except OSError as exc:
+        raise UserError(f"cannot write into {out.parent}: {exc.strerror or exc}; choose a writable --out") from None
+    try:
+        yield staging
+        check_out_folder(out, force)  # again: something may have appeared there meanwhile
+        publish(staging, out)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}; nothing was replaced") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Rename `staging` to `out`. An existing `out` is moved aside first and deleted only once the new one is in."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    out.rename(retired / out.name)
+    try:
+        staging.rename(out)
+    except OSError:
+        (retired / out.name).rename(out)
+        raise
+    finally:
+        if out.exists():
+            shutil.rmtree(retired, ignore_errors=True)
+
+
+def format_size(size: int) -> str:
+    """`512 B`, `12.3 kB`, `4.5 MB`, `1.2 GB`."""
+    value, unit = float(size), "B"
+    for larger in ("kB", "MB", "GB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, larger
+    return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
