@@ -6,7 +6,7 @@ schedule and reuses one pre-fetched batch, so it is the floor our loop is measur
 The two alternate in rounds (never timed at once), and we print the median ratio.
 Target: tinylm / bare <= 1.05.
 
-    python benchmarks/train_step.py [--config configs/baby.toml] [--rounds 7] [--steps 20]
+    python benchmarks/train_step.py [--config configs/baby.toml] [--rounds 7] [--steps 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ def main() -> int:
     parser.add_argument("--config", default="configs/baby.toml")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on contention)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as workdir:
         prepared = Path(workdir) / "data"
