@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from helpers_checkpoint import BLOCK_SIZE, TEXT, save_checkpoint, save_exported, train_tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tinylm import generate, tokenizer as tok
 from tinylm.errors import UserError, run_cli as run_cli_in_process
@@ -125,6 +126,56 @@ def test_cache_matches_recompute_with_the_same_window_far_past_the_context(untra
     reference = list(generate.sample_tokens_recompute(model, ids, GREEDY, context="refill", keep=keep))
     assert len(cached) == GREEDY.max_new_tokens
     assert cached == reference
+
+
+def gpt2_with_other_settings():
+    """A GPT-2 using config options tinylm leaves at their defaults: the lean decoder must honour them too."""
+    config = GPT2Config(vocab_size=23, n_positions=BLOCK_SIZE, n_embd=24, n_layer=3, n_head=3, n_inner=40,
+                        activation_function="relu", scale_attn_by_inverse_layer_idx=True, layer_norm_epsilon=1e-3)
+    torch.manual_seed(5)
+    return GPT2LMHeadModel(config).eval()
+
+
+# The same fp32 arithmetic in other matrix shapes differs by rounding only: up to 2e-6 seen, on logits up to 10.
+LOGITS_TOLERANCE = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tinylm model", "other GPT-2 settings"])
+def test_lean_gpt2_decoder_gives_the_full_models_logits(untrained, which):
+    """Prefill, steps, a re-prefill (positions back to 0) and steps after it: each matches a plain forward pass."""
+    model = untrained[0] if which == "tinylm model" else gpt2_with_other_settings()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (3 * BLOCK_SIZE,), generator=torch.Generator().manual_seed(1)).tolist()
+    decoder = generate.decoder_for(model)
+    assert isinstance(decoder, generate.GPT2Decoder)
+
+    def full_model(window: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([window])).logits[:, -1]
+
+    checked = 0
+    for start in (0, BLOCK_SIZE + 3):  # the first window, then a re-prefill from later tokens
+        window = ids[start : start + 5]
+        torch.testing.assert_close(decoder.prefill(window), full_model(window), **LOGITS_TOLERANCE)
+        for token in ids[start + 5 : start + BLOCK_SIZE]:  # step until the cache is full
+            window.append(token)
+            torch.testing.assert_close(decoder.step(token), full_model(window), **LOGITS_TOLERANCE)
+            checked += 1
+        assert decoder.length == len(window) == BLOCK_SIZE
+        with pytest.raises(ValueError, match="do not fit"):  # no position embedding past block_size
+            decoder.step(ids[0])
+    assert checked == 2 * (BLOCK_SIZE - 5)
+
+
+def test_other_causal_lms_use_transformers_cache_and_slide_the_same_way():
+    """An exported folder may hold any causal LM (here a tiny Llama): it runs on a DynamicCache, same window."""
+    config = LlamaConfig(vocab_size=23, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=BLOCK_SIZE)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert isinstance(generate.decoder_for(model), generate.DynamicCacheDecoder)
+    cached = list(generate.sample_tokens(model, [1, 2, 3], GREEDY, keep=5))
+    assert cached == list(generate.sample_tokens_recompute(model, [1, 2, 3], GREEDY, context="refill", keep=5))
 
 
 def test_seeded_sampling_past_the_context_matches_the_uncached_reference(untrained):

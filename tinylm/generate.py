@@ -4,7 +4,7 @@ Generation runs for any number of tokens, far past the model's context
 (`block_size`, GPT-2's `n_positions`), on a sliding window with a KV cache:
 
 - The window starts as the prompt's last `block_size` tokens. The model reads
-  it once (prefill) and keeps its keys/values in a `DynamicCache`.
+  it once (prefill) and keeps every layer's keys/values.
 - Each new token is fed alone with the cache, at position `window - 1`, so a
   step costs one token's work instead of a whole window's.
 - When the window is full (`block_size` tokens) and one more token arrives, the
@@ -19,6 +19,11 @@ nanoGPT's sampler instead slides by one token and always sees the newest
 `block_size` tokens, recomputing the whole window for every token;
 `sample_tokens_recompute` implements both context rules without a cache, as the
 reference for the tests and the baseline for `benchmarks/generate.py`.
+
+A GPT-2 (what tinylm trains and exports) is run by `GPT2Decoder`, which calls
+the model's own modules directly on a preallocated cache; any other causal LM
+in an exported folder goes through transformers' `DynamicCache`
+(`DynamicCacheDecoder`). Both read the same window; see `GPT2Decoder` for why.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
+    GPT2LMHeadModel,
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -185,6 +191,105 @@ def refill_length(block_size: int) -> int:
     return max(1, block_size // 2)
 
 
+class GPT2Decoder:
+    """Runs a GPT2LMHeadModel's own modules by hand on a preallocated key/value cache.
+
+    Why not `model(..., past_key_values=DynamicCache())`: at the sizes tinylm
+    trains, a token's arithmetic is tiny, and the Python work of one call through
+    transformers' forward (argument handling, mask building, cache bookkeeping)
+    makes a one-token step about 40% slower. Calling the blocks' submodules
+    (`ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp`) directly does the same
+    computation, so the logits agree with the full model's to float rounding
+    (tests/test_generate.py checks it). Dropout is never applied, as in eval mode.
+
+    The cache holds `block_size` positions per layer, written in place, so a step
+    allocates no new cache memory; `length` is how many positions are filled.
+    """
+
+    def __init__(self, model: GPT2LMHeadModel):
+        self.model = model
+        self.gpt = model.transformer
+        config = model.config
+        self.heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.block_size = context_length(model)
+        shape = (1, self.heads, self.block_size, self.head_dim)
+        with torch.inference_mode():
+            self.keys = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in self.gpt.h]
+            self.values = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in self.gpt.h]
+            self.positions = torch.arange(self.block_size, device=model.device)
+        self.length = 0
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Empty the cache, read `ids` at positions 0.. and return the (1, vocab) logits after them."""
+        self.length = 0
+        return self._forward(ids)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Read one token at the next position and return the (1, vocab) logits after it."""
+        return self._forward([token])
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        start, count = self.length, len(ids)
+        end = start + count
+        if end > self.block_size:
+            raise ValueError(f"{end} positions do not fit the {self.block_size}-position cache; prefill less")
+        tokens = torch.tensor([ids], device=self.model.device)
+        x = self.gpt.wte(tokens) + self.gpt.wpe(self.positions[start:end])
+        for block, keys, values in zip(self.gpt.h, self.keys, self.values):
+            attn = block.attn
+            # (1, count, heads * head_dim) -> (1, heads, count, head_dim), the layout attention wants.
+            q, k, v = (t.view(1, count, self.heads, self.head_dim).transpose(1, 2)
+                       for t in attn.c_attn(block.ln_1(x)).split(attn.split_size, dim=2))
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            # SDPA's causal mask is the lower triangle from the top-left corner: right for a
+            # prefill, which starts at position 0. One new token sees every cached position: no mask.
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q, keys[:, :, :end], values[:, :, :end], is_causal=count > 1, scale=attn.scaling)
+            x = x + attn.c_proj(y.transpose(1, 2).reshape(1, count, -1))
+            x = x + block.mlp(block.ln_2(x))
+        self.length = end
+        return self.model.lm_head(self.gpt.ln_f(x[:, -1]))
+
+
+class DynamicCacheDecoder:
+    """`GPT2Decoder`'s interface for any other causal LM: the model's forward with a `DynamicCache`."""
+
+    def __init__(self, model):
+        self.model = model
+        self.block_size = context_length(model)
+        self.positions = torch.arange(self.block_size, device=model.device).unsqueeze(0)
+        self.cache = None
+        self.length = 0
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Start a new cache, read `ids` at positions 0.. and return the (1, vocab) logits after them."""
+        self.cache = DynamicCache(config=self.model.config)
+        self.length = 0
+        return self._forward(ids)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Read one token at the next position and return the (1, vocab) logits after it."""
+        return self._forward([token])
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        start, end = self.length, self.length + len(ids)
+        if end > self.block_size:
+            raise ValueError(f"{end} positions do not fit the {self.block_size}-position context; prefill less")
+        tokens = torch.tensor([ids], device=self.model.device)
+        logits = next_logits(self.model, tokens, self.positions[:, start:end], self.cache)
+        self.length = end
+        return logits
+
+
+def decoder_for(model) -> GPT2Decoder | DynamicCacheDecoder:
+    """The fastest KV-cache decoder that can run `model`."""
+    return GPT2Decoder(model) if isinstance(model, GPT2LMHeadModel) else DynamicCacheDecoder(model)
+
+
 @torch.inference_mode()
 def sample_tokens(
     model, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None = None,
@@ -199,31 +304,20 @@ def sample_tokens(
     keep = refill_length(block_size) if keep is None else keep
     if not 1 <= keep <= block_size:
         raise ValueError(f"keep must be in [1, {block_size}], got {keep}")
-    device = model.device
-    positions = torch.arange(block_size, device=device).unsqueeze(0)
     warpers = sampling.processors(model.config.vocab_size)
-
-    def prefill(window: list[int]):
-        cache = DynamicCache(config=model.config)
-        ids = torch.tensor([window], device=device)
-        return next_logits(model, ids, positions[:, : len(window)], cache), cache
-
+    decoder = decoder_for(model)
     tokens = list(prompt_ids)
-    window = min(len(tokens), block_size)  # how many of the newest tokens the cache holds
-    logits, cache = prefill(tokens[-window:])
+    logits = decoder.prefill(tokens[-block_size:])
     for step in range(sampling.max_new_tokens):
         token = choose(logits, sampling, warpers, generator)
         yield token
         if step == sampling.max_new_tokens - 1:
             return
         tokens.append(token)
-        if window < block_size:
-            window += 1
-            ids = torch.tensor([[token]], device=device)
-            logits = next_logits(model, ids, positions[:, window - 1 : window], cache)
+        if decoder.length < block_size:
+            logits = decoder.step(token)
         else:
-            window = keep
-            logits, cache = prefill(tokens[-window:])
+            logits = decoder.prefill(tokens[-keep:])
 
 
 @torch.inference_mode()
