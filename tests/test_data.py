@@ -157,16 +157,20 @@ def test_npy_alone_is_enough_for_txt(project):
 
 
 def test_token_stream_reads_across_shard_files(tmp_path):
-    a, b = np.arange(0, 50, dtype="<u2"), np.arange(50, 80, dtype="<u2")
-    a.tofile(tmp_path / "train_000.bin")
-    b.tofile(tmp_path / "train_001.bin")
-    stream = data.TokenStream([tmp_path / "train_000.bin", tmp_path / "train_001.bin"], "uint16")
-    assert stream.num_tokens == 80
-    blocks = stream.blocks(np.array([0, 40, 49, 50, 69]), 10)
-    for start, row in zip([0, 40, 49, 50, 69], blocks.numpy()):
-        assert np.array_equal(row, np.arange(start, start + 11))
+    # Tokens 0..84 over four files, one of them empty: the stream is their concatenation.
+    pieces = {"train_000.bin": range(0, 50), "train_001.bin": range(50, 50), "train_002.bin": range(50, 80),
+              "train_003.bin": range(80, 85)}
+    for name, ids in pieces.items():
+        np.array(ids, dtype="<u2").tofile(tmp_path / name)
+    stream = data.TokenStream([tmp_path / name for name in pieces], "uint16")
+    assert stream.num_tokens == 85
+    for block_size in (10, 40):  # 40: a block from the first file through the empty one to the last
+        starts = np.arange(stream.num_starts(block_size))
+        expected = starts[:, None] + np.arange(block_size + 1)
+        assert np.array_equal(stream.blocks(starts, block_size).numpy(), expected)
+        assert np.array_equal(stream.blocks(starts[::-1], block_size).numpy(), expected[::-1])
     with pytest.raises(IndexError):
-        stream.blocks(np.array([70]), 10)
+        stream.blocks(np.array([75]), 10)
 
 
 def test_token_stream_pickles_by_path_not_by_content(project):

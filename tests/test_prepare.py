@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import training_helpers
 
 from tinylm import corpus, data, paths
 from tinylm import prepare as prepare_module
@@ -42,7 +46,7 @@ def assert_blocks_match_text(prepared: data.PreparedData, split: str, text: str,
     starts = rng.integers(0, stream.num_tokens - BLOCK, size=8)
     for start, row in zip(starts, stream.blocks(starts, BLOCK)):
         assert tokenizer.decode(row.tolist()) == text[char_offset + start : char_offset + start + BLOCK + 1]
-    batch = data.train_batch(stream, block_size=BLOCK, batch_size=4, seed=1, rank=0, step=3, micro_step=0)
+    batch = data.train_batch(stream, block_size=BLOCK, batch_size=4, seed=1, step=3, slot=0)
     for row in batch:
         assert tokenizer.decode(row.tolist()) in text
     evaluation = data.eval_dataset(stream, block_size=BLOCK, num_blocks=5)
@@ -130,7 +134,7 @@ def test_user_file_with_bpe_reads_back_exactly(tmp_path):
         assert tokenizer.decode(everything) == expected
         assert len(everything) < len(expected) / 2  # BPE merged the frequent words
         # Each random block decodes to the text right where its tokens sit.
-        batch = data.train_batch(stream, block_size=BLOCK, batch_size=6, seed=0, rank=0, step=0, micro_step=0)
+        batch = data.train_batch(stream, block_size=BLOCK, batch_size=6, seed=0, step=0, slot=0)
         for row in batch.tolist():
             start = next(i for i in range(len(everything)) if everything[i : i + len(row)] == row)
             offset = len(tokenizer.decode(everything[:start]))
@@ -201,6 +205,9 @@ BAD_INPUTS = {
                       "--vocab-size 1000000000 is out of range"),
     "vocab size with char": (lambda tmp: ["--vocab-size", 500], "--vocab-size applies to --tokenizer bpe only"),
     "val fraction out of range": (lambda tmp: ["--val-fraction", 1.5], "--val-fraction 1.5 is out of range"),
+    "shards of no tokens": (lambda tmp: ["--shard-tokens", 0], "--shard-tokens 0 is out of range"),
+    "shards with txt": (lambda tmp: ["--format", "txt", "--shard-tokens", 1000],
+                        "--shard-tokens applies to --format bin only"),
 }
 
 
@@ -233,5 +240,131 @@ def test_console_command_and_help(tmp_path):
     console = Path(sys.executable).parent / "tinylm"
     result = subprocess.run([console, "prepare", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0
-    for flag in ("--input", "--tokenizer", "--vocab-size", "--format", "--out", "--val-fraction"):
+    for flag in ("--input", "--tokenizer", "--vocab-size", "--format", "--shard-tokens", "--out", "--val-fraction"):
         assert flag in result.stdout
+
+
+# --- sharded binaries ----------------------------------------------------------------------------------
+
+SHARD = 250  # tokens per shard: the few-KB text below makes 3+ shards in each split
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The same text prepared (char: a token per character) whole and in shards of SHARD tokens."""
+    root = tmp_path_factory.mktemp("sharded")
+    text = play_text(6_000, seed=3)
+    source = write(root / "plays.txt", text)
+    for name, flags in (("whole", []), ("sharded", ["--shard-tokens", SHARD])):
+        result = prepare(root, "--input", source, "--out", name, *flags)
+        assert result.returncode == 0, result.stderr
+    return root, text
+
+
+def test_sharded_bin_outputs_and_meta(sharded):
+    root, text = sharded
+    out = root / "sharded"
+    meta = json.loads((out / paths.META_NAME).read_text())
+    train_chars = int(len(text) * 0.9)
+    names = {paths.META_NAME, paths.TOKENIZER_NAME, "tokenizer_config.json"}
+    for split, num_tokens in (("train", train_chars), ("val", len(text) - train_chars)):
+        count = -(-num_tokens // SHARD)
+        assert count >= 3
+        files = meta["splits"][split]["files"]
+        assert [entry["tokens"] for entry in files] == [f"{split}_{i:03d}.bin" for i in range(count)]
+        assert [entry["num_tokens"] for entry in files] == [SHARD] * (count - 1) + [num_tokens - SHARD * (count - 1)]
+        assert meta["splits"][split]["num_tokens"] == num_tokens
+        # The shards, end to end, are byte for byte the unsharded file.
+        joined = b"".join((out / entry["tokens"]).read_bytes() for entry in files)
+        assert joined == (root / "whole" / f"{split}.bin").read_bytes()
+        names |= {entry["tokens"] for entry in files}
+    assert {path.name for path in out.iterdir()} == names  # no staging leftovers, no plain train.bin
+
+
+def test_sharded_split_reads_exactly_as_the_whole_one(sharded):
+    root, _ = sharded
+    for split in prepare_module.SPLITS:
+        whole = data.resolve(str(root / "whole"), "bin", "char").split(split)
+        shards = data.resolve(str(root / "sharded"), "bin", "char").split(split)
+        assert len(shards.files) >= 3 and shards.num_tokens == whole.num_tokens
+        boundaries = np.cumsum(shards.lengths)[:-1]
+        for block_size in (BLOCK, 2 * SHARD + 10):  # the second always spans three shards
+            last = shards.num_starts(block_size) - 1
+            # Every block that ends just before, crosses, or starts at a boundary; the first and the last.
+            near = (boundaries[:, None] + np.arange(-block_size - 2, 2)).ravel()
+            starts = np.unique(np.clip(np.concatenate([[0, last], near]), 0, last))
+            assert torch.equal(shards.blocks(starts, block_size), whole.blocks(starts, block_size))
+        coords = dict(block_size=BLOCK, batch_size=64, seed=5, step=2, slot=1)
+        assert torch.equal(data.train_batch(shards, **coords), data.train_batch(whole, **coords))
+        evaluation = [data.eval_dataset(s, block_size=BLOCK, num_blocks=20)[:]["input_ids"] for s in (shards, whole)]
+        assert torch.equal(*evaluation)
+
+
+def test_training_on_sharded_data_matches_unsharded(sharded, tmp_path):
+    root, _ = sharded
+    runs = {}
+    for name in ("sharded", "whole"):
+        config = training_helpers.write_config(tmp_path / f"{name}.toml", root / name, tmp_path / name)
+        result = training_helpers.train(config)
+        assert str(root / name / paths.META_NAME) in result.stdout
+        runs[name] = training_helpers.losses(tmp_path / name)
+    assert len(runs["sharded"]) >= 3 and all(np.isfinite(loss) for record in runs["sharded"] for loss in record[1:])
+    assert runs["sharded"] == runs["whole"]  # the same batches from the same token stream
+    assert (tmp_path / "sharded" / paths.LAST_NAME).is_file()
+
+
+def test_training_with_a_shard_missing_is_a_clean_error(sharded, tmp_path):
+    out = shutil.copytree(sharded[0] / "sharded", tmp_path / "data")
+    (out / "train_001.bin").unlink()
+    config = training_helpers.write_config(tmp_path / "tiny.toml", out, tmp_path / "ckpt")
+    result = training_helpers.train(config, check=False)
+    training_helpers.assert_clean_error(
+        result, f"{out / 'train_001.bin'} is missing (listed in {out / paths.META_NAME})", "tinylm prepare --format bin"
+    )
+    assert not (tmp_path / "ckpt" / paths.LAST_NAME).exists()
+
+
+def test_re_preparing_removes_the_files_the_old_meta_listed(sharded, tmp_path):
+    source = sharded[0] / "plays.txt"
+    out = tmp_path / "out"
+    write(out / "notes.txt", "mine, not prepare's")
+    for flags, expected in (([], ["train.bin", "val.bin"]), (["--shard-tokens", SHARD], ["train_000.bin", "val_002.bin"]),
+                            ([], ["train.bin", "val.bin"])):
+        result = prepare(tmp_path, "--input", source, "--out", out, *flags)
+        assert result.returncode == 0, result.stderr
+        bins = sorted(path.name for path in out.glob("*.bin"))
+        meta = json.loads((out / paths.META_NAME).read_text())
+        listed = sorted(entry["tokens"] for split in meta["splits"].values() for entry in split["files"])
+        assert bins == listed and set(expected) <= set(bins)
+    assert (out / "notes.txt").read_text() == "mine, not prepare's"
+
+
+# Runs `python -m tinylm.prepare ARGS` and prints the process's peak resident memory (VmHWM) on exit.
+# Not ru_maxrss: a child started by (v)fork inherits the parent's high-water mark (this pytest process).
+REPORT_PEAK = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print(*(l for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr))\n"
+    "runpy.run_module('tinylm.prepare', run_name='__main__')\n"
+)
+
+
+def prepare_peak_mib(cwd: Path, *args: str) -> float:
+    result = subprocess.run([sys.executable, "-c", REPORT_PEAK, *map(str, args)], cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return int(re.search(r"VmHWM:\s+(\d+) kB", result.stderr).group(1)) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from /proc")
+def test_memory_does_not_grow_with_the_input(tmp_path):
+    unit = play_text(1_000_000)
+    inputs = {"small": write(tmp_path / "small.txt", unit * 2), "large": write(tmp_path / "large.txt", unit * 16)}
+    peaks = {
+        name: prepare_peak_mib(tmp_path, "--input", path, "--out", tmp_path / name, "--shard-tokens", 4_000_000)
+        for name, path in inputs.items()
+    }
+    assert len(json.loads((tmp_path / "large" / paths.META_NAME).read_text())["splits"]["train"]["files"]) == 4
+    grown = (inputs["large"].stat().st_size - inputs["small"].stat().st_size) / 2**20  # 14 MiB more text
+    # Holding the text would add at least `grown`, its uint16 tokens twice that. Streaming adds only
+    # allocator noise (up to ~6 MiB when the machine is busy: threads get more malloc arenas).
+    assert peaks["large"] - peaks["small"] < 0.7 * grown, (peaks, grown)

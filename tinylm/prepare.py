@@ -1,13 +1,16 @@
 """`tinylm prepare`: turn a text corpus into train/val token files plus meta.json.
 
     tinylm prepare --input PATH|shakespeare [--tokenizer char|bpe] [--vocab-size N]
-                   [--format txt|bin] [--out DIR] [--val-fraction 0.1]
+                   [--format txt|bin] [--shard-tokens N] [--out DIR] [--val-fraction 0.1]
 
 The text is streamed twice, in chunks that end at line ends, so memory stays
 bounded however large the input is: the first pass trains the tokenizer (and
 counts characters), the second cuts the text at the train/val boundary (the
 last `val_fraction` of the characters is validation, contiguous, as nanoGPT
-does) and writes each split's tokens incrementally.
+does) and writes each split's tokens incrementally. In the bin format a split
+of more than `--shard-tokens` tokens is cut into shards (train_000.bin,
+train_001.bin, ...) that meta.json lists in order; a split that fits in one
+shard is written as plain train.bin / val.bin.
 
 Everything is written into a hidden staging folder inside the output folder and
 only moved into place (meta.json last) once every file is complete, so a failure
@@ -25,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -32,7 +36,7 @@ from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 from numpy.lib import format as npy_format
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 from tqdm import tqdm
 
 from . import corpus, paths
@@ -43,8 +47,13 @@ from .errors import UserError, run_cli
 FORMATS = ("bin", "txt")
 SPLITS = ("train", "val")
 DEFAULT_BPE_VOCAB_SIZE = 4096
-CHUNK_CHARS = 1 << 16  # text is read and encoded in pieces of about this many characters
-ENCODE_BATCH = 64  # chunks per encode_batch call: tokenizers encodes them in parallel (all cores)
+# Text is read and encoded in pieces of about CHUNK_CHARS characters, ENCODE_BATCH pieces per
+# encode_batch call (which tokenizers spreads over all cores). A batch's Encodings take ~100
+# bytes per token, so batches of 128K characters hold them to ~10 MB; bigger ones are no faster.
+CHUNK_CHARS = 1 << 13
+ENCODE_BATCH = 16
+# nanoGPT/llm.c's shard size for FineWeb: 100M tokens, a 200 MB file of uint16 ids.
+DEFAULT_SHARD_TOKENS = 100_000_000
 MIN_SPLIT_TOKENS = 2  # one input token and its target: the smallest block there is
 
 
@@ -68,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"txt: {paths.PROCESSED_DIR}/train.txt + val.txt (+ .npy tokens)",
     )
     parser.add_argument(
+        "--shard-tokens", type=int,
+        help=f"bin only: cut a split of more than N tokens into shards of N tokens, <split>_000.bin, "
+        f"<split>_001.bin, ... (default {DEFAULT_SHARD_TOKENS:_}); a split that fits in one is <split>.bin",
+    )
+    parser.add_argument(
         "--out",
         help=f"output folder (default: {paths.DATA_DIR} for bin, {paths.PROCESSED_DIR} for txt)",
     )
@@ -80,40 +94,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    vocab_size = check_options(args)
+    vocab_size, shard_tokens = check_options(args)
     out = Path(args.out or (paths.DATA_DIR if args.format == "bin" else paths.PROCESSED_DIR))
     source = Source.open(args.input)
     started = time.perf_counter()
-    meta, written = prepare(source, out, args.tokenizer, vocab_size, args.format, args.val_fraction)
+    meta, written = prepare(source, out, args.tokenizer, vocab_size, args.format, args.val_fraction, shard_tokens)
     seconds = time.perf_counter() - started
     print(
         f"prepared {source.name} with the {meta['tokenizer_kind']} tokenizer (vocab size {meta['vocab_size']}) "
         f"in {seconds:.1f}s ({source.size / 1e6 / seconds:.2f} MB/s)"
     )
     for split in SPLITS:
-        files = ", ".join(str(out / entry["tokens"]) for entry in meta["splits"][split]["files"])
+        entries = meta["splits"][split]["files"]
+        files = str(out / entries[0]["tokens"])
+        if len(entries) > 1:
+            files += f" ... {entries[-1]['tokens']} ({len(entries)} shards)"
         print(f"  {split:<5} {meta['splits'][split]['num_tokens']:>12,} tokens  {files}")
-    print(f"  wrote {', '.join(str(out / name) for name in written)}")
+    print(f"  wrote {len(written)} files into {out}: {', '.join(abridged(written, meta))}")
     return 0
 
 
-def check_options(args: argparse.Namespace) -> int | None:
-    """Refuse bad flag values before any work is done; return the BPE vocab size (None for char)."""
+def abridged(names: list[str], meta: dict) -> list[str]:
+    """`names` with each split's shards between its first and last shown as one "..."."""
+    inner_shards = {entry["tokens"] for split in SPLITS for entry in meta["splits"][split]["files"][1:-1]}
+    shown: list[str] = []
+    for name in names:
+        if name not in inner_shards:
+            shown.append(name)
+        elif shown[-1] != "...":
+            shown.append("...")
+    return shown
+
+
+def check_options(args: argparse.Namespace) -> tuple[int | None, int]:
+    """Refuse bad flag values before any work is done; return the BPE vocab size (None for char) and shard size."""
     if not 0.0 < args.val_fraction < 1.0:
         raise UserError(
             f"--val-fraction {args.val_fraction} is out of range: it must be between 0 and 1 "
             "(exclusive), e.g. 0.1 keeps the last 10% of the text for validation"
         )
+    if args.shard_tokens is not None:
+        if args.format != "bin":
+            raise UserError(
+                "--shard-tokens applies to --format bin only: the txt format keeps each split as one .txt file; "
+                "drop --shard-tokens or use --format bin"
+            )
+        if args.shard_tokens < 1:
+            raise UserError(
+                f"--shard-tokens {args.shard_tokens} is out of range: a shard holds at least 1 token; "
+                f"the default is {DEFAULT_SHARD_TOKENS}"
+            )
+    shard_tokens = DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
     if args.tokenizer == "char":
         if args.vocab_size is not None:
             raise UserError(
                 "--vocab-size applies to --tokenizer bpe only: the char vocabulary is every character in the "
                 "text; drop --vocab-size or add --tokenizer bpe"
             )
-        return None
+        return None, shard_tokens
     vocab_size = DEFAULT_BPE_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
     tok.check_bpe_vocab_size(vocab_size)
-    return vocab_size
+    return vocab_size, shard_tokens
 
 
 @dataclass
@@ -186,7 +227,8 @@ def file_chunks(path: Path) -> Iterator[str]:
 
 
 def prepare(
-    source: Source, out: Path, kind: str, vocab_size: int | None, data_format: str, val_fraction: float
+    source: Source, out: Path, kind: str, vocab_size: int | None, data_format: str, val_fraction: float,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> tuple[dict, list[str]]:
     """Write tokenizer, token files and meta.json for `source` into `out`; return the meta and file names."""
     staging = make_staging_folder(out)
@@ -195,7 +237,7 @@ def prepare(
         tok.save(tokenizer, staging)
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(vocab)
-        splits = write_splits(source, num_chars, val_fraction, tokenizer, dtype, data_format, staging)
+        splits = write_splits(source, num_chars, val_fraction, tokenizer, dtype, data_format, shard_tokens, staging)
         meta = {
             "format_version": paths.META_FORMAT_VERSION,
             "data_format": data_format,
@@ -216,7 +258,7 @@ def prepare(
 
 def write_splits(
     source: Source, num_chars: int, val_fraction: float, tokenizer: Tokenizer, dtype: str, data_format: str,
-    staging: Path,
+    shard_tokens: int, staging: Path,
 ) -> dict:
     """Cut the text into train and val, write each split's files into `staging`; return meta's `splits`."""
     train_chars = int(num_chars * (1 - val_fraction))
@@ -231,15 +273,16 @@ def write_splits(
     for split, pieces in itertools.groupby(labelled, key=itemgetter(0)):
         texts = progress((text for _, text in pieces), split_chars[split], f"encoding {split}")
         if data_format == "bin":
-            entry = write_bin(texts, staging / f"{split}.bin", tokenizer, dtype)
+            entries = write_bin(encode(tokenizer, texts, dtype), staging, split, dtype, shard_tokens)
         else:
-            entry = write_txt(texts, staging / f"{split}.txt", staging / paths.TOKENIZER_NAME, dtype)
-        if entry["num_tokens"] < MIN_SPLIT_TOKENS:
+            entries = [write_txt(texts, staging / f"{split}.txt", staging / paths.TOKENIZER_NAME, dtype)]
+        num_tokens = sum(entry["num_tokens"] for entry in entries)
+        if num_tokens < MIN_SPLIT_TOKENS:
             raise UserError(
-                f"input {source.name} is too small: its {split} split has {entry['num_tokens']} token(s), "
+                f"input {source.name} is too small: its {split} split has {num_tokens} token(s), "
                 f"fewer than one block; use a longer text or a different --val-fraction"
             )
-        splits[split] = {"num_tokens": entry["num_tokens"], "num_chars": split_chars[split], "files": [entry]}
+        splits[split] = {"num_tokens": num_tokens, "num_chars": split_chars[split], "files": entries}
     return splits
 
 
@@ -254,13 +297,33 @@ def make_staging_folder(out: Path) -> Path:
 
 
 def publish(staging: Path, out: Path) -> list[str]:
-    """Move every staged file into `out` by atomic rename, meta.json last; return their names."""
+    """Move every staged file into `out` by atomic rename, meta.json last; return their names.
+
+    Then delete the data files that the replaced meta.json listed and this run did not
+    rewrite (say train_000.bin ... of an earlier sharded run), so no stale shards pile up.
+    """
+    replaced = listed_files(out / paths.META_NAME)
     names = sorted(path.name for path in staging.iterdir() if path.name != paths.META_NAME)
     names.append(paths.META_NAME)  # last: until it lands, readers still see the previous, complete set
     for name in names:
         with atomic_path(out / name) as tmp:
             (staging / name).replace(tmp)
+    for name in replaced - set(names):
+        (out / name).unlink(missing_ok=True)
     return names
+
+
+def listed_files(meta_path: Path) -> set[str]:
+    """The data files (tokens, texts, .npy stamps) a meta.json lists beside itself; none if it is unreadable."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        entries = [entry for split in meta["splits"].values() for entry in split["files"]]
+        names = {entry[key] for entry in entries for key in ("tokens", "text") if key in entry}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()  # no meta.json, or not one of ours: delete nothing
+    names |= {stamp_path(Path(name)).name for name in names if str(name).endswith(".npy")}
+    # Only plain names in the folder itself: a hand-edited "../x" must never delete anything elsewhere.
+    return {name for name in names if isinstance(name, str) and Path(name).name == name}
 
 
 def train_tokenizer(source: Source, kind: str, vocab_size: int | None) -> tuple[Tokenizer, int]:
@@ -297,20 +360,59 @@ def label_splits(chunks: Iterable[str], train_chars: int) -> Iterator[tuple[str,
 
 
 def encode(tokenizer: Tokenizer, texts: Iterable[str], dtype: str) -> Iterator[np.ndarray]:
-    """The token ids of `texts`, in order, one array per batch of ENCODE_BATCH texts."""
-    for batch in tok.batched(texts, ENCODE_BATCH):
-        encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)  # parallel over the batch
-        yield np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype)
+    """The token ids of `texts`, in order, one array per batch of ENCODE_BATCH texts.
+
+    tokenizers encodes a batch on all cores and releases the GIL meanwhile, so a helper
+    thread encodes the next batch while this one reads the text and turns the last
+    batch's ids into an array for the caller to write: the cores seldom wait on Python.
+    Only two batches are ever in flight, so memory stays bounded.
+    """
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        previous = None
+        for batch in tok.batched(texts, ENCODE_BATCH):
+            current = encoder.submit(tokenizer.encode_batch_fast, batch, add_special_tokens=False)
+            if previous is not None:
+                yield ids_of(previous.result(), dtype)
+            previous = current
+        if previous is not None:
+            yield ids_of(previous.result(), dtype)
 
 
-def write_bin(texts: Iterable[str], target: Path, tokenizer: Tokenizer, dtype: str) -> dict:
-    """Encode `texts` into a flat little-endian token file (nanoGPT's .bin); return its meta entry."""
-    num_tokens = 0
-    with open(target, "wb") as handle:
-        for ids in encode(tokenizer, texts, dtype):
-            ids.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(handle)
-            num_tokens += len(ids)
-    return {"tokens": target.name, "num_tokens": num_tokens}
+def ids_of(encodings: list[Encoding], dtype: str) -> np.ndarray:
+    """The ids of a batch's encodings, one after another, as one array."""
+    return np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype)
+
+
+def shard_pieces(arrays: Iterable[np.ndarray], shard_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(shard index, ids) pieces: the concatenation of `arrays` cut every `shard_tokens` tokens."""
+    position = 0
+    for ids in arrays:
+        while len(ids):
+            piece = ids[: shard_tokens - position % shard_tokens]
+            yield position // shard_tokens, piece
+            position += len(piece)
+            ids = ids[len(piece) :]
+
+
+def write_bin(arrays: Iterable[np.ndarray], folder: Path, split: str, dtype: str, shard_tokens: int) -> list[dict]:
+    """Write a split's token ids as flat little-endian files (nanoGPT's .bin); return their meta entries.
+
+    Every `shard_tokens` tokens start a new file, `<split>_000.bin`, `<split>_001.bin`, ...;
+    when the split fits in one, it is renamed to plain `<split>.bin`.
+    """
+    entries = []
+    for index, pieces in itertools.groupby(shard_pieces(arrays, shard_tokens), key=itemgetter(0)):
+        target = folder / f"{split}_{index:03d}.bin"
+        num_tokens = 0
+        with open(target, "wb") as handle:
+            for _, ids in pieces:
+                ids.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(handle)
+                num_tokens += len(ids)
+        entries.append({"tokens": target.name, "num_tokens": num_tokens})
+    if len(entries) == 1:
+        (folder / entries[0]["tokens"]).rename(folder / f"{split}.bin")
+        entries[0]["tokens"] = f"{split}.bin"
+    return entries
 
 
 def write_txt(texts: Iterable[str], target: Path, tokenizer_path: Path, dtype: str) -> dict:
