@@ -8,6 +8,7 @@ are recognisably text, not noise. Import it from a test as
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import torch
@@ -67,3 +68,13 @@ def tiny_checkpoint(path: Path) -> Path:
     """Train the tiny model and save it as a checkpoint at `path`."""
     model, config, tokenizer = train_tiny_model()
     return save_checkpoint(path, model, config, tokenizer)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error from a CLI subprocess: exit 2 and exactly one `error: ...` line holding `needles`."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_checkpoint import BLOCK_SIZE, TEXT, save_checkpoint, train_tiny_model
+from helpers_checkpoint import BLOCK_SIZE, TEXT, assert_one_line_error, save_checkpoint, train_tiny_model
 from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
@@ -60,15 +60,6 @@ def exported(tmp_path_factory, ckpt) -> Path:
 def run_export(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tinylm.export", *map(str, args)], capture_output=True,
                           text=True, timeout=300, env=env)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def sample_ids(tokenizer) -> torch.Tensor:

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers_checkpoint import tiny_checkpoint
+from helpers_checkpoint import assert_one_line_error, tiny_checkpoint
 
 from tinylm import export
 
@@ -44,15 +44,6 @@ def run_push(*args, tmp_path: Path, token: str | None = TOKEN, **env_vars: str) 
                             timeout=300, env=env)
     assert TOKEN not in result.stdout + result.stderr
     return result
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def closed_port() -> int:
