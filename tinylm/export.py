@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from . import checkpoint, onnx_export, paths, plot
 from . import tokenizer as tok
+from .atomic import DIR_MODE
 from .errors import UserError, run_cli
 from .generate import Sampling
 from .model import count_parameters
@@ -339,9 +339,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); an export is an ordinary folder
+        staging.chmod(DIR_MODE)  # mkdtemp makes it private (0700); an export is an ordinary folder
     except OSError as exc:
         raise UserError(f"cannot write into {out.parent}: {exc.strerror or exc}; choose a writable --out") from None
     try:

@@ -191,7 +191,46 @@ def refill_length(block_size: int) -> int:
     return max(1, block_size // 2)
 
 
-class GPT2Decoder:
+class KVDecoder:
+    """A model plus a key/value cache over one window: `prefill` a window, then `step` token by token.
+
+    Subclasses say how to empty the cache (`_reset`) and how to run new tokens at
+    positions `start..end-1` against it (`_run`); the window bookkeeping lives here.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.block_size = context_length(model)
+        self.positions = torch.arange(self.block_size, device=model.device)
+        self.length = 0  # how many cache positions are filled
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Empty the cache, read `ids` at positions 0.. and return the (1, vocab) logits after them."""
+        self._reset()
+        self.length = 0
+        return self._forward(ids)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Read one token at the next position and return the (1, vocab) logits after it."""
+        return self._forward([token])
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        start, end = self.length, self.length + len(ids)
+        if end > self.block_size:
+            raise ValueError(f"{end} positions do not fit the {self.block_size}-position cache; prefill less")
+        logits = self._run(torch.tensor([ids], device=self.model.device), start, end)
+        self.length = end
+        return logits
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GPT2Decoder(KVDecoder):
     """Runs a GPT2LMHeadModel's own modules by hand on a preallocated key/value cache.
 
     Why not `model(..., past_key_values=DynamicCache())`: at the sizes tinylm
@@ -203,39 +242,25 @@ class GPT2Decoder:
     (tests/test_generate.py checks it). Dropout is never applied, as in eval mode.
 
     The cache holds `block_size` positions per layer, written in place, so a step
-    allocates no new cache memory; `length` is how many positions are filled.
+    allocates no new cache memory.
     """
 
     def __init__(self, model: GPT2LMHeadModel):
-        self.model = model
+        super().__init__(model)
         self.gpt = model.transformer
         config = model.config
         self.heads = config.n_head
         self.head_dim = config.n_embd // config.n_head
-        self.block_size = context_length(model)
         shape = (1, self.heads, self.block_size, self.head_dim)
         with torch.inference_mode():
             self.keys = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in self.gpt.h]
             self.values = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in self.gpt.h]
-            self.positions = torch.arange(self.block_size, device=model.device)
-        self.length = 0
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Empty the cache, read `ids` at positions 0.. and return the (1, vocab) logits after them."""
-        self.length = 0
-        return self._forward(ids)
+    def _reset(self) -> None:
+        pass  # positions past `length` are never read, so stale keys/values can stay
 
-    def step(self, token: int) -> torch.Tensor:
-        """Read one token at the next position and return the (1, vocab) logits after it."""
-        return self._forward([token])
-
-    @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        start, count = self.length, len(ids)
-        end = start + count
-        if end > self.block_size:
-            raise ValueError(f"{end} positions do not fit the {self.block_size}-position cache; prefill less")
-        tokens = torch.tensor([ids], device=self.model.device)
+    def _run(self, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        count = end - start
         x = self.gpt.wte(tokens) + self.gpt.wpe(self.positions[start:end])
         for block, keys, values in zip(self.gpt.h, self.keys, self.values):
             attn = block.attn
@@ -250,42 +275,24 @@ class GPT2Decoder:
                 q, keys[:, :, :end], values[:, :, :end], is_causal=count > 1, scale=attn.scaling)
             x = x + attn.c_proj(y.transpose(1, 2).reshape(1, count, -1))
             x = x + block.mlp(block.ln_2(x))
-        self.length = end
         return self.model.lm_head(self.gpt.ln_f(x[:, -1]))
 
 
-class DynamicCacheDecoder:
+class DynamicCacheDecoder(KVDecoder):
     """`GPT2Decoder`'s interface for any other causal LM: the model's forward with a `DynamicCache`."""
 
     def __init__(self, model):
-        self.model = model
-        self.block_size = context_length(model)
-        self.positions = torch.arange(self.block_size, device=model.device).unsqueeze(0)
+        super().__init__(model)
         self.cache = None
-        self.length = 0
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Start a new cache, read `ids` at positions 0.. and return the (1, vocab) logits after them."""
+    def _reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
-        self.length = 0
-        return self._forward(ids)
 
-    def step(self, token: int) -> torch.Tensor:
-        """Read one token at the next position and return the (1, vocab) logits after it."""
-        return self._forward([token])
-
-    @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        start, end = self.length, self.length + len(ids)
-        if end > self.block_size:
-            raise ValueError(f"{end} positions do not fit the {self.block_size}-position context; prefill less")
-        tokens = torch.tensor([ids], device=self.model.device)
-        logits = next_logits(self.model, tokens, self.positions[:, start:end], self.cache)
-        self.length = end
-        return logits
+    def _run(self, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return next_logits(self.model, tokens, self.positions[start:end].unsqueeze(0), self.cache)
 
 
-def decoder_for(model) -> GPT2Decoder | DynamicCacheDecoder:
+def decoder_for(model) -> KVDecoder:
     """The fastest KV-cache decoder that can run `model`."""
     return GPT2Decoder(model) if isinstance(model, GPT2LMHeadModel) else DynamicCacheDecoder(model)
 

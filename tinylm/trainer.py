@@ -145,7 +145,7 @@ class Trainer:
         self.state.elapsed_s = time.perf_counter() - started
         summary = self._summary(stop_reason)
         if stop_reason == "interrupted":
-            self._save(LAST_NAME, val_loss=None)
+            self._save([LAST_NAME], val_loss=None)
             self.print(
                 f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. "
                 f"Resume with: tinylm train --config <your config> --resume {self.out_dir / LAST_NAME}"
@@ -257,9 +257,7 @@ class Trainer:
         )
         if training.tracker != "none":
             self.accelerator.log({k: v for k, v in record.items() if k != "iter"}, step=step)
-        self._save(LAST_NAME, val_loss)
-        if improved and training.save_best:
-            self._save(BEST_NAME, val_loss)
+        self._save([LAST_NAME, BEST_NAME] if improved and training.save_best else [LAST_NAME], val_loss)
         self._write_log(None)
         stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
         if stop:
@@ -270,8 +268,8 @@ class Trainer:
             )
         return stop
 
-    def _save(self, name: str, val_loss: float | None) -> None:
-        """Write a checkpoint (main process); every process contributes its RNG state."""
+    def _save(self, names: list[str], val_loss: float | None) -> None:
+        """Write one checkpoint under each of `names` (main process); every process contributes its RNG state."""
         rng_states = gather_object([rng.capture()])
         # A collective under FSDP (it gathers the shards), so every process calls it.
         weights = self.accelerator.get_state_dict(self.model)
@@ -298,7 +296,8 @@ class Trainer:
                 "run": dataclasses.asdict(self.state),
             },
         }
-        checkpoint.save(self.out_dir / name, payload)
+        for name in names:
+            checkpoint.save(self.out_dir / name, payload)
 
     def _write_log(self, summary: dict | None) -> None:
         if self.is_main:
