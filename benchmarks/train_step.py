@@ -2,7 +2,9 @@
 
 Both sides train the same GPT2LMHeadModel shape (the baby preset by default) with AdamW on
 batches of the same size; the bare loop has no accelerate, no gradient clipping, no
-schedule and reuses one pre-fetched batch, so it is the floor our loop is measured against.
+schedule and reuses one pre-fetched batch, so it is the floor our loop is measured against
+(on the same CPU matmul backend as tinylm's step). For the comparison with a plain PyTorch GPT
+trained the nanoGPT way, see train_throughput.py.
 The two alternate in rounds (never timed at once), and we print the median ratio.
 Target: tinylm / bare <= 1.05.
 
@@ -70,7 +72,12 @@ def main() -> int:
         stream = trainer.data.split("train")
         blocks = data.train_batch(stream, block_size=config.model.block_size, batch_size=config.training.batch_size,
                                   seed=0, step=0, slot=0)
-        bare = bare_loop(config, trainer.data.vocab_size, blocks)
+        bare_step = bare_loop(config, trainer.data.vocab_size, blocks)
+
+        def bare():  # on the matmul backend tinylm chose, so only the loop around the model differs
+            with trainer.cpu_matmul.active():
+                return bare_step()
+
         counter = iter(range(10**9))
         ours = lambda: trainer.train_step(next(counter))  # noqa: E731  (a step function like bare's)
 

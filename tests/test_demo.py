@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pytest
 from helpers_checkpoint import tiny_checkpoint
 
-from tinylm import demo, generate
+from tinylm import demo, sampler
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -124,8 +124,8 @@ def test_page_streams_the_models_text(server, browser, ckpt, tmp_path):
 
     # What the model writes for this prompt with the page's settings (defaults, but a long text) and seed.
     sampling = dataclasses.replace(demo.DEFAULT_SAMPLING, max_new_tokens=NEW_TOKENS)
-    model, tokenizer = generate.load(ckpt)
-    expected = PROMPT + generate.complete(model, tokenizer, PROMPT, sampling, demo.DEFAULT_SEED)
+    model, tokenizer = sampler.load(ckpt)
+    expected = PROMPT + sampler.complete(model, tokenizer, PROMPT, sampling, demo.DEFAULT_SEED)
 
     browser.get(server)
     wait = WebDriverWait(browser, GENERATION_TIMEOUT)

@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
-from tinylm import checkpoint, export, generate, model as tinymodel, tokenizer as tok
+from tinylm import checkpoint, export, model as tinymodel, sampler, tokenizer as tok
 from tinylm.config import Config, ModelConfig
 
 GPT2_DEFAULT_SPECIAL_ID = 50256
@@ -128,7 +128,7 @@ def test_special_tokens_are_ours_and_decoding_keeps_spaces(exported):
 
 def test_generation_config_samples_like_tinylm_generate_within_the_context(exported):
     generation = GenerationConfig.from_pretrained(exported, local_files_only=True)
-    defaults = generate.Sampling()
+    defaults = sampler.Sampling()
     assert generation.do_sample is True
     assert (generation.temperature, generation.top_k, generation.top_p) == (
         defaults.temperature, defaults.top_k, defaults.top_p)

@@ -11,10 +11,10 @@ import torch
 from helpers_checkpoint import BLOCK_SIZE, TEXT, save_checkpoint, save_exported, train_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from tinylm import generate, tokenizer as tok
+from tinylm import generate, sampler, tokenizer as tok
 from tinylm.errors import UserError, run_cli as run_cli_in_process
 
-GREEDY = generate.Sampling(max_new_tokens=10 * BLOCK_SIZE, temperature=0.0)
+GREEDY = sampler.Sampling(max_new_tokens=10 * BLOCK_SIZE, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 
 def test_same_seed_same_text_different_seed_different_text(trained):
     model, tokenizer = trained
-    hot = generate.Sampling(max_new_tokens=120, temperature=1.5, top_k=0)
-    first = generate.complete(model, tokenizer, "the ", hot, seed=7)
-    again = generate.complete(model, tokenizer, "the ", hot, seed=7)
-    other = generate.complete(model, tokenizer, "the ", hot, seed=8)
+    hot = sampler.Sampling(max_new_tokens=120, temperature=1.5, top_k=0)
+    first = sampler.complete(model, tokenizer, "the ", hot, seed=7)
+    again = sampler.complete(model, tokenizer, "the ", hot, seed=7)
+    other = sampler.complete(model, tokenizer, "the ", hot, seed=8)
     assert len(first) >= 120  # a character per token, more for a special token such as <|endoftext|>
     assert first == again
     assert first != other
@@ -75,13 +75,13 @@ def test_top_k_1_is_greedy_and_matches_an_argmax_reference(untrained):
         for _ in range(room):
             logits = model(input_ids=torch.tensor([reference])).logits[0, -1]
             reference.append(int(logits.argmax()))
-    top1 = generate.Sampling(max_new_tokens=room, temperature=1.3, top_k=1)
-    sampled = list(generate.sample_tokens(model, prompt, top1, generate.make_generator("cpu", 0)))
+    top1 = sampler.Sampling(max_new_tokens=room, temperature=1.3, top_k=1)
+    sampled = list(sampler.sample_tokens(model, prompt, top1, sampler.make_generator("cpu", 0)))
     assert sampled == reference[len(prompt):]
     # Far past the context too, top-k=1 at any temperature and seed is exactly greedy.
-    long_top1 = generate.Sampling(max_new_tokens=GREEDY.max_new_tokens, temperature=2.0, top_k=1)
-    assert list(generate.sample_tokens(model, prompt, long_top1, generate.make_generator("cpu", 5))) == list(
-        generate.sample_tokens(model, prompt, GREEDY)
+    long_top1 = sampler.Sampling(max_new_tokens=GREEDY.max_new_tokens, temperature=2.0, top_k=1)
+    assert list(sampler.sample_tokens(model, prompt, long_top1, sampler.make_generator("cpu", 5))) == list(
+        sampler.sample_tokens(model, prompt, GREEDY)
     )
 
 
@@ -94,10 +94,10 @@ def test_top_p_and_top_k_restrict_the_choices(untrained):
     order = probs.argsort(descending=True).tolist()
     nucleus = order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1]  # smallest set reaching p = 0.5
     for sampling, allowed in [
-        (generate.Sampling(max_new_tokens=1, temperature=1.0, top_k=3), set(order[:3])),
-        (generate.Sampling(max_new_tokens=1, temperature=1.0, top_k=0, top_p=0.5), set(nucleus)),
+        (sampler.Sampling(max_new_tokens=1, temperature=1.0, top_k=3), set(order[:3])),
+        (sampler.Sampling(max_new_tokens=1, temperature=1.0, top_k=0, top_p=0.5), set(nucleus)),
     ]:
-        firsts = {next(generate.sample_tokens(model, prompt, sampling, generate.make_generator("cpu", seed)))
+        firsts = {next(sampler.sample_tokens(model, prompt, sampling, sampler.make_generator("cpu", seed)))
                   for seed in range(60)}
         assert firsts <= allowed
         assert len(firsts) > 1  # still random within the set
@@ -109,11 +109,11 @@ def test_top_p_and_top_k_restrict_the_choices(untrained):
 def test_cache_matches_full_recompute_within_the_first_block(untrained, prompt):
     """Before the window first overflows, cached and nanoGPT's uncached sampler see the same context."""
     model, tokenizer = untrained
-    ids = generate.encode_prompt(tokenizer, prompt)
+    ids = sampler.encode_prompt(tokenizer, prompt)
     room = max(1, BLOCK_SIZE - len(ids))
-    sampling = generate.Sampling(max_new_tokens=room, temperature=0.0)
-    cached = list(generate.sample_tokens(model, ids, sampling))
-    naive = list(generate.sample_tokens_recompute(model, ids, sampling, context="nanogpt"))
+    sampling = sampler.Sampling(max_new_tokens=room, temperature=0.0)
+    cached = list(sampler.sample_tokens(model, ids, sampling))
+    naive = list(sampler.sample_tokens_recompute(model, ids, sampling, context="nanogpt"))
     assert cached == naive
 
 
@@ -121,9 +121,9 @@ def test_cache_matches_full_recompute_within_the_first_block(untrained, prompt):
 def test_cache_matches_recompute_with_the_same_window_far_past_the_context(untrained, keep):
     """Ten blocks long: the re-prefilled cache (positions restarting at 0) equals recomputing that window."""
     model, tokenizer = untrained
-    ids = generate.encode_prompt(tokenizer, "the lazy dog")
-    cached = list(generate.sample_tokens(model, ids, GREEDY, keep=keep))
-    reference = list(generate.sample_tokens_recompute(model, ids, GREEDY, context="refill", keep=keep))
+    ids = sampler.encode_prompt(tokenizer, "the lazy dog")
+    cached = list(sampler.sample_tokens(model, ids, GREEDY, keep=keep))
+    reference = list(sampler.sample_tokens_recompute(model, ids, GREEDY, context="refill", keep=keep))
     assert len(cached) == GREEDY.max_new_tokens
     assert cached == reference
 
@@ -146,8 +146,8 @@ def test_lean_gpt2_decoder_gives_the_full_models_logits(untrained, which):
     model = untrained[0] if which == "tinylm model" else gpt2_with_other_settings()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (3 * BLOCK_SIZE,), generator=torch.Generator().manual_seed(1)).tolist()
-    decoder = generate.decoder_for(model)
-    assert isinstance(decoder, generate.GPT2Decoder)
+    decoder = sampler.decoder_for(model)
+    assert isinstance(decoder, sampler.GPT2Decoder)
 
     def full_model(window: list[int]) -> torch.Tensor:
         with torch.inference_mode():
@@ -173,26 +173,26 @@ def test_other_causal_lms_use_transformers_cache_and_slide_the_same_way():
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=BLOCK_SIZE)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    assert isinstance(generate.decoder_for(model), generate.DynamicCacheDecoder)
-    cached = list(generate.sample_tokens(model, [1, 2, 3], GREEDY, keep=5))
-    assert cached == list(generate.sample_tokens_recompute(model, [1, 2, 3], GREEDY, context="refill", keep=5))
+    assert isinstance(sampler.decoder_for(model), sampler.DynamicCacheDecoder)
+    cached = list(sampler.sample_tokens(model, [1, 2, 3], GREEDY, keep=5))
+    assert cached == list(sampler.sample_tokens_recompute(model, [1, 2, 3], GREEDY, context="refill", keep=5))
 
 
 def test_seeded_sampling_past_the_context_matches_the_uncached_reference(untrained):
     """Same seed, same window: the cached sampler draws exactly what the reference draws."""
     model, tokenizer = untrained
-    ids = generate.encode_prompt(tokenizer, "a")
-    sampling = generate.Sampling(max_new_tokens=5 * BLOCK_SIZE, temperature=1.0, top_k=0)
-    cached = list(generate.sample_tokens(model, ids, sampling, generate.make_generator("cpu", 11)))
-    reference = list(generate.sample_tokens_recompute(
-        model, ids, sampling, generate.make_generator("cpu", 11), context="refill"))
+    ids = sampler.encode_prompt(tokenizer, "a")
+    sampling = sampler.Sampling(max_new_tokens=5 * BLOCK_SIZE, temperature=1.0, top_k=0)
+    cached = list(sampler.sample_tokens(model, ids, sampling, sampler.make_generator("cpu", 11)))
+    reference = list(sampler.sample_tokens_recompute(
+        model, ids, sampling, sampler.make_generator("cpu", 11), context="refill"))
     assert cached == reference
 
 
 def test_long_generation_stays_on_the_learned_text(trained):
     """Far past the 16-token context, the trained model keeps writing its sentence, character for character."""
     model, tokenizer = trained
-    text = generate.complete(model, tokenizer, "the quick", GREEDY)
+    text = sampler.complete(model, tokenizer, "the quick", GREEDY)
     assert len(text) == GREEDY.max_new_tokens
     assert "the quick" + text in TEXT
 
@@ -202,7 +202,7 @@ def test_a_prompt_exactly_one_context_long_and_a_longer_one(trained):
     exact = TEXT[:BLOCK_SIZE]
     longer = TEXT[:3 * BLOCK_SIZE + 5]
     for prompt in (exact, longer):
-        text = generate.complete(model, tokenizer, prompt, generate.Sampling(max_new_tokens=40, temperature=0.0))
+        text = sampler.complete(model, tokenizer, prompt, sampler.Sampling(max_new_tokens=40, temperature=0.0))
         assert prompt + text in TEXT
 
 
@@ -210,16 +210,16 @@ def test_a_prompt_exactly_one_context_long_and_a_longer_one(trained):
 
 def test_empty_prompt_starts_from_endoftext(trained):
     model, tokenizer = trained
-    assert generate.encode_prompt(tokenizer, "") == [0]
+    assert sampler.encode_prompt(tokenizer, "") == [0]
     assert tokenizer.convert_ids_to_tokens(0) == tok.EOS_TOKEN
-    text = generate.complete(model, tokenizer, "", generate.Sampling(max_new_tokens=30))
+    text = sampler.complete(model, tokenizer, "", sampler.Sampling(max_new_tokens=30))
     assert len(text) == 30
 
 
 def test_unknown_characters_are_named(trained):
     _, tokenizer = trained
     with pytest.raises(UserError) as caught:
-        generate.encode_prompt(tokenizer, "The Quick fox")
+        sampler.encode_prompt(tokenizer, "The Quick fox")
     message = str(caught.value)
     assert "'T' (U+0054)" in message and "'Q' (U+0051)" in message
     assert "'f'" not in message
@@ -232,18 +232,18 @@ def test_streamed_bpe_pieces_never_split_a_character():
     text = "a café, 日本語 and 🙂🚀 here"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text.encode("utf-8")) // 2  # mostly single bytes: characters really are split
-    pieces = list(generate.decode_stream(tokenizer, ids))
+    pieces = list(sampler.decode_stream(tokenizer, ids))
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert len(pieces) > 5  # streamed, not decoded in one go
 
 
 def test_exported_folder_gives_the_same_text_as_the_checkpoint(tmp_path, ckpt):
-    model, tokenizer = generate.load(ckpt)
+    model, tokenizer = sampler.load(ckpt)
     folder = save_exported(tmp_path / "exported", model, tokenizer)
-    exported_model, exported_tokenizer = generate.load(folder)
-    sampling = generate.Sampling(max_new_tokens=50, temperature=1.0)
-    assert generate.complete(exported_model, exported_tokenizer, "the ", sampling, seed=3) == generate.complete(
+    exported_model, exported_tokenizer = sampler.load(folder)
+    sampling = sampler.Sampling(max_new_tokens=50, temperature=1.0)
+    assert sampler.complete(exported_model, exported_tokenizer, "the ", sampling, seed=3) == sampler.complete(
         model, tokenizer, "the ", sampling, seed=3)
 
 

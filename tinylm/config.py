@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DATA_FORMATS = ("txt", "bin")
 TOKENIZERS = ("char", "bpe")
 TRACKERS = ("none", "tensorboard", "trackio")
+COMPILE_CHOICES = ("auto", "on", "off")
+CPU_MATMULS = ("auto", "blas", "onednn")
 
 
 @dataclass
@@ -76,6 +79,12 @@ class TrainingConfig:
     early_stopping_patience: int = 3
     early_stopping_min_delta: float = 0.0
     tracker: str = "none"
+    # torch.compile the model: "auto" compiles on CUDA only. On CPU it bought ~1-3% per step
+    # (the step is matmul-bound) for ~20-30 s of compiling; see benchmarks/train_throughput.py.
+    compile: str = "auto"
+    # fp32 matmuls on CPU: "auto" measures at start and uses oneDNN where it is exact and at least
+    # 1.25x faster than PyTorch's default BLAS (MKL is slow on AMD CPUs); "blas" or "onednn" to force.
+    cpu_matmul: str = "auto"
 
 
 @dataclass
@@ -104,6 +113,27 @@ class Config:
         return self.training.batch_size * self.training.grad_accum_steps
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How `tinylm generate` and the demo pick each next token (nanoGPT's sample.py defaults)."""
+
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 0 means greedy: always the most likely token
+    top_k: int = 200  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 keeps all
+
+    def check(self) -> None:
+        """Raise `UserError` naming the flag when a setting is out of range."""
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be 1 or more, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1] (1 is off), got {self.top_p}")
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "hub": HubConfig}
 
 CHOICES = {
@@ -111,6 +141,8 @@ CHOICES = {
     "training.precision": PRECISIONS,
     "training.data_format": DATA_FORMATS,
     "training.tracker": TRACKERS,
+    "training.compile": COMPILE_CHOICES,
+    "training.cpu_matmul": CPU_MATMULS,
     "data.tokenizer": TOKENIZERS,
 }
 POSITIVE = {

@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
-from . import generate, paths
+from . import paths, sampler
 from .config import DEVICES
 from .errors import UserError, run_cli
 
-DEFAULT_SAMPLING = generate.Sampling(max_new_tokens=300)
+DEFAULT_SAMPLING = sampler.Sampling(max_new_tokens=300)
 DEFAULT_SEED = 1337
 MAX_NEW_TOKENS = 2000
 INSTALL_HINT = "pip install 'tinylm[demo]'"
@@ -36,21 +36,21 @@ def import_gradio():
 def build_app(gr, model, tokenizer, title: str):
     """The Blocks page: prompt, sampling controls, a Generate button and the streamed text."""
     vocab_size = len(tokenizer)
-    block_size = generate.context_length(model)
+    block_size = sampler.context_length(model)
 
     def write(prompt, temperature, top_k, top_p, max_new_tokens, seed):
         """Yield the prompt plus the text so far after every decoded piece (Gradio streams each yield)."""
-        sampling = generate.Sampling(int(max_new_tokens), float(temperature), int(top_k), float(top_p))
+        sampling = sampler.Sampling(int(max_new_tokens), float(temperature), int(top_k), float(top_p))
         try:
             sampling.check()
-            prompt_ids = generate.encode_prompt(tokenizer, prompt, model.config.bos_token_id or 0)
+            prompt_ids = sampler.encode_prompt(tokenizer, prompt, model.config.bos_token_id or 0)
         except UserError as exc:
             raise gr.Error(str(exc)) from None
         if len(prompt_ids) > block_size:
             gr.Warning(f"The prompt is {len(prompt_ids)} tokens; the model sees only the last {block_size}.")
-        generator = generate.make_generator(model.device, DEFAULT_SEED if seed is None else int(seed))
+        generator = sampler.make_generator(model.device, DEFAULT_SEED if seed is None else int(seed))
         text = prompt
-        for piece in generate.decode_stream(tokenizer, generate.sample_tokens(model, prompt_ids, sampling, generator)):
+        for piece in sampler.decode_stream(tokenizer, sampler.sample_tokens(model, prompt_ids, sampling, generator)):
             text += piece
             yield text
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     gr = import_gradio()
-    model, tokenizer = generate.load(args.checkpoint, generate.pick_device(args.device))
+    model, tokenizer = sampler.load(args.checkpoint, sampler.pick_device(args.device))
     app = build_app(gr, model, tokenizer, title=f"tinylm: {args.checkpoint}")
     try:
         # quiet: Gradio's own banner suggests share=True, a public tunnel we never open.

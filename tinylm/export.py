@@ -31,7 +31,7 @@ from . import checkpoint, onnx_export, paths, plot
 from . import tokenizer as tok
 from .atomic import DIR_MODE
 from .errors import UserError, run_cli
-from .generate import Sampling
+from .config import Sampling
 from .model import count_parameters
 
 # What makes a folder an export: `push` refuses anything without these, `--force` replaces nothing else.

@@ -26,6 +26,12 @@ def gpt2_config(model: ModelConfig, vocab_size: int, eos_token_id: int = 0) -> G
         pad_token_id=eos_token_id,
         # Share the input embedding with the output projection (fewer parameters, as GPT-2).
         tie_word_embeddings=True,
+        # Exact GELU (one fused kernel, as nanoGPT) rather than GPT-2's default "gelu_new", a
+        # tanh approximation built from five elementwise ops and their backward: it was ~20%
+        # of a CPU training step. Both are stock GPT2Config values that from_pretrained reads.
+        activation_function="gelu",
+        # PyTorch's fused attention kernels (flash / memory-efficient) on every device.
+        attn_implementation="sdpa",
     )
 
 
@@ -63,7 +69,20 @@ def next_token_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tenso
 def per_block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of each block, shape (batch,)."""
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
-    logits = model(input_ids=inputs).logits
+    # use_cache=False: by default (config.use_cache, kept on for generate) GPT-2 also builds a
+    # KV cache, concatenating every layer's keys and values, which a loss never reads.
+    logits = model(input_ids=inputs, use_cache=False).logits
     # Score in fp32 even under autocast: fp16 log-softmax over the vocab loses precision.
-    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-    return losses.mean(dim=1)
+    # Rows of (batch * block, vocab), as nanoGPT: log-softmax over a contiguous last dim is
+    # faster than over dim 1 of the (batch, vocab, block) transpose cross_entropy also accepts.
+    losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return losses.view_as(targets).mean(dim=1)
+
+
+def flops_per_token(model: GPT2LMHeadModel) -> float:
+    """Training FLOPs per token, forward and backward: 6N for the weights + 12 * layers * width * context
+    for attention (PaLM's appendix B, as nanoGPT's estimate_mfu). N leaves out the position table,
+    which is looked up, not multiplied."""
+    config = model.config
+    weights = count_parameters(model) - model.transformer.wpe.weight.numel()
+    return 6 * weights + 12 * config.n_layer * config.n_embd * config.n_positions

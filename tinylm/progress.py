@@ -1,7 +1,9 @@
 """Progress reporting for the training loop, on the main process only.
 
-On a terminal: a tqdm bar with loss, learning rate, tokens/s and ETA. When output
-is not a terminal (a log file, CI): one plain line every `log_interval` iterations.
+On a terminal: a tqdm bar with loss, learning rate, tokens/s (and model FLOPs
+utilisation on GPUs) and ETA. When output is not a terminal (a log file, CI): one plain
+line per report. The loop reports every `log_interval` iterations, the only points where
+it waits for the device to read the loss.
 """
 
 from __future__ import annotations
@@ -13,35 +15,43 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, start: int, tokens_per_step: int, enabled: bool, log_interval: int):
+    def __init__(self, total: int, start: int, tokens_per_step: int, enabled: bool):
         self.total, self.iter = total, start
         self.tokens_per_step = tokens_per_step
-        self.enabled, self.log_interval = enabled, log_interval
+        self.enabled = enabled
         self.tokens_per_s = 0.0
-        self._window_start, self._window_iters = time.perf_counter(), 0
-        self._started = time.perf_counter()
-        self._start_iter = start
+        self._started, self._start_iter = time.perf_counter(), start
+        self.restart_clock()
         self._bar = None
         if enabled and sys.stderr.isatty():
             self._bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
 
-    def step(self, loss: float, lr: float) -> None:
-        """Record one finished optimizer step."""
+    def step(self) -> None:
+        """Count one finished optimizer step (cheap: called every step)."""
         self.iter += 1
-        self._window_iters += 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def log(self, loss: float, lr: float, mfu: float | None = None) -> None:
+        """Report the loss (a host number, so the device work up to here is done) and throughput."""
         now = time.perf_counter()
-        # Throughput over a window of at least a second, restarted after each full window.
-        self.tokens_per_s = self._window_iters * self.tokens_per_step / max(now - self._window_start, 1e-9)
-        if now - self._window_start >= 1.0:
-            self._window_start, self._window_iters = now, 0
+        if self.iter > self._clock_iter:  # tokens/s since the last report, evaluations excluded
+            self.tokens_per_s = (self.iter - self._clock_iter) * self.tokens_per_step / max(now - self._clock_start, 1e-9)
+        self._clock_iter, self._clock_start = self.iter, now
         if not self.enabled:
             return
+        mfu_text = f"{mfu:.1%}" if mfu is not None else None
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_s:,.0f}", refresh=False)
-            self._bar.update(1)
-        elif self.iter % self.log_interval == 0 or self.iter == self.total:
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{self.tokens_per_s:,.0f}"}
+            self._bar.set_postfix(postfix | ({"mfu": mfu_text} if mfu_text else {}), refresh=False)
+        else:
             print(f"iter {self.iter}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-                  f"{self.tokens_per_s:,.0f} tok/s | eta {self._eta()}", flush=True)
+                  f"{self.tokens_per_s:,.0f} tok/s" + (f" | mfu {mfu_text}" if mfu_text else "") +
+                  f" | eta {self._eta()}", flush=True)
+
+    def restart_clock(self) -> None:
+        """Start the next throughput window now (after an evaluation, so it does not count as training)."""
+        self._clock_iter, self._clock_start = self.iter, time.perf_counter()
 
     def write(self, message: str) -> None:
         """Print a line without breaking the bar."""

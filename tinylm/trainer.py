@@ -26,8 +26,8 @@ from . import tokenizer as tok
 from .atomic import write_json
 from .config import Config
 from .errors import UserError
-from .hardware import choose_hardware
-from .model import build_model, count_parameters, gpt2_config, optimizer_groups, per_block_loss
+from .hardware import CpuMatmul, Hardware, choose_cpu_matmul, choose_hardware, configure_backends, peak_flops, use_compile
+from .model import build_model, count_parameters, flops_per_token, gpt2_config, optimizer_groups, per_block_loss
 from .paths import BEST_NAME, LAST_NAME, TRAIN_LOG_NAME
 from .progress import Progress
 from .schedule import build_scheduler
@@ -58,12 +58,22 @@ class RunState:
 
 
 class Trainer:
-    """One training run, from config (and optionally a checkpoint to resume) to checkpoints."""
+    """One training run, from config (and optionally a checkpoint to resume) to checkpoints.
 
-    def __init__(self, config: Config, resume: str | Path | None = None):
+    `hardware` overrides the device and precision that `choose_hardware` picks from the
+    config. `grad_scaler` is an fp16 loss scaler to use instead of the one accelerate makes
+    on GPUs only: with it, the whole fp16 path (autocast, scaled backward, unscale before
+    clipping, overflow steps skipped by the scaler) runs on any device, the CPU included.
+    """
+
+    def __init__(self, config: Config, resume: str | Path | None = None, *,
+                 hardware: Hardware | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         self.config = config
         training = config.training
-        self.hardware = hardware = choose_hardware(training.device, training.precision)
+        self.hardware = hardware = hardware or choose_hardware(training.device, training.precision)
+        if grad_scaler is not None and hardware.precision != "fp16":
+            raise ValueError(f"a grad_scaler needs precision fp16, not {hardware.precision}")
+        self.compiled = use_compile(training.compile, hardware.device)
         self.accelerator = Accelerator(
             cpu=hardware.device == "cpu",
             mixed_precision=hardware.mixed_precision,
@@ -72,6 +82,11 @@ class Trainer:
             project_dir=training.out_dir,
             step_scheduler_with_optimizer=False,
         )
+        if grad_scaler is not None:
+            # accelerate's own switches for its fp16 path (scaler + autocast), which it
+            # turns on only for GPUs; set before prepare() so the optimizer gets the scaler.
+            self.accelerator.scaler, self.accelerator.native_amp = grad_scaler, True
+        configure_backends(hardware.device)
         self.is_main = self.accelerator.is_main_process
         self.out_dir = Path(training.out_dir)
         for warning in hardware.warnings:
@@ -90,6 +105,7 @@ class Trainer:
             push.check_repo_id(config.hub.repo_id, name="hub.repo_id")
             push.require_token()
         resumed = checkpoint.load(resume) if resume else None
+        self.cpu_matmul = self._choose_cpu_matmul(resumed)
         self.state = RunState()
         # Seeds differ per process, so dropout masks differ across ranks like their batches do.
         set_seed(training.seed, device_specific=True)
@@ -98,10 +114,17 @@ class Trainer:
         if resumed:
             self._check_resumable(resumed, model_config)
             model.load_state_dict(resumed["model"])
+        if self.compiled:
+            # In place (nn.Module.compile), not torch.compile(model): no wrapper module, so the
+            # state dict keeps transformers' names ("_orig_mod." would break every checkpoint).
+            model.compile()
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, training.weight_decay),
             lr=training.learning_rate,
             betas=(training.beta1, training.beta2),
+            # One kernel over all parameters: 3-5x faster than the default on CPU too, and it
+            # can skip a step on the device (found_inf, see _optimizer_step) without a host sync.
+            fused=True,
         )
         self.scheduler = build_scheduler(optimizer, training)
         eval_loaders = [self._eval_loader(self.train_tokens), self._eval_loader(self.val_tokens)]
@@ -109,6 +132,13 @@ class Trainer:
         self.eval_loaders = {"train": train_eval, "val": val_eval}
         if resumed:
             self._restore(resumed)
+        self._prefetched: tuple[int | None, list[torch.Tensor]] = (None, [])
+        # The current and the longest run of skipped (non-finite) steps since the last check, on the device.
+        self._skipped_run = torch.tensor(self.state.nonfinite_steps, device=self.accelerator.device)
+        self._longest_skipped_run = self._skipped_run.clone()
+        self._flops_per_token = flops_per_token(model)
+        self._peak_flops = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision)
+                            if self.accelerator.device.type == "cuda" else None)
 
     # ----------------------------------------------------------------- the loop
 
@@ -119,10 +149,12 @@ class Trainer:
         if training.tracker != "none":
             self.accelerator.init_trackers("tinylm", config=_flat(self.config.to_dict()))
         stop_reason = "max_iters"
-        progress = Progress(training.max_iters, self.state.iter, self.tokens_per_step, self.is_main,
-                            training.log_interval)
+        progress = Progress(training.max_iters, self.state.iter, self.tokens_per_step, self.is_main)
         interrupts = _InterruptFlag()
         started = time.perf_counter() - self.state.elapsed_s
+        # The losses since the last report, summed on the device: reading a loss makes the
+        # host wait for the device, so the loop does it only every log_interval steps.
+        loss_sum, losses_summed = torch.zeros((), device=self.accelerator.device), 0
         self.model.train()
         with interrupts, progress:
             while True:
@@ -132,14 +164,22 @@ class Trainer:
                     if self._evaluate_and_checkpoint(step, progress):
                         stop_reason = "early_stopping"
                         break
+                    progress.restart_clock()
                 if step >= training.max_iters:
                     break
-                loss = self.train_step(step)
+                loss_sum += self.train_step(step)
+                losses_summed += 1
                 self.state.iter = step + 1
-                progress.step(loss, self.scheduler.get_last_lr()[0])
+                progress.step()
+                if self.state.iter % training.log_interval and self.state.iter != training.max_iters:
+                    continue
+                self._check_finite_steps()
+                progress.log(loss_sum.item() / losses_summed, self.scheduler.get_last_lr()[0], self._mfu(progress))
+                loss_sum.zero_()
+                losses_summed = 0
                 if interrupts.raised:
                     self.accelerator.set_trigger()
-                if self.accelerator.check_trigger():
+                if self.accelerator.check_trigger():  # an all-reduce: every rank stops at the same step
                     stop_reason = "interrupted"
                     break
         self.state.elapsed_s = time.perf_counter() - started
@@ -167,42 +207,87 @@ class Trainer:
         url = push.push_folder(folder, self.config.hub.repo_id, private=self.config.hub.private)
         self.print(f"pushed {source} (exported to {folder}) to {self.config.hub.repo_id}: {url}")
 
-    def train_step(self, step: int) -> float:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss."""
-        training = self.config.training
-        micro_losses = []
-        for micro_step in range(training.grad_accum_steps):
-            blocks = data.train_batch(
-                self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
-                seed=training.seed, step=step, slot=self.accelerator.process_index * training.grad_accum_steps + micro_step,
-            ).to(self.accelerator.device)
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss, on the device.
+
+        Nothing here waits for the device, so on a GPU the host queues this step's work and
+        goes on to read the next step's batches while the GPU runs it.
+        """
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        for blocks in self._take_batches(step):
             # accumulate() skips the DDP all-reduce on all but the last micro-step, and
             # backward() already divides the loss by grad_accum_steps: don't divide again.
-            with self.accelerator.accumulate(self.model):
+            with self.accelerator.accumulate(self.model), self.cpu_matmul.active():
                 loss = per_block_loss(self.model, blocks).mean()
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
                     self._optimizer_step()
-            micro_losses.append(loss.detach())
+            loss_sum += loss.detach()
         self.scheduler.step()
-        return torch.stack(micro_losses).mean().item()
+        self._prefetched = (step + 1, self._fetch_batches(step + 1))
+        return loss_sum / self.config.training.grad_accum_steps
+
+    def _fetch_batches(self, step: int) -> list[torch.Tensor]:
+        """This process's micro-batches of optimizer step `step`, on their way to the device."""
+        training = self.config.training
+        batches = []
+        for micro_step in range(training.grad_accum_steps):
+            blocks = data.train_batch(
+                self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
+                seed=training.seed, step=step, slot=self.accelerator.process_index * training.grad_accum_steps + micro_step,
+            )
+            if self.accelerator.device.type == "cuda":
+                # From page-locked memory the copy is asynchronous: it overlaps the running step.
+                blocks = blocks.pin_memory().to(self.accelerator.device, non_blocking=True)
+            batches.append(blocks)
+        return batches
+
+    def _take_batches(self, step: int) -> list[torch.Tensor]:
+        """The batches fetched ahead for `step` by the previous step, or fetched now."""
+        prefetched_step, batches = self._prefetched
+        self._prefetched = (None, [])
+        return batches if prefetched_step == step else self._fetch_batches(step)
 
     def _optimizer_step(self) -> None:
-        """Clip, then step unless the (already all-reduced) gradients are not finite."""
+        """Clip, then step; a step whose (already all-reduced) gradients are not finite changes nothing.
+
+        Decided on the device, never waiting for it: with an fp16 loss scaler, the scaler found
+        the inf/nan when clip_grad_norm_ unscaled, and step() lets it skip the update and halve
+        the scale (skipping step() would skip the scaler's update() too, and the next unscale_
+        would fail). Without one, fused AdamW skips the update itself where `found_inf` is set,
+        the attribute GradScaler sets for fused optimizers. (accelerate's `step_was_skipped` can't
+        tell here: for a fused optimizer GradScaler always calls step() and lets the kernel skip.)
+        """
         max_norm = self.config.training.grad_clip or math.inf
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if finite:
-            self.optimizer.step()  # under fp16 the grad scaler may still skip it
+        nonfinite = ~torch.isfinite(torch.as_tensor(grad_norm, device=self.accelerator.device))
+        if self.accelerator.scaler is None:
+            self.optimizer.optimizer.found_inf = nonfinite.float()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        skipped = not finite or self.optimizer.step_was_skipped
-        self.state.nonfinite_steps = self.state.nonfinite_steps + 1 if skipped else 0
-        if self.state.nonfinite_steps >= MAX_NONFINITE_STEPS:
+        self._count_nonfinite(nonfinite)
+
+    def _count_nonfinite(self, nonfinite: torch.Tensor) -> None:
+        self._skipped_run = (self._skipped_run + 1) * nonfinite  # back to 0 after a good step
+        self._longest_skipped_run = torch.maximum(self._longest_skipped_run, self._skipped_run)
+
+    def _check_finite_steps(self) -> None:
+        """Stop when MAX_NONFINITE_STEPS optimizer steps in a row were skipped (read every log_interval)."""
+        self.state.nonfinite_steps = int(self._skipped_run)
+        longest = int(self._longest_skipped_run)
+        self._longest_skipped_run = self._skipped_run.clone()
+        if longest >= MAX_NONFINITE_STEPS:
             raise UserError(
-                f"training diverged: {MAX_NONFINITE_STEPS} optimizer steps in a row had inf/nan gradients "
-                f"(iter {self.state.iter}); lower training.learning_rate, or use precision = \"bf16\"/\"fp32\". "
+                f"training diverged: {longest} optimizer steps in a row had inf/nan gradients "
+                f"(by iter {self.state.iter}); lower training.learning_rate, or use precision = \"bf16\"/\"fp32\". "
                 f"The last good checkpoint in {self.out_dir} was kept"
             )
+
+    def _mfu(self, progress: Progress) -> float | None:
+        """Model FLOPs utilisation on a GPU whose peak we know: achieved FLOP/s over the peak of all processes."""
+        if self._peak_flops is None:
+            return None
+        return progress.tokens_per_s * self._flops_per_token / (self._peak_flops * self.accelerator.num_processes)
 
     # ----------------------------------------------------- evaluation and saving
 
@@ -216,10 +301,11 @@ class Trainer:
         """Mean loss over the fixed evaluation blocks of each split, gathered from all processes."""
         self.model.eval()
         losses = {}
-        for split, loader in self.eval_loaders.items():
-            per_block = [self.accelerator.gather_for_metrics(per_block_loss(self.model, batch["input_ids"]))
-                         for batch in loader]
-            losses[split] = torch.cat(per_block).float().mean().item()
+        with self.cpu_matmul.active():
+            for split, loader in self.eval_loaders.items():
+                per_block = [self.accelerator.gather_for_metrics(per_block_loss(self.model, batch["input_ids"]))
+                             for batch in loader]
+                losses[split] = torch.cat(per_block).float().mean().item()
         self.model.train()
         return losses
 
@@ -293,6 +379,7 @@ class Trainer:
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_states,
                 "world_size": self.accelerator.num_processes,
+                "cpu_matmul": self.cpu_matmul.backend,
                 "run": dataclasses.asdict(self.state),
             },
         }
@@ -308,6 +395,18 @@ class Trainer:
             })
 
     # ------------------------------------------------------------------ resume
+
+    def _choose_cpu_matmul(self, resumed: dict | None) -> CpuMatmul:
+        """The CPU matmul backend; a resumed "auto" run keeps the one it started with, so its
+        losses stay bit-identical to an uninterrupted run's (the choice involves a timing)."""
+        training = self.config.training
+        if self.hardware.device != "cpu":
+            return CpuMatmul("blas")
+        started_with = ((resumed or {}).get("train_state") or {}).get("cpu_matmul")
+        if training.cpu_matmul == "auto" and started_with in ("blas", "onednn"):
+            return CpuMatmul(started_with, f"{started_with} matmuls, as the run being resumed")
+        return choose_cpu_matmul(training.cpu_matmul, self.config.model.n_embd,
+                                 training.batch_size * self.config.model.block_size)
 
     def _check_resumable(self, payload: dict, model_config) -> None:
         saved = payload["model_config"]
@@ -363,20 +462,20 @@ class Trainer:
         return DataLoader(blocks, batch_size=training.batch_size, shuffle=False)
 
     def _describe(self) -> None:
-        training = self.config.training
+        training, shape = self.config.training, self.config.model
         model = self.accelerator.unwrap_model(self.model)
-        self.print(
-            f"model: {count_parameters(model) / 1e6:.2f}M parameters "
-            f"({self.config.model.n_layer} layers, {self.config.model.n_head} heads, {self.config.model.n_embd} wide, "
-            f"block {self.config.model.block_size}, vocab {self.data.vocab_size} {self.data.tokenizer_kind})\n"
+        speed = (["torch.compile"] if self.compiled else []) + ([self.cpu_matmul.note] if self.cpu_matmul.note else [])
+        self.print("\n".join([
+            f"model: {count_parameters(model) / 1e6:.2f}M parameters ({shape.n_layer} layers, {shape.n_head} heads, "
+            f"{shape.n_embd} wide, block {shape.block_size}, vocab {self.data.vocab_size} {self.data.tokenizer_kind})",
             f"data: {self.train_tokens.num_tokens:,} train / {self.val_tokens.num_tokens:,} val tokens "
-            f"from {self.data.meta_path}\n"
-            f"device: {self.accelerator.device} | precision: {self.hardware.precision} | "
-            f"processes (world size): {self.accelerator.num_processes}\n"
+            f"from {self.data.meta_path}",
+            " | ".join([f"device: {self.accelerator.device}", f"precision: {self.hardware.precision}",
+                        f"processes (world size): {self.accelerator.num_processes}", *speed]),
             f"effective_batch_size = batch_size * grad_accum_steps = {training.batch_size} * "
             f"{training.grad_accum_steps} = {self.config.effective_batch_size} | "
-            f"global batch = {self.global_batch_size} | tokens per optimizer step = {self.tokens_per_step:,}"
-        )
+            f"global batch = {self.global_batch_size} | tokens per optimizer step = {self.tokens_per_step:,}",
+        ]))
 
     def _summary(self, stop_reason: str) -> dict:
         state = self.state

@@ -1,0 +1,116 @@
+"""The speed settings: CPU matmul backend, torch.compile, batch prefetching, MFU arithmetic.
+
+Speed itself is measured by benchmarks/, never asserted here; these tests check that each
+setting computes the same thing as the plain path and is chosen as documented.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from training_helpers import load_checkpoint, read_log, train, write_config
+
+from tinylm import checkpoint, data
+from tinylm.config import ModelConfig, load_config
+from tinylm.hardware import CpuMatmul, choose_cpu_matmul, onednn_is_exact, peak_flops, use_compile
+from tinylm.model import build_model, count_parameters, flops_per_token, gpt2_config
+from tinylm.trainer import Trainer
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's process-wide state, per test
+
+
+def make_trainer(prepared, tmp_path, **training) -> Trainer:
+    return Trainer(load_config(write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training=training)))
+
+
+def test_each_step_trains_on_its_own_batches_though_they_are_fetched_a_step_ahead(prepared, tmp_path):
+    trainer = make_trainer(prepared, tmp_path, grad_accum_steps=2)
+    seen = []
+    wte = trainer.accelerator.unwrap_model(trainer.model).transformer.wte
+    wte.register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
+    for step in range(3):
+        trainer.train_step(step)
+    expected = [data.train_batch(trainer.train_tokens, block_size=16, batch_size=4, seed=7, step=step, slot=slot)[:, :-1]
+                for step in range(3) for slot in range(2)]
+    assert len(seen) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+
+
+def test_the_onednn_matmul_path_trains_like_the_default_one(prepared, tmp_path):
+    if not onednn_is_exact():  # a CPU with AMX: oneDNN would round to bf16, so "auto" must not pick it
+        assert choose_cpu_matmul("auto", 128, 768).backend == "blas"
+        return
+    losses = {}
+    for backend in ("blas", "onednn"):
+        (tmp_path / backend).mkdir()
+        trainer = make_trainer(prepared, tmp_path / backend, cpu_matmul=backend)
+        assert trainer.cpu_matmul.backend == backend
+        losses[backend] = torch.stack([trainer.train_step(step) for step in range(8)])
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # The same arithmetic in another order: equal to fp32 rounding, not bitwise.
+    assert torch.allclose(losses["blas"], losses["onednn"], rtol=0, atol=1e-4)
+    assert losses["blas"][-1] < losses["blas"][0] - 0.3
+
+
+def test_the_matmul_setting_is_scoped_to_training_steps():
+    torch.backends.mkldnn.matmul.fp32_precision = before = "none"  # PyTorch's default
+    with CpuMatmul("onednn").active():
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    with CpuMatmul("blas").active():
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert choose_cpu_matmul("blas", 128, 768) == CpuMatmul("blas")
+
+
+def test_compile_is_on_by_default_on_cuda_only():
+    assert use_compile("auto", "cuda") and not use_compile("auto", "cpu")
+    assert use_compile("on", "cpu") and not use_compile("off", "cuda")
+
+
+def test_a_compiled_run_trains_and_saves_plain_transformers_weights(prepared, tmp_path):
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt",
+                          training={"compile": "on", "max_iters": 4, "eval_interval": 4})
+    result = train(config)
+    assert "torch.compile" in result.stdout
+    records = read_log(tmp_path / "ckpt")["records"]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    payload = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")
+    assert not any("_orig_mod" in key for key in payload["model"])  # no torch.compile wrapper in the names
+    checkpoint.model_from(checkpoint.load(tmp_path / "ckpt" / "ckpt_last.pt"))
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    model = build_model(gpt2_config(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16), 50))
+    weights = count_parameters(model) - 16 * 32  # without the position table
+    assert flops_per_token(model) == 6 * weights + 12 * 2 * 32 * 16
+
+
+@pytest.mark.parametrize(("name", "precision", "peak"), [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+    ("NVIDIA H100 PCIe", "fp16", 756e12),
+    ("NVIDIA A100-SXM4-40GB", "fp32", 156e12),
+    ("NVIDIA GeForce RTX 4060 Laptop GPU", "fp16", 30.2e12),
+    ("NVIDIA H200", "bf16", 989e12),
+    ("Some Future GPU", "bf16", None),
+])
+def test_peak_flops_come_from_the_device_name_and_precision(name, precision, peak):
+    assert peak_flops(name, precision) == peak
+
+
+def test_a_resumed_auto_run_keeps_the_matmul_backend_it_started_with(prepared, tmp_path):
+    # The first run's backend is forced the other way from what "auto" would pick on a fresh start,
+    # so a resume that re-measured instead of keeping it would say so.
+    fresh = choose_cpu_matmul("auto", 32, 64).backend
+    started_with = "blas" if fresh == "onednn" else "onednn"
+    first = write_config(tmp_path / "first.toml", prepared, tmp_path / "ckpt",
+                         training={"cpu_matmul": started_with, "max_iters": 4})
+    train(first)
+    resumed = write_config(tmp_path / "resumed.toml", prepared, tmp_path / "ckpt", training={"max_iters": 8})
+    result = train(resumed, "--resume")
+    assert f"{started_with} matmuls, as the run being resumed" in result.stdout
+    assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"] == started_with
