@@ -12,10 +12,21 @@ from tinylm.errors import UserError
 PRESETS = ["base", "baby", "rtx4060", "gpt2-124m"]
 
 
+# What each preset is for: (n_layer, n_embd, block_size, precision, batch_size, grad_accum_steps).
+PRESET_SHAPES = {
+    "base": (4, 128, 64, "fp32", 12, 1),  # CONFIG_EXAMPLE: a laptop-CPU char model
+    "baby": (4, 128, 64, "fp32", 12, 1),  # nanoGPT's CPU baby GPT
+    "rtx4060": (6, 384, 256, "fp16", 8, 4),  # the training page's RTX 4060 example
+    "gpt2-124m": (12, 768, 1024, "bf16", 12, 40),  # GPT-2 small, nanoGPT's 8-GPU recipe on one process
+}
+
+
 @pytest.mark.parametrize("name", PRESETS)
-def test_presets_load(name):
+def test_presets_load_with_the_shape_they_are_for(name):
     config = load_config(f"configs/{name}.toml")
-    assert config.effective_batch_size == config.training.batch_size * config.training.grad_accum_steps
+    model, training = config.model, config.training
+    assert (model.n_layer, model.n_embd, model.block_size, training.precision, training.batch_size,
+            training.grad_accum_steps) == PRESET_SHAPES[name]
 
 
 def test_page_defaults():

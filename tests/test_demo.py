@@ -63,6 +63,7 @@ def wait_for_page(url: str, server: subprocess.Popen, log: Path) -> None:
 
 @pytest.fixture
 def server(ckpt, tmp_path):
+    pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
     port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w", encoding="utf-8") as out:
@@ -116,7 +117,7 @@ def requested_urls(driver) -> list[str]:
     return urls
 
 
-def test_page_streams_the_models_text(server, browser, ckpt, tmp_path):
+def test_page_streams_the_models_text(browser, server, ckpt, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ready

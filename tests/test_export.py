@@ -310,7 +310,7 @@ def write_checkpoint_without_tokenizer(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("make_checkpoint, needle", [
     (lambda tmp: tmp / "missing.pt", "does not exist"),
     (lambda tmp: tmp, "is a folder"),
-    (write_not_a_checkpoint, "cannot load checkpoint"),
+    (write_not_a_checkpoint, "is not a checkpoint"),
     (write_checkpoint_without_tokenizer, "holds no tokenizer"),
 ], ids=["missing", "folder", "not-a-checkpoint", "no-tokenizer"])
 def test_bad_checkpoints_give_one_line_and_write_nothing(tmp_path, make_checkpoint, needle):

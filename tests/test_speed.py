@@ -96,6 +96,9 @@ def test_flops_per_token_is_six_n_plus_attention():
     ("NVIDIA A100-SXM4-40GB", "fp32", 156e12),
     ("NVIDIA GeForce RTX 4060 Laptop GPU", "fp16", 30.2e12),
     ("NVIDIA H200", "bf16", 989e12),
+    ("NVIDIA A10", "bf16", 125e12),
+    ("NVIDIA A10G", "bf16", None),  # not an A10: unknown rather than wrong
+    ("NVIDIA L40S", "bf16", None),
     ("Some Future GPU", "bf16", None),
 ])
 def test_peak_flops_come_from_the_device_name_and_precision(name, precision, peak):

@@ -63,6 +63,34 @@ def test_save_best_respects_min_delta(prepared, tmp_path):
     assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["iter"] == 12
 
 
+def best_iter_by_the_documented_rule(records: list[tuple], min_delta: float) -> int:
+    """docs/training.md: an improvement is val_loss < best and best - val_loss >= min_delta."""
+    best, best_iter = math.inf, None
+    for step, _, val_loss in records:
+        if val_loss < best and best - val_loss >= min_delta:
+            best, best_iter = val_loss, step
+    return best_iter
+
+
+def test_save_best_with_a_min_delta_between_the_improvements(prepared, tmp_path):
+    # Same seed, same losses whatever min_delta is: learn them, then pick a min_delta that some
+    # improvements clear and some don't, so a wrong comparison picks another checkpoint.
+    plain = write_config(tmp_path / "plain.toml", prepared, tmp_path / "plain", training={"max_iters": 24})
+    train(plain)
+    records = losses(tmp_path / "plain")
+    candidates = sorted({abs(a[2] - b[2]) for a in records for b in records if a != b})
+    midpoints = [(low + high) / 2 for low, high in zip(candidates, candidates[1:])]
+    min_delta = next(d for d in midpoints if best_iter_by_the_documented_rule(records, d) not in (0, 24))
+    expected = best_iter_by_the_documented_rule(records, min_delta)
+    assert expected != best_iter_by_the_documented_rule(records, 0.0)
+
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt",
+                          training={"max_iters": 24, "early_stopping_min_delta": min_delta})
+    train(config)
+    assert losses(tmp_path / "ckpt") == records
+    assert load_checkpoint(tmp_path / "ckpt" / "ckpt_best.pt")["iter"] == expected
+
+
 def test_early_stopping_stops_at_the_right_evaluation(prepared, tmp_path):
     config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={
         "early_stopping": True, "early_stopping_patience": 2, "early_stopping_min_delta": 100.0, "max_iters": 40})
@@ -128,8 +156,9 @@ def test_accelerate_launch_and_console_command(prepared, tmp_path):
                   str(REPO / "accelerate_config.yaml"), str(TRAIN_SCRIPT), "--config", str(config)]
     result = run(accelerate, check=True)
     assert "processes (world size): 1" in result.stdout
-    console = run([sys.executable, "-m", "tinylm.cli", "train", "--config", str(config), "--max-iters", "4"], check=True)
-    assert read_log(tmp_path / "ckpt")["summary"]["iters"] == 4, console.stdout
+    console = run([sys.executable, "-m", "tinylm.cli", "train", "--config", str(config), "--max-iters", "4",
+                   "--out-dir", str(tmp_path / "ckpt-console")], check=True)
+    assert read_log(tmp_path / "ckpt-console")["summary"]["iters"] == 4, console.stdout
 
 
 def test_hub_repo_id_is_checked_before_training(prepared, tmp_path):

@@ -19,12 +19,15 @@ runs code from it. Layout (version 1):
 from __future__ import annotations
 
 import os
+import textwrap
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from . import paths
 from . import tokenizer as tok
 from .atomic import atomic_path
 from .errors import UserError
@@ -41,19 +44,30 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a checkpoint without running any code stored in it."""
+def load(path: str | os.PathLike, flag: str = "--checkpoint") -> dict[str, Any]:
+    """Read and check a checkpoint without running any code stored in it.
+
+    `flag` is the command-line option the path came from, for the error messages.
+    """
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
-        raise UserError(f"checkpoint {path} {what}; train first (tinylm train) or pass the right --checkpoint")
+        raise UserError(f"checkpoint {path} {what}; train first (tinylm train) or pass the right {flag}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        with open(path, "rb") as handle:
+            starts_like_one = handle.read(4) == b"PK\x03\x04"
+        if starts_like_one:  # a zip whose end is missing: a copy or a write that stopped short
+            raise UserError(f"cannot load checkpoint {path}: the file is truncated or damaged; "
+                            f"copy it again, or pass {flag} another checkpoint (e.g. {paths.BEST_NAME})")
+        raise UserError(f"{path} is not a checkpoint (not a file written by torch.save); pass {flag} "
+                        f"a {paths.BEST_NAME} or {paths.LAST_NAME} written by tinylm train")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors have many types; all mean "not a usable checkpoint"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it contains Python objects that could run code when loaded, so it was refused"
-        raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
+        raise UserError(f"cannot load checkpoint {path}: {textwrap.shorten(reason, 300)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a tinylm checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:

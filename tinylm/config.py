@@ -155,6 +155,8 @@ NON_NEGATIVE = {
     "training.min_lr", "training.warmup_iters", "training.weight_decay", "training.grad_clip",
     "training.early_stopping_min_delta", "training.seed",
 }
+# numpy's seeds (accelerate's set_seed seeds numpy too) are 32-bit.
+MAX_SEED = 2**32 - 1
 UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "training.beta1": (0.0, 1.0), "training.beta2": (0.0, 1.0)}
 
 
@@ -227,6 +229,8 @@ def _check_value(dotted: str, value: Any, expected: type, source: str) -> Any:
         raise UserError(f"{source}: {dotted} must be greater than 0, got {value!r}")
     if dotted in NON_NEGATIVE and not value >= 0:
         raise UserError(f"{source}: {dotted} must be 0 or more, got {value!r}")
+    if dotted == "training.seed" and value > MAX_SEED:
+        raise UserError(f"{source}: training.seed must be at most {MAX_SEED}, got {value!r}")
     if dotted in UNIT_INTERVAL:
         low, high = UNIT_INTERVAL[dotted]
         if not low <= value < high:

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     sampling.check()
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be 1 or more, got {args.num_samples}")
+    if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
     prompt = read_prompt(args)
     from . import sampler  # torch and transformers: only once the flags are known to be good
 

@@ -12,6 +12,7 @@ matmul backend, and the GPU's peak FLOP/s for the utilisation figure.
 from __future__ import annotations
 
 import contextlib
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -74,8 +75,9 @@ def configure_backends(device: str) -> None:
 
 
 # Dense tensor-core peaks in FLOP/s from the vendors' spec sheets: (fp16/bf16 with fp32 accumulate,
-# fp32 matmuls, which run as TF32 where the GPU has it). The first name found in the device name wins,
-# so more specific names come first. GPUs without bf16 (T4, V100) run "bf16" runs as fp16 (choose_hardware).
+# fp32 matmuls, which run as TF32 where the GPU has it). The first name found as whole words in the
+# device name wins ("A10" is not "A100" or "A10G", "L4" not "L40S"), so more specific names come
+# first. GPUs without bf16 (T4, V100) run "bf16" runs as fp16 (choose_hardware).
 PEAK_FLOPS = {
     "H200": (989e12, 495e12),
     "H100 PCIe": (756e12, 378e12),
@@ -94,7 +96,7 @@ PEAK_FLOPS = {
 def peak_flops(device_name: str, precision: str) -> float | None:
     """The GPU's peak FLOP/s for `precision` ("fp32", "fp16", "bf16"), or None when it is not in PEAK_FLOPS."""
     for name, (half, single) in PEAK_FLOPS.items():
-        if name in device_name:
+        if re.search(rf"\b{re.escape(name)}\b", device_name):
             return single if precision == "fp32" else half
     return None
 

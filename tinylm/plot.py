@@ -13,6 +13,10 @@ from pathlib import Path
 from .errors import UserError, run_cli
 
 
+# What each evaluation record must hold for the plot.
+PLOTTED_KEYS = ("iter", "train_loss", "val_loss")
+
+
 def read_records(log_path: str | Path) -> list[dict]:
     """The evaluation records of a train_log.json, checked."""
     log_path = Path(log_path)
@@ -25,6 +29,12 @@ def read_records(log_path: str | Path) -> list[dict]:
     records = log.get("records") if isinstance(log, dict) else None
     if not isinstance(records, list) or not records:
         raise UserError(f"{log_path} has no evaluation records yet; train past the first evaluation first")
+    for number, record in enumerate(records, 1):
+        bad = [key for key in PLOTTED_KEYS
+               if not isinstance(record, dict) or not isinstance(record.get(key), (int, float))]
+        if bad:
+            raise UserError(f"{log_path}: evaluation record {number} has no number for {', '.join(bad)}; "
+                            "pass a train_log.json written by tinylm train")
     return records
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from tinylm import paths
-from tinylm.config import DATA_FORMATS, PRECISIONS, TOKENIZERS, apply_overrides, load_config
+from tinylm.config import DATA_FORMATS, PRECISIONS, TOKENIZERS, Config, apply_overrides, from_dict, load_config
 from tinylm.errors import run_cli
 
 # Flag -> dotted config key it overrides (flags win over the TOML file).
@@ -42,13 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinylm train",
         description="Train a GPT-2 style model on prepared data. Flags override the TOML config.",
     )
-    parser.add_argument("--config", default=paths.CONFIG_EXAMPLE,
-                        help=f"TOML preset (default: {paths.CONFIG_EXAMPLE})")
+    parser.add_argument("--config",
+                        help=f"TOML preset (default: {paths.CONFIG_EXAMPLE}; with --resume: the run's own config, "
+                             "saved in the checkpoint)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, help="tokenizer the data was prepared with (data.tokenizer)")
     parser.add_argument("--max-iters", type=int, help="total optimizer steps (training.max_iters)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="training.device (default in config: auto)")
     parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                        help=f"continue from a checkpoint (default: <out_dir>/{paths.LAST_NAME})")
+                        help=f"continue the run saved in a checkpoint (default: <out_dir>/{paths.LAST_NAME}), "
+                             "with its config; flags given here override it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an out_dir that already holds one, replacing its checkpoints")
     overrides = parser.add_argument_group("config overrides")
     overrides.add_argument("--precision", choices=PRECISIONS, help="training.precision")
     overrides.add_argument("--data-format", choices=DATA_FORMATS, help="training.data_format")
@@ -66,17 +70,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = load_config(args.config)
-    config = apply_overrides(config, {key: getattr(args, flag) for flag, key in OVERRIDES.items()},
-                             source=f"{args.config} + command-line flags")
-    resume = None
-    if args.resume is not None:
-        resume = Path(args.resume) if args.resume else Path(config.training.out_dir) / paths.LAST_NAME
+    overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items()}
+    if args.resume is None:
+        config_file = args.config or paths.CONFIG_EXAMPLE
+        config = apply_overrides(load_config(config_file), overrides, source=f"{config_file} + command-line flags")
+        resumed = None
+    else:
+        config, resumed = resume_config(args, overrides)
 
     from tinylm.trainer import train  # heavy imports (torch, transformers) only once flags are valid
 
-    summary = train(config, resume=resume)
+    summary = train(config, resume=resumed, overwrite=args.overwrite)
     return 130 if summary["stop_reason"] == "interrupted" else 0
+
+
+def resume_config(args: argparse.Namespace, overrides: dict) -> tuple[Config, dict]:
+    """The config to resume with, and the loaded checkpoint.
+
+    The run's own config comes from the checkpoint (out_dir, max_iters, everything), so the
+    resumed run continues where it was, whatever config file is around; flags override it, and
+    so does a config file named with --config. Every difference from the saved run is printed.
+    """
+    from tinylm import checkpoint
+
+    if args.resume:
+        path = Path(args.resume)
+    else:
+        out_dir = overrides["training.out_dir"] or (load_config(args.config).training.out_dir if args.config
+                                                     else paths.CHECKPOINT_DIR)
+        path = Path(out_dir) / paths.LAST_NAME
+    payload = checkpoint.load(path, flag="--resume")
+    saved = from_dict(payload["config"], source=f"the config saved in {path}")
+    base = load_config(args.config) if args.config else saved
+    config = apply_overrides(base, overrides, source=f"{args.config or path} + command-line flags")
+    changes = config_changes(saved, config)
+    print(f"resuming the run saved in {path} (iter {payload['iter']})"
+          + (" with changes: " + ", ".join(changes) if changes else ""), flush=True)
+    return config, payload
+
+
+def config_changes(before: Config, after: Config) -> list[str]:
+    """`section.key old -> new` for every key that differs."""
+    old, new = before.to_dict(), after.to_dict()
+    return [f"{section}.{key} {old[section][key]!r} -> {value!r}"
+            for section, values in new.items() for key, value in values.items() if old[section][key] != value]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint, data, rng
 from . import tokenizer as tok
 from .atomic import write_json
-from .config import Config
+from .config import MAX_SEED, Config
 from .errors import UserError
 from .hardware import CpuMatmul, Hardware, choose_cpu_matmul, choose_hardware, configure_backends, peak_flops, use_compile
 from .model import build_model, count_parameters, flops_per_token, gpt2_config, optimizer_groups, per_block_loss
@@ -60,13 +61,14 @@ class RunState:
 class Trainer:
     """One training run, from config (and optionally a checkpoint to resume) to checkpoints.
 
-    `hardware` overrides the device and precision that `choose_hardware` picks from the
+    `resume` is a checkpoint path or a payload from `checkpoint.load`. A new run refuses an
+    out_dir that already holds one unless `overwrite`. `hardware` overrides the device and precision that `choose_hardware` picks from the
     config. `grad_scaler` is an fp16 loss scaler to use instead of the one accelerate makes
     on GPUs only: with it, the whole fp16 path (autocast, scaled backward, unscale before
     clipping, overflow steps skipped by the scaler) runs on any device, the CPU included.
     """
 
-    def __init__(self, config: Config, resume: str | Path | None = None, *,
+    def __init__(self, config: Config, resume: str | Path | dict | None = None, *, overwrite: bool = False,
                  hardware: Hardware | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         self.config = config
         training = config.training
@@ -104,7 +106,8 @@ class Trainer:
 
             push.check_repo_id(config.hub.repo_id, name="hub.repo_id")
             push.require_token()
-        resumed = checkpoint.load(resume) if resume else None
+        resumed = checkpoint.load(resume, flag="--resume") if isinstance(resume, (str, Path)) else resume
+        self._check_before_training(resumed, overwrite)
         self.cpu_matmul = self._choose_cpu_matmul(resumed)
         self.state = RunState()
         # Seeds differ per process, so dropout masks differ across ranks like their batches do.
@@ -188,14 +191,27 @@ class Trainer:
             self._save([LAST_NAME], val_loss=None)
             self.print(
                 f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. "
-                f"Resume with: tinylm train --config <your config> --resume {self.out_dir / LAST_NAME}"
+                f"Resume with: tinylm train --resume {self.out_dir / LAST_NAME}"
             )
         self._write_log(summary)
+        if stop_reason != "interrupted":
+            self._print_outputs(summary)
         if training.tracker != "none":
             self.accelerator.end_training()
         if self.config.hub.repo_id and stop_reason != "interrupted" and self.is_main:
             self._push_to_hub()
         return summary
+
+    def _print_outputs(self, summary: dict) -> None:
+        """Where the run's files are, and how to use them."""
+        best = self.out_dir / BEST_NAME
+        model = best if best.is_file() else self.out_dir / LAST_NAME
+        best_text = (f", best val loss {summary['best_val_loss']:.4f} at iter {summary['best_iter']}"
+                     if summary["best_val_loss"] is not None else "")
+        self.print(f"done: {summary['iters']} iters ({summary['stop_reason']}){best_text}. Checkpoints and "
+                   f"{TRAIN_LOG_NAME} are in {self.out_dir}\n"
+                   f"sample from it: tinylm generate --checkpoint {model}\n"
+                   f"train longer:   tinylm train --resume {self.out_dir / LAST_NAME} --max-iters N")
 
     def _push_to_hub(self) -> None:
         """Export the best (else the last) checkpoint to <out_dir>/exported and upload it."""
@@ -396,6 +412,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
 
+    def _check_before_training(self, resumed: dict | None, overwrite: bool) -> None:
+        """Refuse, before any work, what would lose a run or fail later: a used or unwritable out_dir, a seed too large."""
+        out_dir, training = self.out_dir, self.config.training
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"training.out_dir {out_dir} is a file, not a folder; choose another --out-dir")
+        if resumed is None and not overwrite:
+            existing = [name for name in (BEST_NAME, LAST_NAME, TRAIN_LOG_NAME) if (out_dir / name).exists()]
+            if existing:
+                raise UserError(
+                    f"{out_dir} already holds a training run ({', '.join(existing)}); continue it with "
+                    f"`tinylm train --resume {out_dir / LAST_NAME}`, train into another --out-dir, "
+                    "or pass --overwrite to replace it"
+                )
+        try:  # on every process, so that all of them stop here together
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as exc:
+            raise UserError(f"cannot write to training.out_dir {out_dir}: {exc.strerror or exc}; "
+                            "choose a writable --out-dir") from None
+        last_seed = training.seed + self.accelerator.num_processes - 1  # each process seeds with seed + rank
+        if last_seed > MAX_SEED:
+            raise UserError(f"training.seed {training.seed} is too large for {self.accelerator.num_processes} "
+                            f"processes (each uses seed + rank, at most {MAX_SEED}); choose a smaller --seed")
+
     def _choose_cpu_matmul(self, resumed: dict | None) -> CpuMatmul:
         """The CPU matmul backend; a resumed "auto" run keeps the one it started with, so its
         losses stay bit-identical to an uninterrupted run's (the choice involves a timing)."""
@@ -421,6 +462,11 @@ class Trainer:
             raise UserError(
                 f"cannot resume: the checkpoint was trained with a different tokenizer than {self.data.tokenizer_path}; "
                 "prepare the data with the original tokenizer or start a new run"
+            )
+        if payload["iter"] >= self.config.training.max_iters:
+            raise UserError(
+                f"nothing to train: the checkpoint is at iter {payload['iter']} and training.max_iters is "
+                f"{self.config.training.max_iters}; pass a larger --max-iters to train longer"
             )
 
     def _restore(self, payload: dict) -> None:
@@ -526,6 +572,6 @@ def _flat(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
-def train(config: Config, resume: str | Path | None = None) -> dict:
+def train(config: Config, resume: str | Path | dict | None = None, overwrite: bool = False) -> dict:
     """Run training end to end; return the summary also written to train_log.json."""
-    return Trainer(config, resume).fit()
+    return Trainer(config, resume, overwrite=overwrite).fit()
