@@ -32,6 +32,31 @@ def untrained():
 
 
 @pytest.fixture(scope="module")
+def scrambled():
+    """(model, tokenizer) with large random weights, position table largest: greedy decoding picks
+    another token as the position and the context change, so a wrong window or position shows."""
+    model, _, tokenizer = train_tiny_model(steps=0, seed=3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        wpe = model.transformer.wpe.weight
+        wpe.copy_(torch.randn(wpe.shape, generator=generator) * 2)
+    return model, tokenizer
+
+
+@pytest.fixture(params=["trained", "scrambled"])
+def varied(request):
+    """Both models whose greedy output varies: one that learned text, one that follows positions."""
+    model, tokenizer = request.getfixturevalue(request.param)
+    prompt = sampler.encode_prompt(tokenizer, "the lazy dog")
+    output = list(sampler.sample_tokens_recompute(model, prompt, GREEDY, context="nanogpt"))
+    assert len(set(output)) >= 5, "a model that repeats one token cannot tell a right window from a wrong one"
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, trained):
     model, tokenizer = trained
     path = tmp_path_factory.mktemp("ckpt") / "ckpt_best.pt"
@@ -66,8 +91,8 @@ def test_same_seed_same_text_different_seed_different_text(trained):
     assert first != other
 
 
-def test_top_k_1_is_greedy_and_matches_an_argmax_reference(untrained):
-    model, tokenizer = untrained
+def test_top_k_1_is_greedy_and_matches_an_argmax_reference(varied):
+    model, tokenizer = varied
     prompt = tokenizer("the quick", add_special_tokens=False)["input_ids"]
     room = BLOCK_SIZE - len(prompt)  # tokens before the context is full: plain argmax needs no window
     reference = list(prompt)
@@ -106,9 +131,9 @@ def test_top_p_and_top_k_restrict_the_choices(untrained):
 # --- the sliding window with a KV cache ------------------------------------------------------
 
 @pytest.mark.parametrize("prompt", ["", "the quick", "the quick brown fox jumps over"])  # empty, short, > context
-def test_cache_matches_full_recompute_within_the_first_block(untrained, prompt):
+def test_cache_matches_full_recompute_within_the_first_block(varied, prompt):
     """Before the window first overflows, cached and nanoGPT's uncached sampler see the same context."""
-    model, tokenizer = untrained
+    model, tokenizer = varied
     ids = sampler.encode_prompt(tokenizer, prompt)
     room = max(1, BLOCK_SIZE - len(ids))
     sampling = sampler.Sampling(max_new_tokens=room, temperature=0.0)
@@ -118,9 +143,9 @@ def test_cache_matches_full_recompute_within_the_first_block(untrained, prompt):
 
 
 @pytest.mark.parametrize("keep", [1, 5, BLOCK_SIZE // 2, BLOCK_SIZE - 1, BLOCK_SIZE])
-def test_cache_matches_recompute_with_the_same_window_far_past_the_context(untrained, keep):
+def test_cache_matches_recompute_with_the_same_window_far_past_the_context(varied, keep):
     """Ten blocks long: the re-prefilled cache (positions restarting at 0) equals recomputing that window."""
-    model, tokenizer = untrained
+    model, tokenizer = varied
     ids = sampler.encode_prompt(tokenizer, "the lazy dog")
     cached = list(sampler.sample_tokens(model, ids, GREEDY, keep=keep))
     reference = list(sampler.sample_tokens_recompute(model, ids, GREEDY, context="refill", keep=keep))

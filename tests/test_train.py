@@ -42,6 +42,22 @@ def test_run_writes_the_documented_files(baseline):
     assert "parameters" in result.stdout and "precision: fp32" in result.stdout
 
 
+def test_logged_learning_rate_follows_the_documented_schedule(baseline):
+    """Linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters (nanoGPT's get_lr)."""
+    out_dir, _ = baseline
+    lr, min_lr, warmup, decay = 1e-2, 1e-3, 2, 12  # TINY's training section
+
+    def documented(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / (warmup + 1)
+        if step >= decay:
+            return min_lr
+        return min_lr + 0.5 * (1 + math.cos(math.pi * (step - warmup) / (decay - warmup))) * (lr - min_lr)
+
+    records = read_log(out_dir)["records"]
+    assert [r["lr"] for r in records] == pytest.approx([documented(r["iter"]) for r in records], rel=1e-9)
+
+
 def test_checkpoint_loads_safely_and_reproduces_logged_val_loss(baseline, prepared):
     out_dir, _ = baseline
     payload = load_checkpoint(out_dir / "ckpt_last.pt")  # weights_only=True

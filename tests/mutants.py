@@ -1,0 +1,129 @@
+"""Planted bugs: each one must make the tests that guard it fail.
+
+    python tests/mutants.py [--only NAME ...]
+
+For each mutant: copy the repo's tinylm/ and tests/ into a temporary folder, make one edit there
+(the working tree is never touched), run the tests that guard that code, and count the mutant as
+killed when they fail. Prints one line per mutant and the score. Every mutant here is a bug a
+test once let through, or the bug a new test was written for; a surviving mutant is a test to
+write. Run by hand (a few minutes), not by pytest: it is not a test_*.py file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (name, file, original text, mutated text, pytest selection)
+MUTANTS = [
+    ("checkpoint: no explicit weights_only", "tinylm/checkpoint.py",
+     'torch.load(path, map_location="cpu", weights_only=True)', 'torch.load(path, map_location="cpu")',
+     ["tests/test_resume.py", "-k", "run_code"]),
+    ("checkpoint: no zip check", "tinylm/checkpoint.py",
+     "    if not zipfile.is_zipfile(path):", "    if False:",
+     ["tests/test_never_lose_a_run.py", "-k", "not_a_checkpoint"]),
+    ("atomic: train_log.json written in place", "tinylm/atomic.py",
+     '    with atomic_open(target, "w", encoding="utf-8") as handle:',
+     '    with open(target, "w", encoding="utf-8") as handle:',
+     ["tests/test_resume.py", "-k", "sigkill_while"]),
+    ("atomic: temp file left behind on failure", "tinylm/atomic.py",
+     "    except BaseException:\n        tmp.unlink(missing_ok=True)\n        raise",
+     "    except BaseException:\n        raise",
+     ["tests/test_atomic.py"]),
+    ("rng: torch state not restored", "tinylm/rng.py",
+     '    torch.set_rng_state(state["torch"])', "    pass",
+     ["tests/test_resume.py", "-k", "reproduces"]),
+    ("data: every micro-batch slot gets the same blocks", "tinylm/data.py",
+     "starts[slot * batch_size :]", "starts[:batch_size]",
+     ["tests/test_train.py", "-k", "grad_accumulation"]),
+    ("data: batches ignore the step", "tinylm/data.py",
+     "np.random.default_rng([seed, step])", "np.random.default_rng([seed, 0])",
+     ["tests/test_data.py"]),
+    ("sampler: every cached step at position 0", "tinylm/sampler.py",
+     "self.gpt.wpe(self.positions[start:end])", "self.gpt.wpe(self.positions[0:end - start])",
+     ["tests/test_generate.py", "-k", "cache_matches"]),
+    ("sampler: re-prefill keeps one token too many", "tinylm/sampler.py",
+     "decoder.prefill(tokens[-keep:])", "decoder.prefill(tokens[-keep - 1:])",
+     ["tests/test_generate.py", "-k", "cache_matches"]),
+    ("trainer: fp16 overflow skips step() (and the scaler's update)", "tinylm/trainer.py",
+     "        if self.accelerator.scaler is None:\n            self.optimizer.optimizer.found_inf = nonfinite.float()\n"
+     "        self.optimizer.step()",
+     "        if not bool(nonfinite):\n            self.optimizer.step()",
+     ["tests/test_precision.py"]),
+    ("trainer: non-finite fp32 steps applied", "tinylm/trainer.py",
+     "            self.optimizer.optimizer.found_inf = nonfinite.float()", "            pass",
+     ["tests/test_precision.py"]),
+    ("trainer: skipped-step run never resets", "tinylm/trainer.py",
+     "(self._skipped_run + 1) * nonfinite", "self._skipped_run + nonfinite",
+     ["tests/test_precision.py"]),
+    ("trainer: min_delta ignored for the best checkpoint", "tinylm/trainer.py",
+     "improved = val_loss < state.best_val_loss and state.best_val_loss - val_loss >= training.early_stopping_min_delta",
+     "improved = val_loss < state.best_val_loss",
+     ["tests/test_train.py", "-k", "min_delta"]),
+    ("trainer: batches fetched for the wrong step", "tinylm/trainer.py",
+     "self._fetch_batches(step + 1))", "self._fetch_batches(step + 2))",
+     ["tests/test_speed.py", "-k", "batches"]),
+    ("trainer: learning-rate schedule never stepped", "tinylm/trainer.py",
+     "        self.scheduler.step()\n        self._prefetched", "        self._prefetched",
+     ["tests/test_train.py", "-k", "schedule"]),
+    ("trainer: a new run overwrites a trained one", "tinylm/trainer.py",
+     "        if resumed is None and not overwrite:", "        if False:",
+     ["tests/test_never_lose_a_run.py", "-k", "refuses"]),
+    ("trainer: resumed auto run re-measures its matmul backend", "tinylm/trainer.py",
+     'if training.cpu_matmul == "auto" and started_with in ("blas", "onednn"):', "if False:",
+     ["tests/test_speed.py", "-k", "resumed"]),
+    ("train: resume takes the config file, not the run", "tinylm/train.py",
+     "    base = load_config(args.config) if args.config else saved",
+     "    base = load_config(args.config or paths.CONFIG_EXAMPLE)",
+     ["tests/test_never_lose_a_run.py", "-k", "resume_continues"]),
+    ("hardware: matmul setting leaks out of training steps", "tinylm/hardware.py",
+     "            torch.backends.mkldnn.matmul.fp32_precision = previous", "            pass",
+     ["tests/test_speed.py", "-k", "scoped"]),
+]
+
+
+def run_mutant(file: str, original: str, mutated: str, selection: list[str]) -> tuple[bool, float]:
+    """(killed, seconds): apply one edit in a scratch copy of the repo and run the selected tests there."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        shutil.copytree(REPO, root, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.bin", "*.pt"))
+        source = root / file
+        text = source.read_text()
+        if text.count(original) != 1:
+            raise SystemExit(f"{file}: the text to mutate must occur exactly once: {original!r}")
+        source.write_text(text.replace(original, mutated))
+        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+                                cwd=root, env=env, capture_output=True, text=True)
+        return result.returncode != 0, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="names (substrings) of the mutants to run")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or any(part in m[0] for part in args.only)]
+    survivors = []
+    for name, file, original, mutated, selection in chosen:
+        killed, seconds = run_mutant(file, original, mutated, selection)
+        print(f"{'killed  ' if killed else 'SURVIVED'} {seconds:6.1f}s  {name}", flush=True)
+        if not killed:
+            survivors.append(name)
+    print(f"\nmutation score: {len(chosen) - len(survivors)}/{len(chosen)} killed")
+    for name in survivors:
+        print(f"  survived: {name}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
