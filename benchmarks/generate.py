@@ -117,8 +117,10 @@ def end_to_end(repeats: int) -> None:
                     "itos": trainer.tokenizer.convert_ids_to_tokens(list(range(vocab_size)))}, work / "nanogpt.pt")
         commands = {
             "tinylm generate": lambda n: [sys.executable, "-m", "tinylm.cli", "generate", "--device", "cpu",
-                                          "--checkpoint", str(work / "ckpt" / "ckpt_last.pt"), "--max-new-tokens", str(n)],
-            "nanoGPT sample.py": lambda n: [sys.executable, str(here / "nanogpt_sample.py"), str(work / "nanogpt.pt"), str(n)],
+                                          "--checkpoint", str(work / "ckpt" / "ckpt_last.pt"),
+                                          "--max-new-tokens", str(n)],
+            "nanoGPT sample.py": lambda n: [sys.executable, str(here / "nanogpt_sample.py"),
+                                            str(work / "nanogpt.pt"), str(n)],
         }
         print(f"\nend to end, fresh processes, best of {repeats} alternating runs (seconds)")
         print(f"{'new tokens':>10} " + " ".join(f"{name:>18}" for name in commands) + f" {'tinylm/nanoGPT':>15}")

@@ -20,6 +20,16 @@ def snapshot():
     return take
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (device, precision); reset it after a test that
+    builds Trainers in process, so the next one can pick its own. accelerate's tests do the same."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A tiny char corpus prepared once (bin) for the tests that train; treat it as read-only."""

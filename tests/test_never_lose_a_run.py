@@ -17,13 +17,10 @@ import time
 
 import pytest
 from training_helpers import (
-    REPO, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, read_log, run, train, write_config,
+    REPO, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, read_log, run, start_slow, train, write_config,
 )
 
 from tinylm.config import MAX_SEED
-
-SLOW_TRAIN = REPO / "tests" / "slow_train.py"
-
 
 def train_without_config(*flags: str, check: bool = True) -> subprocess.CompletedProcess:
     """`python tinylm/train.py FLAGS` run from the repo, where configs/base.toml is the default config."""
@@ -52,11 +49,7 @@ def test_the_command_printed_after_ctrl_c_resumes_the_same_run(prepared, tmp_pat
     config = write_config(tmp_path / "run.toml", prepared, tmp_path / "config_out",
                           training={"max_iters": 200, "eval_interval": 4})
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, str(SLOW_TRAIN), "0.1", "0", "--config", str(config), "--out-dir", str(run_dir),
-         "--max-iters", "16"],
-        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+    process = start_slow(config, 0.1, 0, "--out-dir", str(run_dir), "--max-iters", "16")
     while not (run_dir / "train_log.json").exists():
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)

@@ -13,10 +13,8 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from training_helpers import write_config
+import training_helpers
 
-from tinylm.config import load_config
 from tinylm.errors import UserError
 from tinylm.hardware import Hardware
 from tinylm.trainer import MAX_NONFINITE_STEPS, Trainer
@@ -24,19 +22,12 @@ from tinylm.trainer import MAX_NONFINITE_STEPS, Trainer
 INIT_SCALE = 2.0**10
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state that fixes the precision; each test here picks its own.
-
-    accelerate's own test suite resets it the same way between tests.
-    """
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def make_trainer(prepared, tmp_path, precision: str, grad_scaler=None, **training) -> Trainer:
-    config = load_config(write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training=training))
-    return Trainer(config, hardware=Hardware("cpu", precision), grad_scaler=grad_scaler)
+    return training_helpers.make_trainer(prepared, tmp_path, hardware=Hardware("cpu", precision),
+                                         grad_scaler=grad_scaler, **training)
 
 
 def cpu_scaler() -> torch.amp.GradScaler:

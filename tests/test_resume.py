@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from training_helpers import (
-    REPO, assert_clean_error, load_checkpoint, losses, make_corpus, prepare, read_log, train, write_config,
+    assert_clean_error, load_checkpoint, losses, make_corpus, prepare, read_log, start_slow, train, write_config,
 )
 
 from tinylm import checkpoint
 from tinylm.errors import UserError
 
-SLOW_TRAIN = Path(__file__).with_name("slow_train.py")
 # Dropout on, so resuming must restore the random state too, not just the weights.
 RUN = {"model": {"dropout": 0.1}, "training": {"max_iters": 16, "eval_interval": 4}}
 
@@ -29,14 +26,6 @@ def straight(prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
     train(write_config(root / "run.toml", prepared, root / "ckpt", **RUN))
     return root / "ckpt"
-
-
-def start_slow(config: Path, step_delay: float, slow_save_from: int = 0, *flags: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(SLOW_TRAIN), str(step_delay), str(slow_save_from), "--config", str(config), *flags],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
 
 
 def wait_for(condition, timeout: float = 120.0) -> None:

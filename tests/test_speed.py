@@ -6,26 +6,22 @@ setting computes the same thing as the plain path and is chosen as documented.
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from training_helpers import load_checkpoint, read_log, train, write_config
+from training_helpers import load_checkpoint, make_trainer, read_log, train, write_config
 
 from tinylm import checkpoint, data
-from tinylm.config import ModelConfig, load_config
+from tinylm.config import ModelConfig
 from tinylm.hardware import CpuMatmul, choose_cpu_matmul, onednn_is_exact, peak_flops, use_compile
 from tinylm.model import build_model, count_parameters, flops_per_token, gpt2_config
-from tinylm.trainer import Trainer
+from tinylm.progress import Progress
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's process-wide state, per test
-
-
-def make_trainer(prepared, tmp_path, **training) -> Trainer:
-    return Trainer(load_config(write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training=training)))
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_each_step_trains_on_its_own_batches_though_they_are_fetched_a_step_ahead(prepared, tmp_path):
@@ -35,7 +31,8 @@ def test_each_step_trains_on_its_own_batches_though_they_are_fetched_a_step_ahea
     wte.register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
     for step in range(3):
         trainer.train_step(step)
-    expected = [data.train_batch(trainer.train_tokens, block_size=16, batch_size=4, seed=7, step=step, slot=slot)[:, :-1]
+    stream = trainer.train_tokens
+    expected = [data.train_batch(stream, block_size=16, batch_size=4, seed=7, step=step, slot=slot)[:, :-1]
                 for step in range(3) for slot in range(2)]
     assert len(seen) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(seen, expected))
@@ -117,3 +114,16 @@ def test_a_resumed_auto_run_keeps_the_matmul_backend_it_started_with(prepared, t
     result = train(resumed, "--resume")
     assert f"{started_with} matmuls, as the run being resumed" in result.stdout
     assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"] == started_with
+
+
+def test_the_reported_mfu_is_the_reported_throughput_over_the_peak(capsys):
+    progress = Progress(total=8, start=0, tokens_per_step=1000, enabled=True, flops_per_token=2e6, peak_flops=1e12)
+    for _ in range(2):
+        for _ in range(4):
+            progress.step()
+        time.sleep(0.05)
+        progress.log(loss=1.0, lr=1e-3)
+    for line in capsys.readouterr().out.splitlines():  # not a terminal here: plain lines
+        tokens_per_s = float(re.search(r"([\d,.]+) tok/s", line).group(1).replace(",", ""))
+        mfu = float(re.search(r"mfu ([\d.]+)%", line).group(1)) / 100
+        assert tokens_per_s > 0 and mfu == pytest.approx(tokens_per_s * 2e6 / 1e12, abs=1e-3)

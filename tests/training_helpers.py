@@ -13,6 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tinylm" / "train.py"
+SLOW_TRAIN = REPO / "tests" / "slow_train.py"
 
 # A model and a run small enough to train in a few seconds on 2 CPU cores.
 TINY = {
@@ -98,3 +99,24 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert len(errors) == 1, output
     for fragment in fragments:
         assert fragment in errors[0], output
+
+
+def start_slow(config: Path, step_delay: float, slow_save_from: int = 0, *flags: str) -> subprocess.Popen:
+    """Start tests/slow_train.py (training with test-only delays) in the background."""
+    return subprocess.Popen(
+        [sys.executable, str(SLOW_TRAIN), str(step_delay), str(slow_save_from), "--config", str(config), *flags],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def make_trainer(prepared: Path, folder: Path, *, hardware=None, grad_scaler=None, **training):
+    """An in-process Trainer on TINY (plus `training` keys), checkpoints in folder/ckpt.
+
+    Use with the `fresh_accelerate_state` fixture: accelerate's state is per process.
+    """
+    from tinylm.config import load_config
+    from tinylm.trainer import Trainer
+
+    config = load_config(write_config(folder / "run.toml", prepared, folder / "ckpt", training=training))
+    return Trainer(config, hardware=hardware, grad_scaler=grad_scaler)

@@ -140,7 +140,7 @@ def choose_cpu_matmul(setting: str, width: int, rows: int) -> CpuMatmul:
     onednn = CpuMatmul("onednn")
     if not onednn_is_exact():
         if setting == "onednn":
-            return CpuMatmul("onednn", "warning: oneDNN computes fp32 matmuls in bf16 on this CPU (AMX)")
+            return CpuMatmul("onednn", "oneDNN matmuls, in bf16 on this CPU (AMX): not fp32-exact")
         return CpuMatmul("blas", "oneDNN would round fp32 matmuls to bf16 on this CPU; using the default BLAS")
     if setting == "onednn":
         return onednn

@@ -27,7 +27,8 @@ from . import tokenizer as tok
 from .atomic import write_json
 from .config import MAX_SEED, Config
 from .errors import UserError
-from .hardware import CpuMatmul, Hardware, choose_cpu_matmul, choose_hardware, configure_backends, peak_flops, use_compile
+from .hardware import (CpuMatmul, Hardware, choose_cpu_matmul, choose_hardware, configure_backends, peak_flops,
+                       use_compile)
 from .model import build_model, count_parameters, flops_per_token, gpt2_config, optimizer_groups, per_block_loss
 from .paths import BEST_NAME, LAST_NAME, TRAIN_LOG_NAME
 from .progress import Progress
@@ -62,10 +63,11 @@ class Trainer:
     """One training run, from config (and optionally a checkpoint to resume) to checkpoints.
 
     `resume` is a checkpoint path or a payload from `checkpoint.load`. A new run refuses an
-    out_dir that already holds one unless `overwrite`. `hardware` overrides the device and precision that `choose_hardware` picks from the
-    config. `grad_scaler` is an fp16 loss scaler to use instead of the one accelerate makes
-    on GPUs only: with it, the whole fp16 path (autocast, scaled backward, unscale before
-    clipping, overflow steps skipped by the scaler) runs on any device, the CPU included.
+    out_dir that already holds one unless `overwrite`. `hardware` overrides the device and
+    precision that `choose_hardware` picks from the config. `grad_scaler` is an fp16 loss scaler
+    to use instead of the one accelerate makes on GPUs only: with it, the whole fp16 path
+    (autocast, scaled backward, unscale before clipping, overflow steps skipped by the scaler)
+    runs on any device, the CPU included.
     """
 
     def __init__(self, config: Config, resume: str | Path | dict | None = None, *, overwrite: bool = False,
@@ -140,8 +142,10 @@ class Trainer:
         self._skipped_run = torch.tensor(self.state.nonfinite_steps, device=self.accelerator.device)
         self._longest_skipped_run = self._skipped_run.clone()
         self._flops_per_token = flops_per_token(model)
-        self._peak_flops = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision)
-                            if self.accelerator.device.type == "cuda" else None)
+        # The peak of all processes together: tokens/s counts every process's tokens.
+        peak = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision)
+                if self.accelerator.device.type == "cuda" else None)
+        self._peak_flops = peak * self.accelerator.num_processes if peak else None
 
     # ----------------------------------------------------------------- the loop
 
@@ -152,7 +156,8 @@ class Trainer:
         if training.tracker != "none":
             self.accelerator.init_trackers("tinylm", config=_flat(self.config.to_dict()))
         stop_reason = "max_iters"
-        progress = Progress(training.max_iters, self.state.iter, self.tokens_per_step, self.is_main)
+        progress = Progress(training.max_iters, self.state.iter, self.tokens_per_step, self.is_main,
+                            self._flops_per_token, self._peak_flops)
         interrupts = _InterruptFlag()
         started = time.perf_counter() - self.state.elapsed_s
         # The losses since the last report, summed on the device: reading a loss makes the
@@ -177,7 +182,7 @@ class Trainer:
                 if self.state.iter % training.log_interval and self.state.iter != training.max_iters:
                     continue
                 self._check_finite_steps()
-                progress.log(loss_sum.item() / losses_summed, self.scheduler.get_last_lr()[0], self._mfu(progress))
+                progress.log(loss_sum.item() / losses_summed, self.scheduler.get_last_lr()[0])
                 loss_sum.zero_()
                 losses_summed = 0
                 if interrupts.raised:
@@ -250,7 +255,8 @@ class Trainer:
         for micro_step in range(training.grad_accum_steps):
             blocks = data.train_batch(
                 self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
-                seed=training.seed, step=step, slot=self.accelerator.process_index * training.grad_accum_steps + micro_step,
+                seed=training.seed, step=step,
+                slot=self.accelerator.process_index * training.grad_accum_steps + micro_step,
             )
             if self.accelerator.device.type == "cuda":
                 # From page-locked memory the copy is asynchronous: it overlaps the running step.
@@ -298,12 +304,6 @@ class Trainer:
                 f"(by iter {self.state.iter}); lower training.learning_rate, or use precision = \"bf16\"/\"fp32\". "
                 f"The last good checkpoint in {self.out_dir} was kept"
             )
-
-    def _mfu(self, progress: Progress) -> float | None:
-        """Model FLOPs utilisation on a GPU whose peak we know: achieved FLOP/s over the peak of all processes."""
-        if self._peak_flops is None:
-            return None
-        return progress.tokens_per_s * self._flops_per_token / (self._peak_flops * self.accelerator.num_processes)
 
     # ----------------------------------------------------- evaluation and saving
 
@@ -413,7 +413,8 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def _check_before_training(self, resumed: dict | None, overwrite: bool) -> None:
-        """Refuse, before any work, what would lose a run or fail later: a used or unwritable out_dir, a seed too large."""
+        """Refuse, before any work, what would lose a run or fail later: a used or unwritable
+        out_dir, a seed too large."""
         out_dir, training = self.out_dir, self.config.training
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"training.out_dir {out_dir} is a file, not a folder; choose another --out-dir")
