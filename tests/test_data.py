@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm import data, paths, prepare
+from tinylm import data, formats, paths, prepare
 from tinylm.errors import UserError
 
 TEXT = "".join(f"SPEAKER {i % 7}:\nline {i}, with words and {'spaces  ' * (i % 3)}more words.\n\n" for i in range(400))
@@ -132,20 +132,36 @@ def test_rewritten_file_at_the_same_path_is_never_stale(project):
     assert not all(torch.equal(a, b["input_ids"]) for a, b in zip(old, after))
 
 
-def test_edited_text_or_tokenizer_rebuilds_the_npy_tokens(project):
+def test_edited_text_is_refused_until_retokenized_and_training_never_writes(project):
     folder = Path(paths.PROCESSED_DIR)
-    prepared = data.resolve(paths.PROCESSED_DIR, "txt", "bpe")
+    before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
     (folder / "val.txt").write_text("KING:\nan entirely new validation text, long enough for a block.\n" * 4)
+    prepared = data.resolve(paths.PROCESSED_DIR, "txt", "bpe")
+    with raises(r"data/processed/val\.txt changed after its tokens \(val\.npy\) were made: run "
+                r"`tinylm prepare --retokenize data/processed`"):
+        prepared.split("val")
+    after = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    assert after == {**before, "val.txt": after["val.txt"]}  # reading wrote nothing
+    assert prepare.main(["--retokenize", str(folder)]) == 0
+    prepared = data.resolve(paths.PROCESSED_DIR, "txt", "bpe")
     val = prepared.split("val")
-    assert prepared.tokenizer().decode(whole(val)).startswith("KING:\nan entirely")
-    stamp = json.loads((folder / "val.npy.json").read_text())
-    assert stamp["num_tokens"] == val.num_tokens
-    mtime = (folder / "val.npy").stat().st_mtime_ns
-    prepared.split("val")
-    assert (folder / "val.npy").stat().st_mtime_ns == mtime  # up to date: not redone
-    tokenizer_file = folder / paths.TOKENIZER_NAME
+    assert prepared.tokenizer().decode(whole(val)) == (folder / "val.txt").read_text()
+    assert prepared.meta["splits"]["val"]["num_tokens"] == val.num_tokens
+    assert np.array_equal(whole(prepared.split("train")), tokens_of(folder / "train.npy"))
+
+
+def test_a_changed_tokenizer_is_refused(project):
+    tokenizer_file = Path(paths.PROCESSED_DIR) / paths.TOKENIZER_NAME
     tokenizer_file.write_text(tokenizer_file.read_text().replace('"<|endoftext|>"', '"<|endoftext|>" '))
-    assert not prepare.tokens_are_current(folder / "val.txt", folder / "val.npy", tokenizer_file)
+    with raises(r"data/processed/tokenizer\.json changed after data/processed/meta\.json was written"):
+        data.resolve(paths.PROCESSED_DIR, "txt", "bpe")
+
+
+def test_a_touched_or_copied_file_is_checked_by_checksum_and_accepted(project):
+    path = Path(paths.DATA_DIR) / "train.bin"
+    expected = tokens_of(path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # as `cp` without -p leaves it
+    assert np.array_equal(whole(data.resolve(paths.DATA_DIR, "bin", "char").split("train")), expected)
 
 
 def test_npy_alone_is_enough_for_txt(project):
@@ -217,12 +233,13 @@ def test_bin_length_disagreeing_with_meta(project):
         data.resolve(paths.DATA_DIR, "bin", "char").split("val")
 
 
-def test_token_ids_beyond_the_vocab(project):
+def test_a_file_changed_since_prepare_is_refused(project):
     path = Path(paths.DATA_DIR) / "train.bin"
     tokens = tokens_of(path)
     tokens[123] = 999
     tokens.tofile(path)
-    with raises(r"data/train\.bin holds token id 999 at position 123, but the vocabulary has \d+ ids"):
+    with raises(r"data/train\.bin changed after tinylm prepare wrote it \(its SHA-256 is not the one "
+                r"data/meta\.json records\): re-run tinylm prepare"):
         data.resolve(paths.DATA_DIR, "bin", "char").split("train")
 
 
@@ -232,7 +249,7 @@ def test_token_ids_beyond_the_vocab(project):
     (lambda meta: meta.write_bytes(b"\xff\xfe"), r"data/meta\.json is not valid JSON"),
     (lambda meta: meta.write_text("[1, 2]"), r"data/meta\.json is not a tinylm meta\.json"),
     (lambda meta: meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": 99})),
-     r"data/meta\.json has format_version 99, but this tinylm reads version 1"),
+     r"data/meta\.json has format_version 99, but this tinylm reads version 2"),
     (lambda meta: meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "dtype"})),
      r"data/meta\.json is malformed: missing dtype"),
 ])
@@ -247,7 +264,7 @@ def test_unreadable_meta(project):
     meta.unlink()
     meta.mkdir()  # reading a folder fails whatever the permissions (tests may run as root)
     with pytest.raises(UserError, match=r"data/meta\.json is a folder, not a file"):
-        data.load_meta(meta)
+        formats.load_meta(meta)
 
 
 def test_binary_shards_not_found(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from tinylm import generate, sampler, tokenizer as tok
 from tinylm.errors import UserError, run_cli as run_cli_in_process
 
-GREEDY = sampler.Sampling(max_new_tokens=10 * BLOCK_SIZE, temperature=0.0)
+GREEDY = sampler.Sampling(stop_at_eos=False, max_new_tokens=10 * BLOCK_SIZE, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +82,29 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 
 def test_same_seed_same_text_different_seed_different_text(trained):
     model, tokenizer = trained
-    hot = sampler.Sampling(max_new_tokens=120, temperature=1.5, top_k=0)
+    hot = sampler.Sampling(stop_at_eos=False, max_new_tokens=120, temperature=1.5, top_k=0)
     first = sampler.complete(model, tokenizer, "the ", hot, seed=7)
     again = sampler.complete(model, tokenizer, "the ", hot, seed=7)
     other = sampler.complete(model, tokenizer, "the ", hot, seed=8)
     assert len(first) >= 120  # a character per token, more for a special token such as <|endoftext|>
     assert first == again
     assert first != other
+
+
+def test_sampling_stops_at_the_end_of_text_token_unless_told_not_to(untrained):
+    """An untrained model emits <|endoftext|> now and then: with stop_at_eos the sample is the text before it."""
+    model, tokenizer = untrained
+    eos = model.config.eos_token_id
+    hot = dict(max_new_tokens=4 * BLOCK_SIZE, temperature=1.0, top_k=0)
+    stopped = 0
+    for seed in range(10):
+        full = list(sampler.sample_tokens(model, [eos], sampler.Sampling(stop_at_eos=False, **hot),
+                                          sampler.make_generator("cpu", seed)))
+        short = list(sampler.sample_tokens(model, [eos], sampler.Sampling(**hot), sampler.make_generator("cpu", seed)))
+        assert len(full) == hot["max_new_tokens"]
+        assert short == full[: full.index(eos)] if eos in full else short == full
+        stopped += eos in full
+    assert stopped >= 3  # the check above really ran on samples that hold an eos
 
 
 def test_top_k_1_is_greedy_and_matches_an_argmax_reference(varied):
@@ -100,11 +116,11 @@ def test_top_k_1_is_greedy_and_matches_an_argmax_reference(varied):
         for _ in range(room):
             logits = model(input_ids=torch.tensor([reference])).logits[0, -1]
             reference.append(int(logits.argmax()))
-    top1 = sampler.Sampling(max_new_tokens=room, temperature=1.3, top_k=1)
+    top1 = sampler.Sampling(stop_at_eos=False, max_new_tokens=room, temperature=1.3, top_k=1)
     sampled = list(sampler.sample_tokens(model, prompt, top1, sampler.make_generator("cpu", 0)))
     assert sampled == reference[len(prompt):]
     # Far past the context too, top-k=1 at any temperature and seed is exactly greedy.
-    long_top1 = sampler.Sampling(max_new_tokens=GREEDY.max_new_tokens, temperature=2.0, top_k=1)
+    long_top1 = sampler.Sampling(stop_at_eos=False, max_new_tokens=GREEDY.max_new_tokens, temperature=2.0, top_k=1)
     assert list(sampler.sample_tokens(model, prompt, long_top1, sampler.make_generator("cpu", 5))) == list(
         sampler.sample_tokens(model, prompt, GREEDY)
     )
@@ -119,8 +135,8 @@ def test_top_p_and_top_k_restrict_the_choices(untrained):
     order = probs.argsort(descending=True).tolist()
     nucleus = order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1]  # smallest set reaching p = 0.5
     for sampling, allowed in [
-        (sampler.Sampling(max_new_tokens=1, temperature=1.0, top_k=3), set(order[:3])),
-        (sampler.Sampling(max_new_tokens=1, temperature=1.0, top_k=0, top_p=0.5), set(nucleus)),
+        (sampler.Sampling(stop_at_eos=False, max_new_tokens=1, temperature=1.0, top_k=3), set(order[:3])),
+        (sampler.Sampling(stop_at_eos=False, max_new_tokens=1, temperature=1.0, top_k=0, top_p=0.5), set(nucleus)),
     ]:
         firsts = {next(sampler.sample_tokens(model, prompt, sampling, sampler.make_generator("cpu", seed)))
                   for seed in range(60)}
@@ -136,7 +152,7 @@ def test_cache_matches_full_recompute_within_the_first_block(varied, prompt):
     model, tokenizer = varied
     ids = sampler.encode_prompt(tokenizer, prompt)
     room = max(1, BLOCK_SIZE - len(ids))
-    sampling = sampler.Sampling(max_new_tokens=room, temperature=0.0)
+    sampling = sampler.Sampling(stop_at_eos=False, max_new_tokens=room, temperature=0.0)
     cached = list(sampler.sample_tokens(model, ids, sampling))
     naive = list(sampler.sample_tokens_recompute(model, ids, sampling, context="nanogpt"))
     assert cached == naive
@@ -207,7 +223,7 @@ def test_seeded_sampling_past_the_context_matches_the_uncached_reference(untrain
     """Same seed, same window: the cached sampler draws exactly what the reference draws."""
     model, tokenizer = untrained
     ids = sampler.encode_prompt(tokenizer, "a")
-    sampling = sampler.Sampling(max_new_tokens=5 * BLOCK_SIZE, temperature=1.0, top_k=0)
+    sampling = sampler.Sampling(stop_at_eos=False, max_new_tokens=5 * BLOCK_SIZE, temperature=1.0, top_k=0)
     cached = list(sampler.sample_tokens(model, ids, sampling, sampler.make_generator("cpu", 11)))
     reference = list(sampler.sample_tokens_recompute(
         model, ids, sampling, sampler.make_generator("cpu", 11), context="refill"))
@@ -227,7 +243,7 @@ def test_a_prompt_exactly_one_context_long_and_a_longer_one(trained):
     exact = TEXT[:BLOCK_SIZE]
     longer = TEXT[:3 * BLOCK_SIZE + 5]
     for prompt in (exact, longer):
-        text = sampler.complete(model, tokenizer, prompt, sampler.Sampling(max_new_tokens=40, temperature=0.0))
+        text = sampler.complete(model, tokenizer, prompt, sampler.Sampling(stop_at_eos=False, max_new_tokens=40, temperature=0.0))
         assert prompt + text in TEXT
 
 
@@ -237,7 +253,7 @@ def test_empty_prompt_starts_from_endoftext(trained):
     model, tokenizer = trained
     assert sampler.encode_prompt(tokenizer, "") == [0]
     assert tokenizer.convert_ids_to_tokens(0) == tok.EOS_TOKEN
-    text = sampler.complete(model, tokenizer, "", sampler.Sampling(max_new_tokens=30))
+    text = sampler.complete(model, tokenizer, "", sampler.Sampling(stop_at_eos=False, max_new_tokens=30))
     assert len(text) == 30
 
 
@@ -267,7 +283,7 @@ def test_exported_folder_gives_the_same_text_as_the_checkpoint(tmp_path, ckpt):
     model, tokenizer = sampler.load(ckpt)
     folder = save_exported(tmp_path / "exported", model, tokenizer)
     exported_model, exported_tokenizer = sampler.load(folder)
-    sampling = sampler.Sampling(max_new_tokens=50, temperature=1.0)
+    sampling = sampler.Sampling(stop_at_eos=False, max_new_tokens=50, temperature=1.0)
     assert sampler.complete(exported_model, exported_tokenizer, "the ", sampling, seed=3) == sampler.complete(
         model, tokenizer, "the ", sampling, seed=3)
 

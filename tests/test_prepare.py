@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -15,7 +16,7 @@ import pytest
 import torch
 import training_helpers
 
-from tinylm import corpus, data, paths
+from tinylm import corpus, data, formats, paths
 from tinylm import prepare as prepare_module
 
 BLOCK = 32
@@ -83,9 +84,15 @@ def test_builtin_bin_outputs_and_meta(shakespeare):
     train_chars = int(len(text) * 0.9)
     assert meta["format_version"] == paths.META_FORMAT_VERSION
     described = (meta["data_format"], meta["tokenizer_kind"], meta["dtype"], meta["source"])
-    assert described == ("bin", "char", "uint16", "shakespeare")
+    assert described == ("bin", "char", "uint16", {"input": "shakespeare", "bytes": len(text.encode()),
+                                                   "val_fraction": 0.1})
     assert meta["vocab_size"] == len(set(text)) + 2  # every character, plus <|endoftext|> and [UNK]
-    assert meta["splits"]["train"]["files"] == [{"tokens": "train.bin", "num_tokens": train_chars}]
+    (entry,) = meta["splits"]["train"]["files"]
+    tokens = np.fromfile(out / "train.bin", dtype="<u2")
+    # What training trusts instead of reading the file: its length, largest id, checksum and mtime.
+    assert entry == {"tokens": "train.bin", "num_tokens": train_chars, "max_token_id": int(tokens.max()),
+                     "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+                     "mtime_ns": (out / "train.bin").stat().st_mtime_ns}
     assert meta["splits"]["val"]["num_tokens"] == len(text) - train_chars
     assert (out / "train.bin").stat().st_size == 2 * train_chars
     assert (out / meta["tokenizer_file"]).is_file()
@@ -109,9 +116,11 @@ def test_builtin_txt_outputs_and_read_back(shakespeare):
     assert (out / "val.txt").read_text(encoding="utf-8") == text[train_chars:]
     prepared = data.resolve(str(out), "txt", "char")
     assert prepared.meta_path == root / paths.META_TXT
-    assert prepared.meta["splits"]["val"]["files"] == [
-        {"text": "val.txt", "tokens": "val.npy", "num_tokens": len(text) - train_chars}
-    ]
+    (entry,) = prepared.meta["splits"]["val"]["files"]
+    assert (entry["text"], entry["tokens"], entry["num_tokens"]) == ("val.txt", "val.npy", len(text) - train_chars)
+    assert (entry["text_bytes"], entry["text_mtime_ns"]) == ((out / "val.txt").stat().st_size,
+                                                            (out / "val.txt").stat().st_mtime_ns)
+    assert entry["sha256"] == hashlib.sha256((out / "val.npy").read_bytes()).hexdigest()
     # The same tokens as the binary pipeline, stored as .npy next to the text.
     assert np.array_equal(np.load(out / "train.npy"), np.fromfile(root / "data" / "train.bin", dtype="<u2"))
     assert_blocks_match_text(prepared, "val", text, char_offset=train_chars)
@@ -125,7 +134,7 @@ def test_user_file_with_bpe_reads_back_exactly(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "vocab size 340" in result.stdout
     prepared = data.resolve(str(tmp_path / "out"), "bin", "bpe")
-    assert prepared.meta["source"] == str(source)
+    assert prepared.meta["source"]["input"] == str(source)
     tokenizer = prepared.tokenizer()
     train_chars = int(len(text) * 0.9)
     for split, expected in (("train", text[:train_chars]), ("val", text[train_chars:])):
@@ -283,7 +292,7 @@ def test_sharded_bin_outputs_and_meta(sharded):
 
 def test_sharded_split_reads_exactly_as_the_whole_one(sharded):
     root, _ = sharded
-    for split in prepare_module.SPLITS:
+    for split in formats.SPLITS:
         whole = data.resolve(str(root / "whole"), "bin", "char").split(split)
         shards = data.resolve(str(root / "sharded"), "bin", "char").split(split)
         assert len(shards.files) >= 3 and shards.num_tokens == whole.num_tokens

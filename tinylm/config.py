@@ -121,6 +121,9 @@ class Sampling:
     temperature: float = 0.8  # 0 means greedy: always the most likely token
     top_k: int = 200  # keep the k most likely tokens; 0 keeps all
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 keeps all
+    # A model trained on documents separated by <|endoftext|> emits it where a text ends; what
+    # it would sample after that is the start of an unrelated text, so stop there by default.
+    stop_at_eos: bool = True
 
     def check(self) -> None:
         """Raise `UserError` naming the flag when a setting is out of range."""

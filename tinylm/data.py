@@ -1,93 +1,42 @@
 """Reading prepared data back: meta.json, the tokenizer, and memory-mapped token streams.
 
 `resolve(processed_dir, data_format, tokenizer_kind)` finds the files the training
-page's table names, checks them against meta.json, and returns a `PreparedData`.
-Its splits are `TokenStream`s: token files opened with `np.memmap` (never read
-whole into RAM), from which
+page's table names, checks them against meta.json (see `tinylm.formats`: the checks
+cost a few `stat` calls, not a scan), and returns a `PreparedData`. Its splits are
+`TokenStream`s: token files memory-mapped (never read whole into RAM), from which
 
 - `train_batch` draws random-offset blocks whose offsets depend only on
   (seed, rank, step, micro_step), so any batch can be recomputed after a resume,
 - `eval_dataset` serves a fixed, evenly spaced set of blocks as a `datasets.Dataset`.
+
+`load_blocks` is the same data for other code: a `datasets.Dataset` of
+non-overlapping blocks whose arrow buffers are the memory-mapped files themselves.
+Reading never writes anything.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import mmap
-import sys
 import weakref
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from . import paths, prepare
+from . import formats, paths
 from . import tokenizer as tok
+from .config import DATA_FORMATS
 from .errors import UserError
-
-DATA_FORMATS = ("txt", "bin")
-DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # little-endian, as prepare writes them
-REQUIRED_KEYS = ("data_format", "tokenizer_kind", "tokenizer_file", "vocab_size", "dtype", "splits")
-SCAN_CHUNK = 1 << 22  # tokens read at a time when checking a whole file's ids (8-16 MB)
+from .formats import DTYPES, open_tokens
 
 # Sections of docs/troubleshooting.md that the training page links to.
 BINARY_SHARDS_NOT_FOUND = "binary-shards-not-found"
 META_PATH_MISMATCH = "meta-path-mismatch"
 CHAR_VOCAB_MISSING = "char-vocab-missing"
-
-
-
-def load_meta(path: str | Path) -> dict:
-    """Read meta.json and check it is one this tinylm can read back with no guessing."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "is missing"
-        raise UserError(f"{path} {what}: prepare the data first (tinylm prepare, see docs/data-pipeline.md)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        raise UserError(f"{path} is not valid JSON ({exc}): re-run tinylm prepare to rewrite it") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} is not a tinylm meta.json (expected a JSON object): re-run tinylm prepare")
-    version = meta.get("format_version")
-    if version != paths.META_FORMAT_VERSION:
-        raise UserError(
-            f"{path} has format_version {version!r}, but this tinylm reads version {paths.META_FORMAT_VERSION}: "
-            "re-run tinylm prepare to rewrite the data in the current format"
-        )
-    check_meta(meta, path)
-    return meta
-
-
-def check_meta(meta: dict, path: Path) -> None:
-    """Refuse a meta.json whose fields are missing or of the wrong kind (hand-edited or truncated)."""
-
-    def bad(what: str) -> UserError:
-        return UserError(f"{path} is malformed: {what}; re-run tinylm prepare to rewrite it")
-
-    missing = [key for key in REQUIRED_KEYS if key not in meta]
-    if missing:
-        raise bad(f"missing {', '.join(missing)}")
-    if meta["data_format"] not in DATA_FORMATS:
-        raise bad(f"data_format {meta['data_format']!r} is not one of {', '.join(DATA_FORMATS)}")
-    if meta["tokenizer_kind"] not in tok.KINDS:
-        raise bad(f"tokenizer_kind {meta['tokenizer_kind']!r} is not one of {', '.join(tok.KINDS)}")
-    if meta["dtype"] not in DTYPES:
-        raise bad(f"dtype {meta['dtype']!r} is not one of {', '.join(DTYPES)}")
-    vocab_size = meta["vocab_size"]
-    if not isinstance(vocab_size, int) or not 0 < vocab_size <= np.iinfo(DTYPES[meta["dtype"]]).max + 1:
-        raise bad(f"vocab_size {vocab_size!r} is not a positive integer that fits {meta['dtype']}")
-    for split in ("train", "val"):
-        entry = meta["splits"].get(split) if isinstance(meta["splits"], dict) else None
-        files = entry.get("files") if isinstance(entry, dict) else None
-        listed = isinstance(files, list) and files and all(isinstance(e, dict) and "tokens" in e for e in files)
-        if not listed:
-            raise bad(f"splits.{split}.files must list the split's token files")
 
 
 def resolve(processed_dir: str, data_format: str, tokenizer_kind: str) -> "PreparedData":
@@ -101,7 +50,7 @@ def resolve(processed_dir: str, data_format: str, tokenizer_kind: str) -> "Prepa
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
     folder = Path(processed_dir)
     meta_path = find_bin_meta(folder) if data_format == "bin" else find_txt_meta(folder)
-    meta = load_meta(meta_path)
+    meta = formats.load_meta(meta_path)
     if meta["data_format"] != data_format:
         raise UserError(
             f"{meta_path} describes {meta['data_format']} data, but training.data_format is {data_format!r}: "
@@ -202,6 +151,12 @@ class PreparedData:
                 f"{rerun}",
                 anchor=anchor,
             )
+        if formats.sha256_of(self.tokenizer_path) != meta["tokenizer_sha256"]:
+            raise UserError(
+                f"{self.tokenizer_path} changed after {meta_path} was written (its SHA-256 differs): the token ids "
+                f"no longer mean what they did; {rerun}",
+                anchor=anchor,
+            )
 
     @property
     def folder(self) -> Path:
@@ -221,69 +176,26 @@ class PreparedData:
             raise ValueError(f"split must be 'train' or 'val', got {name!r}")
         files = [self.token_file(entry) for entry in self.meta["splits"][name]["files"]]
         for path, entry in zip(files, self.meta["splits"][name]["files"]):
-            check_token_file(path, self.dtype, self.vocab_size, entry, self.meta_path)
+            formats.check_token_file(path, entry, self.dtype, self.meta_path)
         return TokenStream(files, self.meta["dtype"])
 
     def token_file(self, entry: dict) -> Path:
-        """The file holding one entry's tokens; for a txt entry, (re)built from its text when stale."""
+        """The file holding one entry's tokens; for txt, refused if its text was edited since."""
         tokens = self.folder / entry["tokens"]
         text = self.folder / entry["text"] if "text" in entry else None
-        if text is not None and text.is_file():
-            if not prepare.tokens_are_current(text, tokens, self.tokenizer_path):
-                print(f"tokenizing {text} into {tokens} (new or changed text or tokenizer)", file=sys.stderr)
-                prepare.tokenize_text_file(text, tokens, self.tokenizer_path, self.meta["dtype"])
-        elif not tokens.is_file():
-            missing = f"{text} and {tokens} are" if text is not None else f"{tokens} is"
-            rerun = prepare_command(self.meta["data_format"], self.folder)
+        rerun = prepare_command(self.meta["data_format"], self.folder)
+        if text is not None and text.is_file() and formats.text_changed(text, entry):
+            raise UserError(
+                f"{text} changed after its tokens ({tokens.name}) were made: run `tinylm prepare --retokenize "
+                f"{self.folder}` to tokenize the edited text, or `{rerun}` to prepare afresh"
+            )
+        if not tokens.is_file():
+            missing = f"{text} and {tokens} are" if text is not None and not text.is_file() else f"{tokens} is"
             raise UserError(
                 f"{missing} missing (listed in {self.meta_path}): re-run `{rerun}`",
                 anchor=BINARY_SHARDS_NOT_FOUND if self.meta["data_format"] == "bin" else None,
             )
         return tokens
-
-
-def open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
-    """Memory-map a token file: a flat .bin of `dtype`, or a 1-D .npy. Nothing is read yet."""
-    if path.suffix == ".npy":
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise UserError(f"{path} is not a readable .npy token file ({exc}): re-run tinylm prepare") from None
-    size = path.stat().st_size
-    if size % dtype.itemsize:
-        raise UserError(
-            f"{path} is {size} bytes, not a whole number of {dtype.name} tokens ({dtype.itemsize} bytes each): "
-            "the file is truncated or was written with another dtype; re-run tinylm prepare"
-        )
-    if size == 0:  # mmap cannot map an empty file
-        return np.empty(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
-def check_token_file(path: Path, dtype: np.dtype, vocab_size: int, entry: dict, meta_path: Path) -> None:
-    """Refuse a token file that does not match meta.json: wrong dtype, shape, length or token ids."""
-    tokens = open_tokens(path, dtype)
-    if tokens.ndim != 1 or tokens.dtype != dtype:
-        raise UserError(
-            f"{path} holds {tokens.dtype} of shape {tokens.shape}, but {meta_path} says a flat array of "
-            f"{dtype.name}: re-run tinylm prepare"
-        )
-    if path.suffix != ".npy" and len(tokens) != entry.get("num_tokens"):
-        raise UserError(
-            f"{path} holds {len(tokens)} tokens but {meta_path} says {entry.get('num_tokens')}: the files come "
-            "from different prepare runs; re-run tinylm prepare"
-        )
-    # Plain reads of bounded chunks, not the memory map: mapped pages would count toward
-    # resident memory, which must not grow with the size of the data.
-    for begin in range(0, len(tokens), SCAN_CHUNK):
-        chunk = np.fromfile(path, dtype=dtype, count=SCAN_CHUNK, offset=tokens.offset + begin * dtype.itemsize)
-        if chunk.max() >= vocab_size:
-            position = begin + int(np.argmax(chunk >= vocab_size))
-            raise UserError(
-                f"{path} holds token id {int(chunk[position - begin])} at position {position}, but the "
-                f"vocabulary has {vocab_size} ids ({meta_path}): the tokens were made with another tokenizer; "
-                "re-run tinylm prepare"
-            )
 
 
 class TokenStream:
@@ -407,3 +319,54 @@ def eval_dataset(stream: TokenStream, *, block_size: int, num_blocks: int) -> da
 def slice_blocks(batch: dict, *, stream: TokenStream, block_size: int) -> dict:
     """The eval dataset's transform: block offsets -> {"input_ids": int64 blocks}."""
     return {"input_ids": stream.blocks(np.asarray(batch["start"], dtype=np.int64), block_size)}
+
+
+def newer_other_format(prepared: PreparedData, processed_dir: str) -> Path | None:
+    """The other format's meta.json where training would look for it, when it was written after this data's.
+
+    After `prepare --format txt --input mine.txt`, training with the default bin format would
+    otherwise read the older data/*.bin without a word.
+    """
+    other = "txt" if prepared.meta["data_format"] == "bin" else "bin"
+    folder = Path(processed_dir)
+    try:
+        meta_path = find_bin_meta(folder) if other == "bin" else find_txt_meta(folder)
+    except UserError:
+        return None
+    newer = meta_path.stat().st_mtime_ns > prepared.meta_path.stat().st_mtime_ns
+    return meta_path if newer and meta_path.resolve() != prepared.meta_path.resolve() else None
+
+
+def load_blocks(folder: str | Path = paths.DATA_DIR, *, block_size: int, split: str = "train") -> datasets.Dataset:
+    """A prepared split as a `datasets.Dataset` of non-overlapping `block_size`-token blocks, copying nothing.
+
+    `folder` holds meta.json (either format). Row i of each token file's part is tokens
+    [i * block_size, (i + 1) * block_size) of that file; the tokens after a file's last whole
+    block are left out, as transformers' run_clm leaves out the end of its data. Columns:
+    `input_ids` and `labels`, the same blocks (GPT2LMHeadModel shifts the labels itself), so
+    transformers' `Trainer` with its default collator, or a torch `DataLoader`, can use it as it
+    is; `with_format("torch")` gives int64 tensors. The arrow arrays are views of the memory-mapped
+    files: nothing is read until a row is, and nothing is written to the `datasets` cache.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    meta_path = Path(folder) / paths.META_NAME
+    prepared = PreparedData(formats.load_meta(meta_path), meta_path)
+    stream = prepared.split(split)  # checks every file against meta.json
+    value_type = pa.from_numpy_dtype(prepared.dtype)
+    chunks = []
+    for path in stream.files:
+        tokens = open_tokens(path, prepared.dtype)
+        count = len(tokens) // block_size * block_size
+        if count:
+            values = pa.Array.from_buffers(value_type, count, [None, pa.py_buffer(tokens[:count])])
+            chunks.append(pa.FixedSizeListArray.from_arrays(values, block_size))
+    if not chunks:
+        raise UserError(f"no file of the {split} split ({', '.join(map(str, stream.files))}) holds a whole block "
+                        f"of {block_size} tokens: use a smaller block_size")
+    blocks = pa.chunked_array(chunks)
+    table = datasets.table.InMemoryTable(pa.table({"input_ids": blocks, "labels": blocks}))
+    # A fingerprint of our own: datasets would otherwise hash the whole table to make one.
+    entries = prepared.meta["splits"][split]["files"]
+    fingerprint = datasets.fingerprint.Hasher.hash([entry["sha256"] for entry in entries] + [block_size])
+    return datasets.Dataset(table, fingerprint=fingerprint)

@@ -30,8 +30,8 @@ from transformers.utils import logging as hf_logging
 from . import checkpoint, onnx_export, paths, plot
 from . import tokenizer as tok
 from .atomic import DIR_MODE
-from .errors import UserError, run_cli
 from .config import Sampling
+from .errors import UserError, run_cli
 from .model import count_parameters
 
 # What makes a folder an export: `push` refuses anything without these, `--force` replaces nothing else.
@@ -213,7 +213,7 @@ def model_card(name: str, payload: dict, model, tokenizer, records: list[dict], 
         f"# {name}",
         "",
         "A small GPT-2 language model trained from scratch with tinylm"
-        + (f" on `{meta['source']}`." if meta.get("source") else "."),
+        + (f" on `{source_name(meta)}`." if source_name(meta) else "."),
         "",
         "## Model",
         "",
@@ -271,12 +271,20 @@ def model_card(name: str, payload: dict, model, tokenizer, records: list[dict], 
     return "\n".join(lines)
 
 
+def source_name(meta: dict) -> str | None:
+    """The text or dataset the data was prepared from (meta.json's `source`; a plain string before version 2)."""
+    source = meta.get("source")
+    if isinstance(source, dict):
+        return source.get("dataset") or source.get("input")
+    return source if isinstance(source, str) else None
+
+
 def data_lines(meta: dict) -> list[str]:
     """The card's data section, from the prepared data's meta.json (as stored in the checkpoint)."""
     splits = meta.get("splits") if isinstance(meta.get("splits"), dict) else {}
     lines = []
-    if meta.get("source"):
-        lines.append(f"- source: `{meta['source']}`")
+    if source_name(meta):
+        lines.append(f"- source: `{source_name(meta)}`")
     for split, entry in splits.items():
         if isinstance(entry, dict) and "num_tokens" in entry:
             chars = f" ({entry['num_chars']:,} characters)" if isinstance(entry.get("num_chars"), int) else ""

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=defaults.top_p,
                         help=f"sample only from the most likely tokens whose probabilities add up to p, "
                              f"1 = all (default: {defaults.top_p})")
+    parser.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=defaults.stop_at_eos,
+                        help="end a sample where the model emits <|endoftext|>, the end of a document, instead "
+                             "of running on into a new one (default: on; --no-stop-at-eos runs to --max-new-tokens)")
     parser.add_argument("--num-samples", type=int, default=1, help="how many samples to draw (default: 1)")
     parser.add_argument("--seed", type=int, default=1337, help="random seed; same seed, same text (default: 1337)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default: auto)")
@@ -62,7 +65,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop_at_eos)
     sampling.check()
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be 1 or more, got {args.num_samples}")

@@ -12,7 +12,7 @@ META_TXT = "data/processed/meta.json"
 META_BIN = "data/meta.json"
 META_NAME = "meta.json"
 TOKENIZER_NAME = "tokenizer.json"
-META_FORMAT_VERSION = 1
+META_FORMAT_VERSION = 2
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT = "checkpoints/ckpt_last.pt"

@@ -1,16 +1,18 @@
-"""`tinylm prepare`: turn a text corpus into train/val token files plus meta.json.
+"""`tinylm prepare`: turn a text corpus or a `datasets` dataset into train/val token files plus meta.json.
 
-    tinylm prepare --input PATH|shakespeare [--tokenizer char|bpe] [--vocab-size N]
-                   [--format txt|bin] [--shard-tokens N] [--out DIR] [--val-fraction 0.1]
+    tinylm prepare [--input PATH|shakespeare | --dataset NAME_OR_PATH ...] [--tokenizer char|bpe]
+                   [--vocab-size N] [--format bin|txt] [--shard-tokens N] [--out DIR] [--val-fraction F]
+    tinylm prepare --retokenize DIR
 
-The text is streamed twice, in chunks that end at line ends, so memory stays
-bounded however large the input is: the first pass trains the tokenizer (and
-counts characters), the second cuts the text at the train/val boundary (the
-last `val_fraction` of the characters is validation, contiguous, as nanoGPT
-does) and writes each split's tokens incrementally. In the bin format a split
-of more than `--shard-tokens` tokens is cut into shards (train_000.bin,
-train_001.bin, ...) that meta.json lists in order; a split that fits in one
-shard is written as plain train.bin / val.bin.
+Plain text (`--input`) is streamed twice, in chunks that end at line ends, so memory
+stays bounded however large the input is: the first pass trains the tokenizer (and
+counts characters), the second cuts the text at the train/val boundary (the last
+`val_fraction` of the characters is validation, contiguous, as nanoGPT does) and
+writes each split's tokens as they come. A dataset (`--dataset`, see
+`tinylm.documents`) is a set of documents: the tokenizer trains on their text,
+`Dataset.map` tokenizes them (cached by `datasets`), and each split's ids are written
+the same way. The files and meta.json are `tinylm.formats`' business: this module
+only decides what goes into them.
 
 Everything is written into a hidden staging folder inside the output folder and
 only moved into place (meta.json last) once every file is complete, so a failure
@@ -20,13 +22,9 @@ at any point leaves the previous outputs as they were.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import itertools
-import json
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,26 +33,25 @@ from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 import numpy as np
-from numpy.lib import format as npy_format
 from tokenizers import Encoding, Tokenizer
 from tqdm import tqdm
 
-from . import corpus, paths
+from . import corpus, formats, paths
 from . import tokenizer as tok
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path
+from .config import DATA_FORMATS
 from .errors import UserError, run_cli
 
-FORMATS = ("bin", "txt")
-SPLITS = ("train", "val")
 DEFAULT_BPE_VOCAB_SIZE = 4096
+DEFAULT_VAL_FRACTION = 0.1
 # Text is read and encoded in pieces of about CHUNK_CHARS characters, ENCODE_BATCH pieces per
 # encode_batch call (which tokenizers spreads over all cores). A batch's Encodings take ~100
 # bytes per token, so batches of 128K characters hold them to ~10 MB; bigger ones are no faster.
 CHUNK_CHARS = 1 << 13
 ENCODE_BATCH = 16
-# nanoGPT/llm.c's shard size for FineWeb: 100M tokens, a 200 MB file of uint16 ids.
-DEFAULT_SHARD_TOKENS = 100_000_000
 MIN_SPLIT_TOKENS = 2  # one input token and its target: the smallest block there is
+SNIFF_BYTES = 1 << 13  # how much of an input file is looked at to tell text from binary
+STREAMING_TOKENIZER_SAMPLE = 100_000_000  # characters the tokenizer trains on by default when streaming
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,49 +59,93 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="tinylm prepare",
         description="Tokenize a corpus into train/val token files and meta.json (see docs/data-pipeline.md).",
     )
-    parser.add_argument(
-        "--input", default=corpus.NAME,
-        help=f"a UTF-8 text file, a folder of text files, or {corpus.NAME!r}, the built-in corpus (default)",
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--input",
+        help=f"a UTF-8 text file, a folder of text files, or {corpus.NAME!r}, the built-in corpus "
+        "(the default when no --dataset is given)",
     )
+    source.add_argument(
+        "--dataset",
+        help="a Hugging Face dataset: a Hub id (e.g. roneneldan/TinyStories), a .jsonl/.json/.csv/.parquet/.arrow "
+        "file, a folder of such files, or a save_to_disk folder; each row is a document",
+    )
+    source.add_argument("--retokenize", metavar="DIR",
+                        help="txt data only: tokenize the (edited) train.txt/val.txt in DIR again, with its tokenizer")
     parser.add_argument("--tokenizer", choices=tok.KINDS, default="char", help="tokenizer to train (default: char)")
     parser.add_argument(
         "--vocab-size", type=int,
         help=f"BPE vocabulary size (bpe only; default {DEFAULT_BPE_VOCAB_SIZE}); char uses every character seen",
     )
     parser.add_argument(
-        "--format", choices=FORMATS, default="bin",
+        "--format", choices=DATA_FORMATS, default="bin",
         help=f"bin: {paths.DATA_DIR}/train.bin + val.bin (default); "
         f"txt: {paths.PROCESSED_DIR}/train.txt + val.txt (+ .npy tokens)",
     )
     parser.add_argument(
         "--shard-tokens", type=int,
         help=f"bin only: cut a split of more than N tokens into shards of N tokens, <split>_000.bin, "
-        f"<split>_001.bin, ... (default {DEFAULT_SHARD_TOKENS:_}); a split that fits in one is <split>.bin",
+        f"<split>_001.bin, ... (default {formats.DEFAULT_SHARD_TOKENS:_}); a split that fits in one is <split>.bin",
     )
     parser.add_argument(
         "--out",
         help=f"output folder (default: {paths.DATA_DIR} for bin, {paths.PROCESSED_DIR} for txt)",
     )
     parser.add_argument(
-        "--val-fraction", type=float, default=0.1,
-        help="the last this fraction of the text becomes the validation split (default: 0.1)",
+        "--val-fraction", type=float,
+        help=f"the validation share (default {DEFAULT_VAL_FRACTION}): the last this fraction of a text; "
+        "for a dataset, an evenly spread this fraction of its documents",
+    )
+    dataset = parser.add_argument_group("--dataset options")
+    dataset.add_argument("--config-name", help="the dataset's configuration (load_dataset's name), if it has several")
+    dataset.add_argument("--split", default="train", help="the split to train on (default: train)")
+    dataset.add_argument("--text-column", default="text", help="the column that holds the text (default: text)")
+    dataset.add_argument(
+        "--val-split",
+        help="a split to validate on (default: the dataset's 'validation' split if it has one and no "
+        "--val-fraction is given, else --val-fraction of --split)",
+    )
+    dataset.add_argument(
+        "--streaming", action="store_true",
+        help="read the dataset as a stream (IterableDataset), tokenizing and writing shards as rows arrive, with no "
+        "copy in the datasets cache: for corpora larger than RAM or disk; the tokenizer trains on the first "
+        "--tokenizer-sample characters",
+    )
+    dataset.add_argument(
+        "--tokenizer-sample", type=int, metavar="CHARS",
+        help=f"train the tokenizer on the first CHARS characters of the documents (default: all of them; "
+        f"{STREAMING_TOKENIZER_SAMPLE:_} with --streaming)",
+    )
+    dataset.add_argument(
+        "--num-proc", type=int,
+        help="processes for Dataset.map (default: one, which already encodes on every core through tokenizers)",
     )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    vocab_size, shard_tokens = check_options(args)
+    if args.retokenize:
+        return retokenize(Path(args.retokenize))
+    settings = check_options(args)
     out = Path(args.out or (paths.DATA_DIR if args.format == "bin" else paths.PROCESSED_DIR))
-    source = Source.open(args.input)
     started = time.perf_counter()
-    meta, written = prepare(source, out, args.tokenizer, vocab_size, args.format, args.val_fraction, shard_tokens)
+    if args.dataset:
+        from . import documents  # datasets: imported only for --dataset
+
+        docs = documents.open_documents(
+            args.dataset, config_name=args.config_name, split=args.split, column=args.text_column,
+            val_split=args.val_split, val_fraction=args.val_fraction, streaming=args.streaming,
+        )
+        meta, written = prepare_documents(docs, out, settings)
+    else:
+        source = Source.open(args.input or corpus.NAME)
+        meta, written = prepare(source, out, settings)
     seconds = time.perf_counter() - started
-    print(
-        f"prepared {source.name} with the {meta['tokenizer_kind']} tokenizer (vocab size {meta['vocab_size']}) "
-        f"in {seconds:.1f}s ({source.size / 1e6 / seconds:.2f} MB/s)"
-    )
-    for split in SPLITS:
+    print(f"source: {formats.describe_source(meta)}")
+    print(f"  {meta['tokenizer_kind']} tokenizer, vocab size {meta['vocab_size']}, in {seconds:.1f}s"
+          + rate(meta, seconds))
+    for split in formats.SPLITS:
         entries = meta["splits"][split]["files"]
         files = str(out / entries[0]["tokens"])
         if len(entries) > 1:
@@ -114,9 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def rate(meta: dict, seconds: float) -> str:
+    """The throughput: MB of text per second for a text input, documents per second for a dataset."""
+    source = meta["source"]
+    if seconds <= 0:
+        return ""
+    if "bytes" in source:
+        return f" ({source['bytes'] / 1e6 / seconds:.2f} MB/s)"
+    return f" ({sum(source['num_documents'].values()) / seconds:,.0f} documents/s)"
+
+
 def abridged(names: list[str], meta: dict) -> list[str]:
     """`names` with each split's shards between its first and last shown as one "..."."""
-    inner_shards = {entry["tokens"] for split in SPLITS for entry in meta["splits"][split]["files"][1:-1]}
+    inner_shards = {entry["tokens"] for split in formats.SPLITS for entry in meta["splits"][split]["files"][1:-1]}
     shown: list[str] = []
     for name in names:
         if name not in inner_shards:
@@ -126,13 +177,44 @@ def abridged(names: list[str], meta: dict) -> list[str]:
     return shown
 
 
-def check_options(args: argparse.Namespace) -> tuple[int | None, int]:
-    """Refuse bad flag values before any work is done; return the BPE vocab size (None for char) and shard size."""
-    if not 0.0 < args.val_fraction < 1.0:
+@dataclass
+class Settings:
+    """What to write, checked: the tokenizer to train and the layout of the files."""
+
+    kind: str
+    vocab_size: int | None  # None for char
+    data_format: str
+    shard_tokens: int
+    val_fraction: float | None  # None: for a dataset, its validation split
+    tokenizer_sample: int | None = None
+    num_proc: int | None = None
+
+
+def check_options(args: argparse.Namespace) -> Settings:
+    """Refuse bad flag values before any work is done."""
+    if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise UserError(
             f"--val-fraction {args.val_fraction} is out of range: it must be between 0 and 1 "
             "(exclusive), e.g. 0.1 keeps the last 10% of the text for validation"
         )
+    if not args.dataset:
+        given = [flag for flag, value, default in (
+            ("--config-name", args.config_name, None), ("--split", args.split, "train"),
+            ("--text-column", args.text_column, "text"), ("--val-split", args.val_split, None),
+            ("--streaming", args.streaming, False), ("--tokenizer-sample", args.tokenizer_sample, None),
+            ("--num-proc", args.num_proc, None),
+        ) if value != default]
+        if given:
+            raise UserError(f"{', '.join(given)} applies to --dataset only: --input reads one plain text; "
+                            "drop it or read the data with --dataset")
+    if args.val_split is not None and args.val_fraction is not None:
+        raise UserError("--val-split and --val-fraction both say where validation comes from: pass one of them")
+    for flag, value in (("--tokenizer-sample", args.tokenizer_sample), ("--num-proc", args.num_proc)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} is out of range: it must be 1 or more")
+    if args.num_proc and args.streaming:
+        raise UserError("--num-proc applies to a map over a whole dataset, not to --streaming, which tokenizes "
+                        "as it reads (on every core through tokenizers): drop one of them")
     if args.shard_tokens is not None:
         if args.format != "bin":
             raise UserError(
@@ -142,24 +224,29 @@ def check_options(args: argparse.Namespace) -> tuple[int | None, int]:
         if args.shard_tokens < 1:
             raise UserError(
                 f"--shard-tokens {args.shard_tokens} is out of range: a shard holds at least 1 token; "
-                f"the default is {DEFAULT_SHARD_TOKENS}"
+                f"the default is {formats.DEFAULT_SHARD_TOKENS}"
             )
-    shard_tokens = DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
+    shard_tokens = formats.DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
+    val_fraction = args.val_fraction if args.dataset or args.val_fraction is not None else DEFAULT_VAL_FRACTION
+    sample = args.tokenizer_sample
+    if sample is None and args.streaming:
+        sample = STREAMING_TOKENIZER_SAMPLE
+    settings = Settings(args.tokenizer, None, args.format, shard_tokens, val_fraction, sample, args.num_proc)
     if args.tokenizer == "char":
         if args.vocab_size is not None:
             raise UserError(
                 "--vocab-size applies to --tokenizer bpe only: the char vocabulary is every character in the "
                 "text; drop --vocab-size or add --tokenizer bpe"
             )
-        return None, shard_tokens
-    vocab_size = DEFAULT_BPE_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
-    tok.check_bpe_vocab_size(vocab_size)
-    return vocab_size, shard_tokens
+        return settings
+    settings.vocab_size = DEFAULT_BPE_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
+    tok.check_bpe_vocab_size(settings.vocab_size)
+    return settings
 
 
 @dataclass
 class Source:
-    """The text to prepare: the name meta.json records, and how to stream it."""
+    """The plain text to prepare: what meta.json records about it, and how to stream it."""
 
     name: str
     files: list[Path]  # read in this order; empty for the built-in corpus
@@ -175,10 +262,12 @@ class Source:
         path = Path(spec)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            refuse_dataset_input(path, files)
             if not files:
                 raise UserError(f"input folder {path} holds no files: put .txt files in it, or pass a file")
         elif path.is_file():
             files = [path]
+            refuse_dataset_input(path, files)
         else:
             raise UserError(
                 f"input {path} does not exist: pass a text file, a folder of text files, or {corpus.NAME!r}"
@@ -187,6 +276,10 @@ class Source:
         if size == 0:
             raise UserError(f"input {path} is empty: pass a file with some text in it")
         return cls(str(path), files, size)
+
+    def record(self, val_fraction: float) -> dict:
+        """meta.json's `source`."""
+        return {"input": self.name, "bytes": self.size, "val_fraction": val_fraction}
 
     def chunks(self) -> Iterator[str]:
         """The whole text, in chunks of about CHUNK_CHARS that end at line ends.
@@ -205,6 +298,26 @@ class Source:
                 last = chunk[-1]
 
 
+# Files `datasets` reads, by suffix, and the files `save_to_disk` writes (see tinylm.documents).
+DATASET_SUFFIXES = {".json": "JSON", ".jsonl": "JSON Lines", ".csv": "CSV", ".parquet": "Parquet", ".arrow": "Arrow"}
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+
+def refuse_dataset_input(path: Path, files: list[Path]) -> None:
+    """A dataset passed to --input would be trained on as text (its JSON syntax, its bytes): say what to do."""
+    if path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES):
+        kind = "a datasets save_to_disk folder"
+    else:
+        kinds = sorted({DATASET_SUFFIXES[f.suffix.lower()] for f in files if f.suffix.lower() in DATASET_SUFFIXES})
+        if not kinds:
+            return
+        kind = f"{' and '.join(kinds)} data" if path.is_dir() else f"a {kinds[0]} file"
+    raise UserError(
+        f"input {path} is {kind}, not plain text: read it with --dataset {path} "
+        "(--text-column NAME picks the column that holds the text, default 'text')"
+    )
+
+
 def line_chunks(handle: TextIO) -> Iterator[str]:
     """Read `handle` in chunks of about CHUNK_CHARS, each extended to the end of its line."""
     while chunk := handle.read(CHUNK_CHARS):
@@ -218,6 +331,12 @@ def file_chunks(path: Path) -> Iterator[str]:
         with open(path, encoding="utf-8", newline="") as handle:
             yield from line_chunks(handle)
     except UnicodeDecodeError as exc:
+        with open(path, "rb") as handle:
+            binary = b"\0" in handle.read(SNIFF_BYTES)
+        if binary:  # NUL bytes: an archive, an image, a database... not text in some other encoding
+            raise UserError(
+                f"input {path} is a binary file, not text: pass a text file (a dataset file goes to --dataset)"
+            ) from None
         raise UserError(
             f"input {path} is not UTF-8 text ({exc.reason}): convert it first, "
             f"e.g. iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8.txt"
@@ -226,104 +345,58 @@ def file_chunks(path: Path) -> Iterator[str]:
         raise UserError(f"cannot read input {path}: {exc.strerror or exc}") from None
 
 
-def prepare(
-    source: Source, out: Path, kind: str, vocab_size: int | None, data_format: str, val_fraction: float,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-) -> tuple[dict, list[str]]:
+# --- plain text -----------------------------------------------------------------------------------
+
+
+def prepare(source: Source, out: Path, settings: Settings) -> tuple[dict, list[str]]:
     """Write tokenizer, token files and meta.json for `source` into `out`; return the meta and file names."""
-    staging = make_staging_folder(out)
-    try:
-        tokenizer, num_chars = train_tokenizer(source, kind, vocab_size)
-        tok.save(tokenizer, staging)
-        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-        dtype = token_dtype(vocab)
-        splits = write_splits(source, num_chars, val_fraction, tokenizer, dtype, data_format, shard_tokens, staging)
-        meta = {
-            "format_version": paths.META_FORMAT_VERSION,
-            "data_format": data_format,
-            "tokenizer_kind": kind,
-            "tokenizer_file": paths.TOKENIZER_NAME,
-            "vocab_size": vocab,
-            "eos_token_id": tokenizer.token_to_id(tok.EOS_TOKEN),
-            "dtype": dtype,
-            "source": source.name,
-            "val_fraction": val_fraction,
-            "splits": splits,
-        }
-        write_json(staging / paths.META_NAME, meta)
-        return meta, publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with formats.staging(out) as folder:
+        tokenizer, num_chars = train_tokenizer(source, settings.kind, settings.vocab_size)
+        tok.save(tokenizer, folder)
+        dtype = formats.token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
+        splits = write_text_splits(source, num_chars, tokenizer, dtype, settings, folder)
+        meta = formats.build_meta(folder, settings.data_format, settings.kind, dtype,
+                                  source.record(settings.val_fraction), splits)
+        return meta, formats.publish(folder, out, meta)
 
 
-def write_splits(
-    source: Source, num_chars: int, val_fraction: float, tokenizer: Tokenizer, dtype: str, data_format: str,
-    shard_tokens: int, staging: Path,
-) -> dict:
-    """Cut the text into train and val, write each split's files into `staging`; return meta's `splits`."""
-    train_chars = int(num_chars * (1 - val_fraction))
+def write_text_splits(source: Source, num_chars: int, tokenizer: Tokenizer, dtype: str, settings: Settings,
+                      folder: Path) -> dict:
+    """Cut the text into train and val, write each split's files into `folder`; return meta's `splits`."""
+    train_chars = int(num_chars * (1 - settings.val_fraction))
     split_chars = {"train": train_chars, "val": num_chars - train_chars}
     if min(split_chars.values()) == 0:
         raise UserError(
             f"input {source.name} has only {num_chars} characters: too little to split into train and "
-            f"validation with --val-fraction {val_fraction}; use a longer text"
+            f"validation with --val-fraction {settings.val_fraction}; use a longer text"
         )
     splits = {}
     labelled = label_splits(source.chunks(), train_chars)
     for split, pieces in itertools.groupby(labelled, key=itemgetter(0)):
+        writer = formats.SplitWriter(folder, split, settings.data_format, dtype, settings.shard_tokens)
         texts = progress((text for _, text in pieces), split_chars[split], f"encoding {split}")
-        if data_format == "bin":
-            entries = write_bin(encode(tokenizer, texts, dtype), staging, split, dtype, shard_tokens)
-        else:
-            entries = [write_txt(texts, staging / f"{split}.txt", staging / paths.TOKENIZER_NAME, dtype)]
-        num_tokens = sum(entry["num_tokens"] for entry in entries)
-        if num_tokens < MIN_SPLIT_TOKENS:
-            raise UserError(
-                f"input {source.name} is too small: its {split} split has {num_tokens} token(s), "
-                f"fewer than one block; use a longer text or a different --val-fraction"
-            )
-        splits[split] = {"num_tokens": num_tokens, "num_chars": split_chars[split], "files": entries}
+        for ids in encode(tokenizer, written_to(writer, texts), dtype):
+            writer.write(ids)
+        splits[split] = finished(writer, f"input {source.name}", "use a longer text or a different --val-fraction")
+        splits[split]["num_chars"] = split_chars[split]
     return splits
 
 
-def make_staging_folder(out: Path) -> Path:
-    """A fresh hidden folder inside `out` (so moves into `out` are renames); fails early if `out` is unwritable."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
-    except OSError as exc:
-        what = "is a file, not a folder" if out.is_file() else f"cannot be written ({exc.strerror or exc})"
-        raise UserError(f"output folder {out} {what}: pass a writable folder with --out") from None
+def written_to(writer: formats.SplitWriter, texts: Iterable[str]) -> Iterator[str]:
+    """Pass `texts` through, appending each to the writer's text file (txt format) on the way."""
+    for text in texts:
+        writer.write_text(text)
+        yield text
 
 
-def publish(staging: Path, out: Path) -> list[str]:
-    """Move every staged file into `out` by atomic rename, meta.json last; return their names.
-
-    Then delete the data files that the replaced meta.json listed and this run did not
-    rewrite (say train_000.bin ... of an earlier sharded run), so no stale shards pile up.
-    """
-    replaced = listed_files(out / paths.META_NAME)
-    names = sorted(path.name for path in staging.iterdir() if path.name != paths.META_NAME)
-    names.append(paths.META_NAME)  # last: until it lands, readers still see the previous, complete set
-    for name in names:
-        with atomic_path(out / name) as tmp:
-            (staging / name).replace(tmp)
-    for name in replaced - set(names):
-        (out / name).unlink(missing_ok=True)
-    return names
-
-
-def listed_files(meta_path: Path) -> set[str]:
-    """The data files (tokens, texts, .npy stamps) a meta.json lists beside itself; none if it is unreadable."""
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        entries = [entry for split in meta["splits"].values() for entry in split["files"]]
-        names = {entry[key] for entry in entries for key in ("tokens", "text") if key in entry}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()  # no meta.json, or not one of ours: delete nothing
-    names |= {stamp_path(Path(name)).name for name in names if str(name).endswith(".npy")}
-    # Only plain names in the folder itself: a hand-edited "../x" must never delete anything elsewhere.
-    return {name for name in names if isinstance(name, str) and Path(name).name == name}
+def finished(writer: formats.SplitWriter, what: str, fix: str) -> dict:
+    """Close a split's writer; its meta entry, or a UserError if it is smaller than one block."""
+    entries = writer.finish()
+    num_tokens = sum(entry["num_tokens"] for entry in entries)
+    if num_tokens < MIN_SPLIT_TOKENS:
+        raise UserError(f"{what} is too small: its {writer.split} split has {num_tokens} token(s), "
+                        f"fewer than one block; {fix}")
+    return {"num_tokens": num_tokens, "files": entries}
 
 
 def train_tokenizer(source: Source, kind: str, vocab_size: int | None) -> tuple[Tokenizer, int]:
@@ -336,15 +409,14 @@ def train_tokenizer(source: Source, kind: str, vocab_size: int | None) -> tuple[
             num_chars += len(chunk)
             yield chunk
 
+    return new_tokenizer(kind, counted(), vocab_size), num_chars
+
+
+def new_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None) -> Tokenizer:
     if kind == "char":
-        return tok.train_char(counted()), num_chars
+        return tok.train_char(texts)
     # The trainer's own bars (merges) only on a terminal, like tqdm's; elsewhere they print blank lines.
-    return tok.train_bpe(counted(), vocab_size, show_progress=sys.stderr.isatty()), num_chars
-
-
-def token_dtype(vocab_size: int) -> str:
-    """nanoGPT's layout: uint16 ids while the vocabulary fits, uint32 beyond."""
-    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+    return tok.train_bpe(texts, vocab_size, show_progress=sys.stderr.isatty())
 
 
 def label_splits(chunks: Iterable[str], train_chars: int) -> Iterator[tuple[str, str]]:
@@ -383,97 +455,106 @@ def ids_of(encodings: list[Encoding], dtype: str) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype)
 
 
-def shard_pieces(arrays: Iterable[np.ndarray], shard_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(shard index, ids) pieces: the concatenation of `arrays` cut every `shard_tokens` tokens."""
-    position = 0
-    for ids in arrays:
-        while len(ids):
-            piece = ids[: shard_tokens - position % shard_tokens]
-            yield position // shard_tokens, piece
-            position += len(piece)
-            ids = ids[len(piece) :]
+# --- datasets -------------------------------------------------------------------------------------
 
 
-def write_bin(arrays: Iterable[np.ndarray], folder: Path, split: str, dtype: str, shard_tokens: int) -> list[dict]:
-    """Write a split's token ids as flat little-endian files (nanoGPT's .bin); return their meta entries.
+def prepare_documents(docs, out: Path, settings: Settings) -> tuple[dict, list[str]]:
+    """Write tokenizer, token files and meta.json for a dataset's documents (`tinylm.documents.Documents`)."""
+    from . import documents
 
-    Every `shard_tokens` tokens start a new file, `<split>_000.bin`, `<split>_001.bin`, ...;
-    when the split fits in one, it is renamed to plain `<split>.bin`.
+    with formats.staging(out) as folder:
+        tokenizer = documents_tokenizer(docs, settings)
+        tok.save(tokenizer, folder)
+        dtype = formats.token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
+        writers = {split: formats.SplitWriter(folder, split, settings.data_format, dtype, settings.shard_tokens)
+                   for split in formats.SPLITS}
+        counts = dict.fromkeys(formats.SPLITS, 0)
+        rows_seen = 0
+        batches = documents.tokenized_splits(docs, tokenizer, dtype, settings.data_format == "txt", settings.num_proc)
+        with tqdm(total=docs.num_rows(), desc=f"writing {docs.spec}", unit="doc", unit_scale=True, disable=None,
+                  leave=False) as bar:
+            for split, rows in batches:
+                counts[split] += write_rows(writers[split], rows, docs.column)
+                rows_seen += rows.num_rows
+                bar.update(rows.num_rows)
+        skipped = rows_seen - sum(counts.values())
+        if skipped:
+            print(f"note: {skipped:,} rows of {docs.spec} have no text (empty or null) and were left out")
+        what = f"dataset {docs.spec}"
+        fix = "use more (or longer) documents, or another --split / --val-split / --val-fraction"
+        splits = {split: finished(writers[split], what, fix) for split in formats.SPLITS}
+        record = {**docs.record, "num_documents": counts, "tokenizer_sample_chars": settings.tokenizer_sample}
+        meta = formats.build_meta(folder, settings.data_format, settings.kind, dtype, record, splits)
+        return meta, formats.publish(folder, out, meta)
+
+
+def write_rows(writer: formats.SplitWriter, rows, column: str) -> int:
+    """Append a batch of tokenized rows (a pyarrow table) to a split; return how many documents it held."""
+    ids = rows.column("input_ids").combine_chunks()
+    writer.write(ids.flatten().to_numpy(zero_copy_only=False))
+    if column in rows.column_names:  # txt format: the documents' text, each followed by <|endoftext|>
+        writer.write_text("".join(text + tok.EOS_TOKEN for text in rows.column(column).to_pylist() if text))
+    return int(np.count_nonzero(ids.value_lengths().to_numpy(zero_copy_only=False)))
+
+
+def documents_tokenizer(docs, settings: Settings) -> Tokenizer:
+    """The tokenizer trained on the documents' text (or its first `tokenizer_sample` characters).
+
+    A tokenizer trained on a `Dataset` is kept in `datasets`' cache, under a key made from
+    the dataset's cache files and the settings, so preparing the same data again reuses it
+    (and, since the tokenizer is then the same, `Dataset.map`'s cached tokens too).
     """
-    entries = []
-    for index, pieces in itertools.groupby(shard_pieces(arrays, shard_tokens), key=itemgetter(0)):
-        target = folder / f"{split}_{index:03d}.bin"
-        num_tokens = 0
-        with open(target, "wb") as handle:
-            for _, ids in pieces:
-                ids.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(handle)
-                num_tokens += len(ids)
-        entries.append({"tokens": target.name, "num_tokens": num_tokens})
-    if len(entries) == 1:
-        (folder / entries[0]["tokens"]).rename(folder / f"{split}.bin")
-        entries[0]["tokens"] = f"{split}.bin"
-    return entries
+    from . import documents
+
+    key = documents.tokenizer_cache_key(docs, settings.kind, settings.vocab_size, settings.tokenizer_sample)
+    cached = documents.cached_tokenizer_path(key) if key else None
+    if cached is not None and cached.is_file():
+        return Tokenizer.from_file(str(cached))
+    texts = docs.texts(settings.tokenizer_sample)
+    description = f"training {settings.kind} tokenizer"
+    with tqdm(total=docs.num_rows(), desc=description, unit="doc", unit_scale=True, disable=None, leave=False) as bar:
+        tokenizer = new_tokenizer(settings.kind, counted(texts, bar), settings.vocab_size)
+    if cached is not None:
+        with atomic_path(cached) as tmp:
+            tokenizer.save(str(tmp))
+    return tokenizer
 
 
-def write_txt(texts: Iterable[str], target: Path, tokenizer_path: Path, dtype: str) -> dict:
-    """Write the split's text to `target`, then its tokens to the .npy beside it; return its meta entry."""
-    with open(target, "w", encoding="utf-8", newline="") as handle:
-        for text in texts:
-            handle.write(text)
-    tokens = target.with_suffix(".npy")
-    num_tokens = tokenize_text_file(target, tokens, tokenizer_path, dtype)
-    return {"text": target.name, "tokens": tokens.name, "num_tokens": num_tokens}
+def counted(texts: Iterable[str], bar: tqdm) -> Iterator[str]:
+    for text in texts:
+        yield text
+        bar.update()
 
 
-# --- the .npy token cache of a text file (txt format), shared with tinylm.data -------------------------
+# --- retokenizing edited txt data -----------------------------------------------------------------
 
 
-def tokenize_text_file(text_path: Path, tokens_path: Path, tokenizer_path: Path, dtype: str) -> int:
-    """Encode a UTF-8 text file into a 1-D .npy of token ids, atomically; return the token count.
-
-    A stamp file beside the .npy (`train.npy.json`) records the text's size and
-    modification time and the tokenizer's hash, so `tokens_are_current` can tell
-    when the text or the tokenizer changed and the tokens must be rebuilt.
-    """
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    header = {"descr": npy_format.dtype_to_descr(np.dtype(dtype).newbyteorder("<")), "fortran_order": False}
-    num_tokens = 0
-    texts = progress(file_chunks(text_path), text_path.stat().st_size, f"tokenizing {text_path.name}")
-    with atomic_path(tokens_path) as tmp, open(tmp, "wb") as handle:
-        # The length is known only at the end. numpy pads every header with room for the
-        # shape to grow (GROWTH_AXIS_MAX_DIGITS), so the final header overwrites this one in place.
-        npy_format.write_array_header_1_0(handle, {**header, "shape": (0,)})
-        data_start = handle.tell()
-        for ids in encode(tokenizer, texts, dtype):
-            ids.astype(header["descr"], copy=False).tofile(handle)
-            num_tokens += len(ids)
-        handle.seek(0)
-        npy_format.write_array_header_1_0(handle, {**header, "shape": (num_tokens,)})
-        if handle.tell() != data_start:
-            raise RuntimeError(f"npy header of {tokens_path} changed size; cannot rewrite it in place")
-    write_json(stamp_path(tokens_path), {**text_stamp(text_path, tokenizer_path), "num_tokens": num_tokens})
-    return num_tokens
-
-
-def tokens_are_current(text_path: Path, tokens_path: Path, tokenizer_path: Path) -> bool:
-    """Whether `tokens_path` was made from `text_path` as it is now, with this tokenizer file."""
-    try:
-        stamp = json.loads(stamp_path(tokens_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    current = text_stamp(text_path, tokenizer_path)
-    return tokens_path.is_file() and all(stamp.get(key) == value for key, value in current.items())
-
-
-def stamp_path(tokens_path: Path) -> Path:
-    return tokens_path.with_name(tokens_path.name + ".json")
-
-
-def text_stamp(text_path: Path, tokenizer_path: Path) -> dict:
-    """What a .npy token cache depends on: the text file's size and mtime, the tokenizer's content."""
-    stat = text_path.stat()
-    digest = hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()
-    return {"text_size": stat.st_size, "text_mtime_ns": stat.st_mtime_ns, "tokenizer_sha256": digest}
+def retokenize(folder: Path) -> int:
+    """Tokenize the txt layout's train.txt/val.txt in `folder` again, with its own tokenizer, after a hand edit."""
+    meta_path = folder / paths.META_NAME
+    meta = formats.load_meta(meta_path)
+    if meta["data_format"] != "txt":
+        raise UserError(f"--retokenize {folder}: {meta_path} describes {meta['data_format']} data, which keeps no "
+                        "text to tokenize again; prepare it afresh with tinylm prepare")
+    tokenizer = Tokenizer.from_file(str(folder / meta["tokenizer_file"]))
+    with formats.staging(folder) as staging:
+        for split in formats.SPLITS:
+            (entry,) = meta["splits"][split]["files"]
+            text_path = folder / entry.get("text", f"{split}.txt")
+            if not text_path.is_file():
+                raise UserError(f"--retokenize {folder}: {text_path} is missing, so there is nothing to tokenize; "
+                                "prepare the data afresh with tinylm prepare --format txt")
+            writer = formats.SplitWriter(staging, split, "txt", meta["dtype"])
+            texts = progress(file_chunks(text_path), text_path.stat().st_size, f"tokenizing {text_path.name}")
+            for ids in encode(tokenizer, written_to(writer, texts), meta["dtype"]):
+                writer.write(ids)
+            meta["splits"][split] = finished(writer, str(text_path), "add text to it")
+        meta["retokenized"] = formats.now()
+        written = formats.publish(staging, folder, meta)
+    for split in formats.SPLITS:
+        print(f"  {split:<5} {meta['splits'][split]['num_tokens']:>12,} tokens  {folder / f'{split}.npy'}")
+    print(f"  retokenized {folder}: wrote {', '.join(written)}")
+    return 0
 
 
 def progress(items: Iterable[str], total: int, description: str) -> Iterator[str]:

@@ -276,10 +276,11 @@ def sample_tokens(
     model, prompt_ids: list[int], sampling: Sampling, generator: torch.Generator | None = None,
     keep: int | None = None,
 ) -> Iterator[int]:
-    """Yield `sampling.max_new_tokens` new token ids, one at a time (the KV-cached sliding window).
+    """Yield up to `sampling.max_new_tokens` new token ids, one at a time (the KV-cached sliding window).
 
     The model sees the prompt's last `block_size` tokens; see the module docstring
-    for how the window slides. `keep` overrides `refill_length(block_size)`.
+    for how the window slides. `keep` overrides `refill_length(block_size)`. With
+    `sampling.stop_at_eos`, sampling ends at the model's eos token (not yielded).
     """
     block_size = context_length(model)
     keep = refill_length(block_size) if keep is None else keep
@@ -291,6 +292,8 @@ def sample_tokens(
     logits = decoder.prefill(tokens[-block_size:])
     for step in range(sampling.max_new_tokens):
         token = choose(logits, sampling, warpers, generator)
+        if is_end(token, model, sampling):
+            return
         yield token
         if step == sampling.max_new_tokens - 1:
             return
@@ -324,12 +327,19 @@ def sample_tokens_recompute(
         ids = torch.tensor([tokens[-window:]], device=model.device)
         logits = next_logits(model, ids, positions[:, :window])
         token = choose(logits, sampling, warpers, generator)
+        if is_end(token, model, sampling):
+            return
         yield token
         tokens.append(token)
         if window < block_size:
             window += 1
         elif context == "refill":
             window = keep
+
+
+def is_end(token: int, model, sampling: Sampling) -> bool:
+    """Whether `token` ends the sample: the model's eos token, when `sampling.stop_at_eos`."""
+    return sampling.stop_at_eos and token == model.config.eos_token_id
 
 
 def decode_stream(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, data, rng
+from . import checkpoint, data, formats, rng
 from . import tokenizer as tok
 from .atomic import write_json
 from .config import MAX_SEED, Config
@@ -96,12 +96,16 @@ class Trainer:
         for warning in hardware.warnings:
             self.print(f"warning: {warning}")
 
-        # Only the main process tokenizes a txt corpus; the others wait, then read its cache.
-        with self.accelerator.main_process_first():
-            self.data = data.resolve(config.data.processed_dir, training.data_format, config.data.tokenizer)
-            self.train_tokens = self.data.split("train")
-            self.val_tokens = self.data.split("val")
+        self.data = data.resolve(config.data.processed_dir, training.data_format, config.data.tokenizer)
+        self.train_tokens = self.data.split("train")
+        self.val_tokens = self.data.split("val")
         self.tokenizer = self.data.tokenizer()
+        newer = data.newer_other_format(self.data, config.data.processed_dir)
+        if newer is not None:
+            other = "txt" if training.data_format == "bin" else "bin"
+            self.print(f"warning: {newer} ({other} data) was prepared after {self.data.meta_path}, which training "
+                       f"reads (training.data_format = \"{training.data_format}\"): to train on the newer data, "
+                       f"pass --data-format {other} (training.data_format = \"{other}\")")
 
         if config.hub.repo_id:  # fail now, not after hours of training
             from . import push
@@ -517,6 +521,7 @@ class Trainer:
             f"{shape.n_embd} wide, block {shape.block_size}, vocab {self.data.vocab_size} {self.data.tokenizer_kind})",
             f"data: {self.train_tokens.num_tokens:,} train / {self.val_tokens.num_tokens:,} val tokens "
             f"from {self.data.meta_path}",
+            f"      source: {formats.describe_source(self.data.meta)}",
             " | ".join([f"device: {self.accelerator.device}", f"precision: {self.hardware.precision}",
                         f"processes (world size): {self.accelerator.num_processes}", *speed]),
             f"effective_batch_size = batch_size * grad_accum_steps = {training.batch_size} * "
