@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tinylm.config import Config, apply_overrides, from_dict, load_config
 from tinylm.errors import UserError
 
-PRESETS = ["base", "baby", "rtx4060", "gpt2-124m"]
+PRESETS = ["base", "baby", "rtx4060", "gpt2-124m", "finetune-gpt2", "finetune-cpu"]
 
 
 # What each preset is for: (n_layer, n_embd, block_size, precision, batch_size, grad_accum_steps).
@@ -18,7 +18,11 @@ PRESET_SHAPES = {
     "baby": (4, 128, 64, "fp32", 12, 1),  # nanoGPT's CPU baby GPT
     "rtx4060": (6, 384, 256, "fp16", 8, 4),  # the training page's RTX 4060 example
     "gpt2-124m": (12, 768, 1024, "bf16", 12, 40),  # GPT-2 small, nanoGPT's 8-GPU recipe on one process
+    # Fine-tuning: the shape keys are the pretrained model's (defaults here, never given), the context cropped.
+    "finetune-gpt2": (4, 128, 1024, "bf16", 8, 4),
+    "finetune-cpu": (4, 128, 128, "fp32", 4, 2),
 }
+FINETUNED = {"finetune-gpt2": "gpt2", "finetune-cpu": "distilgpt2"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -27,6 +31,9 @@ def test_presets_load_with_the_shape_they_are_for(name):
     model, training = config.model, config.training
     assert (model.n_layer, model.n_embd, model.block_size, training.precision, training.batch_size,
             training.grad_accum_steps) == PRESET_SHAPES[name]
+    assert model.init_from == FINETUNED.get(name, "scratch")
+    if name in FINETUNED:  # the model's shape, not the config's: no shape key is given
+        assert not {"model.n_layer", "model.n_head", "model.n_embd"} & config.given
 
 
 def test_page_defaults():
@@ -63,6 +70,9 @@ def test_rtx4060_preset_is_the_page_example():
         ({"model": {"dropout": 1.5}}, "model.dropout must be in [0.0, 1.0)"),
         ({"model": {"n_embd": 100, "n_head": 3}}, "must be divisible by model.n_head"),
         ({"model": 3}, "[model] must be a table of keys"),
+        ({"hub": {"license": "MIT"}}, "hub.license must be a Hub license id such as \"mit\""),
+        ({"hub": {"license": "my license"}}, "hub.license must be a Hub license id"),
+        ({"hub": {"language": "English"}}, "hub.language must be an ISO 639 language code"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_checkpoint import BLOCK_SIZE, TEXT, assert_one_line_error, save_checkpoint, train_tiny_model
+from huggingface_hub import ModelCard
 from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from tinylm import checkpoint, export, model as tinymodel, sampler, tokenizer as tok
+from tinylm.atomic import FILE_MODE
 from tinylm.config import Config, ModelConfig
 
 GPT2_DEFAULT_SPECIAL_ID = 50256
@@ -76,6 +78,8 @@ def test_folder_holds_the_files_transformers_expects(exported):
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "README.md"} <= names
     assert not [name for name in names if name.startswith(".")]
+    # transformers writes model.safetensors owner-only (0600); every file gets the umask-based mode.
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in exported.iterdir()} == {n: oct(FILE_MODE) for n in names}
     with safe_open(exported / "model.safetensors", framework="pt") as weights:
         keys = set(weights.keys())
     # The output projection is the input embedding: stored once, tied again on load.
@@ -182,7 +186,15 @@ print(json.dumps({{"text": text, "tinylm": sorted(m for m in sys.modules if m.st
 def test_model_card_describes_model_data_training_and_use(exported, trained):
     card = (exported / "README.md").read_text()
     model, _, tokenizer = trained
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    data = ModelCard.load(exported / "README.md").data
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "text-generation")
+    assert data.tags == ["tinylm", "gpt2", "text-generation", "character-level"]
+    # Trained from scratch on a local text, no license or language configured: none is claimed.
+    assert (data.license, data.language, data.base_model, data.datasets) == (None, None, None, None)
+    assert "| license | not stated by the author |" in card and "trained from scratch" in card
+    assert data.model_name == "tiny-char"
+    assert [(r.metric_type, r.metric_value, r.dataset_name, r.dataset_type) for r in data.eval_results] == [
+        ("loss", 1.2345, "fox.txt", "local"), ("perplexity", round(math.exp(1.2345), 2), "fox.txt", "local")]
     assert f"{tinymodel.count_parameters(model):,}" in card
     assert "| layers / heads / width | 2 / 2 / 32 |" in card
     assert f"char (one token per character), {len(tokenizer):,} tokens" in card
@@ -212,6 +224,70 @@ def test_card_falls_back_to_checkpoint_numbers_without_train_log(tmp_path, train
     assert f"validation loss 2.5000 (perplexity {math.exp(2.5):.2f})" in card
     assert "No train_log.json was found" in card
     assert not (tmp_path / "out" / "loss_curve.png").exists()
+    results = ModelCard.load(tmp_path / "out" / "README.md").data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in results] == [("loss", 2.5), ("perplexity", round(math.exp(2.5), 2))]
+
+
+HUB_DATASET_SOURCE = {"dataset": "roneneldan/TinyStories", "config_name": None, "split": "train", "text_column": "text",
+                      "val_split": "validation", "val_fraction": None, "streaming": False}
+
+
+def checkpoint_with(path: Path, trained, *, model: dict | None = None, hub: dict | None = None, source=None,
+                    val_loss: float | None = 2.0) -> Path:
+    """The tiny checkpoint with its run config's [model] / [hub] keys and its data source replaced."""
+    weights, config, tokenizer = trained
+    save_checkpoint(path, weights, config, tokenizer, iteration=40)
+    payload = checkpoint.load(path)
+    run = payload["config"]
+    run["model"] = {**run["model"], **(model or {})}
+    run["hub"] = hub if hub is not None else run["hub"]
+    meta = {**META, "source": source} if source is not None else META
+    checkpoint.save(path, {**payload, "meta": meta, "val_loss": val_loss})
+    return path
+
+
+def test_card_metadata_names_license_language_base_model_and_hub_dataset(tmp_path, trained):
+    path = checkpoint_with(tmp_path / "ckpt.pt", trained, model={"init_from": "gpt2"},
+                           hub={"repo_id": "", "private": False, "license": "apache-2.0", "language": ""},
+                           source=HUB_DATASET_SOURCE, val_loss=2.0)
+    folder = export.export(path, tmp_path / "out", language="en")  # the flag adds what the config left out
+    card = ModelCard.load(folder / "README.md")
+    data = card.data
+    assert (data.license, data.language, data.base_model) == ("apache-2.0", "en", "gpt2")
+    assert data.datasets == ["roneneldan/TinyStories"]
+    assert [(r.metric_type, r.metric_value) for r in data.eval_results] == [
+        ("loss", 2.0), ("perplexity", round(math.exp(2.0), 2))]
+    assert {(r.dataset_type, r.dataset_name, r.dataset_split) for r in data.eval_results} == {
+        ("roneneldan/TinyStories", "roneneldan/TinyStories", "validation")}
+    assert "fine-tuned from [`gpt2`](https://huggingface.co/gpt2)" in card.text
+    assert "[`roneneldan/TinyStories`](https://huggingface.co/datasets/roneneldan/TinyStories)" in card.text
+    assert "| license | `apache-2.0` |" in card.text
+
+
+def test_local_data_and_models_are_never_named_as_hub_ids(tmp_path, trained, monkeypatch):
+    """`owner/name` that is a folder here is a local model or dataset, not a Hub id; a data file neither."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "me" / "base-model").mkdir(parents=True)
+    (tmp_path / "corpus" / "saved").mkdir(parents=True)
+    for init_from, dataset in (("me/base-model", "corpus/saved"), ("me/base-model", "gone/docs.jsonl")):
+        path = checkpoint_with(tmp_path / "ckpt.pt", trained, model={"init_from": init_from},
+                               source={**HUB_DATASET_SOURCE, "dataset": dataset})
+        folder = export.export(path, tmp_path / "out", force=True)
+        card = ModelCard.load(folder / "README.md")
+        assert (card.data.base_model, card.data.datasets) == (None, None)
+        assert "fine-tuned from the local model `base-model`" in card.text
+        assert {r.dataset_type for r in card.data.eval_results} == {"local"}
+
+
+def test_a_checkpoint_from_before_the_card_settings_exports(tmp_path, trained):
+    """Old checkpoints lack hub.license, hub.language and model.init_from; their source is a plain string."""
+    path = checkpoint_with(tmp_path / "ckpt.pt", trained, hub={"repo_id": "", "private": False}, source="old.txt")
+    payload = checkpoint.load(path)
+    del payload["config"]["model"]["init_from"]
+    checkpoint.save(path, payload)
+    card = ModelCard.load(export.export(path, tmp_path / "out") / "README.md")
+    assert (card.data.license, card.data.base_model, card.data.datasets) == (None, None, None)
+    assert "trained from scratch with tinylm on `old.txt`" in card.text
 
 
 # --- a BPE checkpoint -------------------------------------------------------------------------------
@@ -320,6 +396,13 @@ def test_bad_checkpoints_give_one_line_and_write_nothing(tmp_path, make_checkpoi
     assert_one_line_error(result, needle)
     assert not out.exists()
     assert not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_a_license_the_hub_would_refuse_is_one_line(tmp_path, ckpt):
+    out = tmp_path / "model"
+    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out, "--license", "MIT"),
+                          "--license must be a Hub license id", "did you mean 'mit'?")
+    assert not out.exists()
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, ckpt):

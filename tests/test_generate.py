@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -208,15 +209,44 @@ def test_lean_gpt2_decoder_gives_the_full_models_logits(untrained, which):
     assert checked == 2 * (BLOCK_SIZE - 5)
 
 
-def test_other_causal_lms_use_transformers_cache_and_slide_the_same_way():
-    """An exported folder may hold any causal LM (here a tiny Llama): it runs on a DynamicCache, same window."""
+def tiny_llama() -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=23, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=BLOCK_SIZE)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def test_other_causal_lms_use_transformers_cache_and_slide_the_same_way():
+    """An exported folder may hold any causal LM (here a tiny Llama): it runs on a DynamicCache, same window."""
+    model = tiny_llama()
     assert isinstance(sampler.decoder_for(model), sampler.DynamicCacheDecoder)
     cached = list(sampler.sample_tokens(model, [1, 2, 3], GREEDY, keep=5))
     assert cached == list(sampler.sample_tokens_recompute(model, [1, 2, 3], GREEDY, context="refill", keep=5))
+
+
+@pytest.mark.parametrize("which", ["GPT2Decoder", "DynamicCacheDecoder on GPT-2", "DynamicCacheDecoder on Llama"])
+def test_cached_decoding_uses_the_installed_transformers_api_and_still_matches_recompute(untrained, which):
+    """A deprecation warning from transformers means a later version breaks the call: none may come from
+    ours. Every cached step must still give the logits of recomputing the whole window, so a renamed
+    cache argument that the model silently drops (or internals the lean decoder relies on) show too."""
+    model = tiny_llama() if "Llama" in which else untrained[0]
+    decoder = (sampler.GPT2Decoder if which == "GPT2Decoder" else sampler.DynamicCacheDecoder)(model)
+    ids = torch.randint(0, model.config.vocab_size, (BLOCK_SIZE,), generator=torch.Generator().manual_seed(2)).tolist()
+    positions = torch.arange(BLOCK_SIZE).unsqueeze(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecate_kwarg warns with FutureWarning
+        cached = [decoder.prefill(ids[:4]), *(decoder.step(token) for token in ids[4:])]
+        with torch.inference_mode():
+            reference = [sampler.next_logits(model, torch.tensor([ids[:end]]), positions[:, :end])
+                         for end in range(4, BLOCK_SIZE + 1)]
+        greedy = sampler.Sampling(stop_at_eos=False, max_new_tokens=3 * BLOCK_SIZE, temperature=0.0)
+        sampled = list(sampler.sample_tokens(model, ids[:3], greedy))
+        recomputed = list(sampler.sample_tokens_recompute(model, ids[:3], greedy, context="refill"))
+    if isinstance(decoder, sampler.DynamicCacheDecoder):
+        assert decoder.cache.get_seq_length() == BLOCK_SIZE  # the model really filled our cache
+    for got, want in zip(cached, reference, strict=True):
+        torch.testing.assert_close(got, want, **LOGITS_TOLERANCE)
+    assert sampled == recomputed
 
 
 def test_seeded_sampling_past_the_context_matches_the_uncached_reference(untrained):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,15 +54,21 @@ def test_two_processes_train_stop_together_and_resume(prepared, tmp_path):
 
 
 def test_two_processes_match_one_process_with_twice_the_batch(prepared, tmp_path):
-    """2 processes x batch 2 draw the same blocks as 1 process x batch 4: same losses up to float noise."""
+    """2 processes x batch 2 draw the same blocks as 1 process x batch 4: same losses up to float noise.
+
+    The train loss printed every log_interval steps (and logged to the tracker) is the mean over
+    the processes: the one process's mean over the same 4 blocks, not rank 0's 2."""
     one = write_config(tmp_path / "one.toml", prepared, tmp_path / "one", training={"batch_size": 4, "eval_iters": 2})
     two = write_config(tmp_path / "two.toml", prepared, tmp_path / "two", training={"batch_size": 2, "eval_iters": 4})
-    train(one)
-    run(launch(SPY_TRAIN, str(tmp_path / "writes.log"), "--config", str(two)), check=True)
+    single_run = train(one)
+    double_run = run(launch(SPY_TRAIN, str(tmp_path / "writes.log"), "--config", str(two)), check=True)
     single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [r[0] for r in single] == [r[0] for r in double] == [0, 4, 8, 12]
     for a, b in zip(single, double):
         assert b[1] == pytest.approx(a[1], abs=1e-4) and b[2] == pytest.approx(a[2], abs=1e-4)
+    printed = [[float(loss) for loss in re.findall(r"^iter \d+/12 \| loss ([\d.]+)", result.stdout, re.MULTILINE)]
+               for result in (single_run, double_run)]
+    assert len(printed[0]) == 3 and printed[1] == pytest.approx(printed[0], abs=2e-4)
 
 
 @pytest.mark.parametrize("name", ["accelerate_config.yaml", "configs/accelerate/cpu-2proc.yaml",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -60,6 +61,26 @@ def run_onnx(session, model, ids, mask, positions, past):
     presents = outputs[1:]
     next_past = dict(zip(onnx_export.past_names(model.config.n_layer, "past_key_values"), presents))
     return outputs[0], next_past
+
+
+def test_traced_wrapper_uses_the_installed_transformers_cache_api(ckpt):
+    """What export traces (no ONNX packages needed): no deprecated transformers call (a FutureWarning
+    means a later version breaks it), and a cached step gives the full forward pass's logits."""
+    model = checkpoint.model_from(checkpoint.load(ckpt)).eval()
+    wrapper = onnx_export.DecoderWithPast(model)
+    config = model.config
+    ids = torch.tensor([list(range(1, 7))])
+    empty = tuple(torch.zeros(1, config.n_head, 0, config.n_embd // config.n_head)
+                  for _ in onnx_export.past_names(config.n_layer, "past_key_values"))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecate_kwarg warns with FutureWarning
+        prompt_logits, *past = wrapper(ids[:, :5], torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None], empty)
+        step_logits, *presents = wrapper(ids[:, 5:], torch.ones(1, 6, dtype=torch.long), torch.tensor([[5]]),
+                                         tuple(past))
+        full = model(input_ids=ids).logits
+    torch.testing.assert_close(prompt_logits, full[:, :5], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(step_logits[:, -1], full[:, -1], atol=TOLERANCE, rtol=0)
+    assert [tensor.shape[2] for tensor in presents] == [6] * 2 * config.n_layer
 
 
 @needs_onnx

@@ -22,15 +22,24 @@ from pathlib import Path
 
 import pytest
 from helpers_checkpoint import assert_one_line_error, tiny_checkpoint
+from huggingface_hub import ModelCard
 
-from tinylm import export
+from tinylm import checkpoint, export
 
 TOKEN = "hf_tinylmTestTokenNeverPrinted0123"
 
 
+def licensed_checkpoint(path: Path, **payload_values) -> Path:
+    """The tiny checkpoint, trained with `[hub] license = "mit"` (so push has nothing to warn about)."""
+    payload = checkpoint.load(tiny_checkpoint(path))
+    payload["config"]["hub"]["license"] = "mit"
+    checkpoint.save(path, {**payload, **payload_values})
+    return path
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "ckpt_best.pt")
+    ckpt = licensed_checkpoint(tmp_path_factory.mktemp("checkpoints") / "ckpt_best.pt")
     return export.export(ckpt, tmp_path_factory.mktemp("exported") / "tiny")
 
 
@@ -62,8 +71,10 @@ def test_dry_run_lists_every_file_with_its_size_and_sends_nothing(exported, tmp_
     files = sorted(path for path in exported.iterdir())
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert listed == [path.name for path in files]
+    card_size = len(str(export.card_for_repo(exported, "someone/tiny")).encode())  # the card as uploaded
     for path in files:
-        assert any(line.split()[0] == path.name and export.format_size(path.stat().st_size) in line
+        size = card_size if path.name == "README.md" else path.stat().st_size
+        assert any(line.split()[0] == path.name and export.format_size(size) in line
                    for line in result.stdout.splitlines() if line.startswith("  "))
     summary = result.stdout.strip().splitlines()[-1]
     assert f"{len(files)} files" in summary and "someone/tiny" in summary and "nothing was sent" in summary
@@ -177,7 +188,10 @@ def test_push_creates_the_repo_and_uploads_every_file(exported, tmp_path, fake_h
     commit = by_route["/api/models/someone/tiny/commit/dev"][1]
     assert commit[0] == {"key": "header", "value": {"summary": "first model", "description": ""}}
     uploaded = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in commit[1:]}
-    assert uploaded == {path.name: path.read_bytes() for path in exported.iterdir()}
+    on_disk = {path.name: path.read_bytes() for path in exported.iterdir()}
+    assert uploaded.keys() == on_disk.keys()
+    assert uploaded["README.md"] == str(export.card_for_repo(exported, "someone/tiny")).encode()
+    assert {n: b for n, b in uploaded.items() if n != "README.md"} == {n: b for n, b in on_disk.items() if n != "README.md"}
 
 
 def test_rejected_token_is_one_clear_line(exported, tmp_path, fake_hub):
@@ -206,3 +220,47 @@ def test_push_folder_for_callers_uses_the_token_it_is_given(exported, tmp_path, 
     assert commit[0]["value"]["summary"] == "from code"
     # Not private: the visibility is left to the Hub (an organisation may default to private).
     assert "visibility" not in next(body for path, _, body in FakeHub.requests if path == "/api/repos/create")
+
+
+# --- the model card as pushed -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def licensed(tmp_path_factory) -> Path:
+    """An export with a validation loss (so a model-index), in a folder named `exported` as the
+    end-of-training push writes it."""
+    path = licensed_checkpoint(tmp_path_factory.mktemp("checkpoints") / "ckpt_best.pt", val_loss=1.5)
+    return export.export(path, tmp_path_factory.mktemp("run") / "exported")
+
+
+def test_the_pushed_card_names_the_repo_and_the_folder_keeps_its_own(licensed, tmp_path, fake_hub, snapshot):
+    before = snapshot(licensed)
+    result = run_push(licensed, "--repo-id", "someone/renamed-model", tmp_path=tmp_path, HF_ENDPOINT=fake_hub)
+    assert result.returncode == 0, result.stderr
+    assert "license" not in result.stderr  # the card states one: no warning
+    commit = next(body for path, _, body in FakeHub.requests if "/commit/" in path)
+    uploaded = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in commit[1:]}
+    card = ModelCard(uploaded["README.md"].decode())
+    assert card.text.startswith("\n# renamed-model\n")
+    assert 'AutoModelForCausalLM.from_pretrained("someone/renamed-model")' in card.text
+    assert 'pipeline("text-generation", model="someone/renamed-model")' in card.text
+    assert '"exported"' not in card.text and "Replace `" not in card.text
+    local = ModelCard.load(licensed / "README.md")
+    # Only the name changed: the metadata (license, model-index values) is the export's.
+    assert card.data.model_name == "renamed-model" and local.data.model_name == "exported"
+    assert (card.data.license, [r.metric_value for r in card.data.eval_results]) == (
+        "mit", [r.metric_value for r in local.data.eval_results])
+    assert card.text.split("## How to use")[0].replace("renamed-model", "exported") == \
+        local.text.split("## How to use")[0]
+    assert snapshot(licensed) == before  # the local README.md still describes the folder
+    assert 'from_pretrained("exported")' in (licensed / "README.md").read_text()
+
+
+def test_a_card_without_a_license_is_pushed_with_a_warning(exported, tmp_path):
+    unlicensed = shutil.copytree(exported, tmp_path / "unlicensed")
+    card = ModelCard.load(unlicensed / "README.md")
+    card.data.license = None  # what an export of a run without [hub] license writes
+    card.save(unlicensed / "README.md")
+    result = run_push(unlicensed, "--repo-id", "someone/tiny", "--dry-run", tmp_path=tmp_path, HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr
+    assert "warning: the model card of" in result.stderr and "states no license" in result.stderr
+    assert "--license" in result.stderr

@@ -82,7 +82,7 @@ def test_bpe_merges_frequent_text_into_fewer_tokens(bpe):
     assert len(bpe.encode("plain words and more plain words")) < len("plain words and more plain words") / 2
 
 
-@pytest.mark.parametrize("kind", tok.KINDS)
+@pytest.mark.parametrize("kind", tok.TRAINED_KINDS)
 def test_saved_tokenizer_loads_with_auto_tokenizer(kind, bpe, tmp_path):
     raw = tok.train_char([TRICKY]) if kind == "char" else bpe.backend_tokenizer
     path = tok.save(raw, tmp_path)

@@ -55,8 +55,13 @@ def write_config(path: Path, processed_dir: Path, out_dir: Path, **sections) -> 
     config["training"]["out_dir"] = str(out_dir)
     for name, values in sections.items():
         config[name].update(values)
+    return write_toml(path, config)
+
+
+def write_toml(path: Path, sections: dict[str, dict]) -> Path:
+    """Write `{section: {key: value}}` as a TOML config file."""
     lines = []
-    for name, values in config.items():
+    for name, values in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,21 +27,30 @@ from .errors import UserError
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DATA_FORMATS = ("txt", "bin")
-TOKENIZERS = ("char", "bpe")
-TRACKERS = ("none", "tensorboard", "trackio")
+TOKENIZERS = ("char", "bpe", "pretrained")
+SCRATCH = "scratch"
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd")
+# accelerate's trackers (accelerate.utils.LoggerType, less "all"); tinylm/tracking.py checks each is installed.
+TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 COMPILE_CHOICES = ("auto", "on", "off")
 CPU_MATMULS = ("auto", "blas", "onednn")
 
 
 @dataclass
 class ModelConfig:
-    """Shape of the GPT-2 model. The vocab size comes from the prepared data's tokenizer."""
+    """Shape of the GPT-2 model. The vocab size comes from the prepared data's tokenizer.
+
+    `init_from` a Hub id or a local GPT-2 folder fine-tunes that model: its shape is the
+    model's own (shape keys given here must agree), and `block_size` may crop its context.
+    """
 
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 64
     dropout: float = 0.0
+    init_from: str = SCRATCH  # "scratch", a Hub id ("gpt2", "user/model") or a local model folder
+    init_revision: str = ""  # a branch, tag or commit of a Hub id; empty: the default branch
 
 
 @dataclass
@@ -93,6 +103,28 @@ class HubConfig:
 
     repo_id: str = ""  # "user/name"; empty: don't push
     private: bool = False
+    # For the model card (`tinylm export` reads them from the checkpoint; see docs/export-and-deployment.md).
+    license: str = ""  # a Hub license id ("mit", "apache-2.0", ...); empty: the card says none is stated
+    language: str = ""  # the training text's language ("en", ...); empty: the card names none
+
+
+# Hub license ids are lowercase (https://huggingface.co/docs/hub/repositories-licenses); languages are
+# ISO 639 codes, optionally with subtags ("pt-BR"), or "code" / "multilingual".
+HUB_CARD_PATTERNS = {
+    "license": (re.compile(r"[a-z0-9][a-z0-9.+-]*"),
+                'a Hub license id such as "mit", "apache-2.0", "cc-by-4.0" or "other" '
+                "(https://huggingface.co/docs/hub/repositories-licenses)"),
+    "language": (re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*|code|multilingual"),
+                 'an ISO 639 language code such as "en" or "fr" (or "code", "multilingual")'),
+}
+
+
+def check_card_field(key: str, value: str, name: str) -> None:
+    """Refuse a `license` or `language` (given as `name`) that the Hub's card metadata would not accept."""
+    pattern, expected = HUB_CARD_PATTERNS[key]
+    if value and not pattern.fullmatch(value):
+        hint = f" (did you mean {value.lower()!r}?)" if pattern.fullmatch(value.lower()) else ""
+        raise UserError(f"{name} must be {expected}, got {value!r}{hint}")
 
 
 @dataclass
@@ -103,9 +135,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    # The dotted keys the TOML file or a flag set, as opposed to defaults: a fine-tuned model's
+    # shape comes from the model unless the config names it.
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     @property
     def effective_batch_size(self) -> int:
@@ -189,7 +224,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         if not isinstance(value, dict):
             raise UserError(f"{source}: [{name}] must be a table of keys, got {_type_name(value)}")
         sections[name] = _build_section(name, value, source)
-    config = Config(**sections)
+    given = frozenset(f"{name}.{key}" for name, values in raw.items() for key in values)
+    config = Config(**sections, given=given)
     _check_consistency(config, source)
     return config
 
@@ -197,12 +233,14 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 def apply_overrides(config: Config, overrides: dict[str, Any], source: str = "command line") -> Config:
     """Return a copy of `config` with dotted-key overrides (`{"training.max_iters": 10}`), validated."""
     merged = config.to_dict()
+    given = set(config.given)
     for dotted, value in overrides.items():
         if value is None:
             continue
         section, key = dotted.split(".", 1)
         merged[section][key] = value
-    return from_dict(merged, source=source)
+        given.add(dotted)
+    return dataclasses.replace(from_dict(merged, source=source), given=frozenset(given))
 
 
 def _build_section(name: str, values: dict[str, Any], source: str):
@@ -234,6 +272,8 @@ def _check_value(dotted: str, value: Any, expected: type, source: str) -> Any:
         raise UserError(f"{source}: {dotted} must be 0 or more, got {value!r}")
     if dotted == "training.seed" and value > MAX_SEED:
         raise UserError(f"{source}: training.seed must be at most {MAX_SEED}, got {value!r}")
+    if dotted in ("hub.license", "hub.language"):
+        check_card_field(dotted.split(".")[1], value, f"{source}: {dotted}")
     if dotted in UNIT_INTERVAL:
         low, high = UNIT_INTERVAL[dotted]
         if not low <= value < high:
@@ -247,6 +287,14 @@ def _check_consistency(config: Config, source: str) -> None:
         raise UserError(
             f"{source}: model.n_embd ({model.n_embd}) must be divisible by model.n_head ({model.n_head})"
         )
+    if model.init_from != SCRATCH and config.data.tokenizer != "pretrained":
+        raise UserError(
+            f"{source}: model.init_from = {model.init_from!r} fine-tunes a pretrained model, which reads text "
+            f"with its own tokenizer: set data.tokenizer = \"pretrained\" (--tokenizer pretrained) and prepare "
+            f"the data with `tinylm prepare --tokenizer pretrained --from {model.init_from}`"
+        )
+    if model.init_revision and model.init_from == SCRATCH:
+        raise UserError(f"{source}: model.init_revision applies to model.init_from; drop it, or set model.init_from")
     training = config.training
     if training.min_lr > training.learning_rate:
         raise UserError(

@@ -135,7 +135,8 @@ class PreparedData:
         self.tokenizer_kind: str = meta["tokenizer_kind"]
         # A char vocabulary that is missing or does not match is the training page's "char vocab missing".
         anchor = CHAR_VOCAB_MISSING if self.tokenizer_kind == "char" else None
-        rerun = f"re-run `{prepare_command(meta['data_format'], self.folder)} --tokenizer {self.tokenizer_kind}`"
+        source = f" --from {meta['tokenizer_from']['source']}" if meta.get("tokenizer_from") else ""
+        rerun = f"re-run `{prepare_command(meta['data_format'], self.folder)} --tokenizer {self.tokenizer_kind}{source}`"
         if not self.tokenizer_path.is_file():
             raise UserError(
                 f"{self.tokenizer_path} (the {self.tokenizer_kind} vocabulary named by {meta_path}) is missing: "
@@ -144,7 +145,9 @@ class PreparedData:
             )
         self._tokenizer = tok.load(self.tokenizer_path)
         found = (tok.kind_of(self._tokenizer), len(self._tokenizer))
-        if found != (self.tokenizer_kind, self.vocab_size):
+        # A pretrained model's tokenizer is whatever the model uses: only its size is known.
+        expected_kind = found[0] if self.tokenizer_kind == "pretrained" else self.tokenizer_kind
+        if found != (expected_kind, self.vocab_size):
             raise UserError(
                 f"{self.tokenizer_path} is a {found[0]} tokenizer of {found[1]} tokens, but {meta_path} says "
                 f"{self.tokenizer_kind} with vocab_size {self.vocab_size}: they come from different prepare runs; "

@@ -14,6 +14,7 @@ import sys
 from . import paths, sampler
 from .config import DEVICES
 from .errors import UserError, run_cli
+from .generate import add_model_arguments, load_chosen_model
 
 DEFAULT_SAMPLING = sampler.Sampling(max_new_tokens=300)
 DEFAULT_SEED = 1337
@@ -83,8 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="tinylm demo",
         description=f"Serve a browser page to sample from a checkpoint (needs Gradio: {INSTALL_HINT}).",
     )
-    parser.add_argument("--checkpoint", default=paths.CHECKPOINT_BEST,
-                        help=f"checkpoint file or exported model folder (default: {paths.CHECKPOINT_BEST})")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 lets other machines connect (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     gr = import_gradio()
-    model, tokenizer = sampler.load(args.checkpoint, sampler.pick_device(args.device))
-    app = build_app(gr, model, tokenizer, title=f"tinylm: {args.checkpoint}")
+    model, tokenizer = load_chosen_model(args, sampler.pick_device(args.device))
+    app = build_app(gr, model, tokenizer, title=f"tinylm: {args.model or args.checkpoint or paths.CHECKPOINT_BEST}")
     try:
         # quiet: Gradio's own banner suggests share=True, a public tunnel we never open.
         app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,

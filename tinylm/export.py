@@ -1,13 +1,20 @@
 """`tinylm export`: turn a checkpoint into a folder plain `transformers` loads (and, with --onnx, model.onnx).
 
     tinylm export --checkpoint checkpoints/ckpt_best.pt --out exported/NAME [--force] [--onnx]
+                  [--license ID] [--language CODE]
 
 The folder holds config.json, model.safetensors, generation_config.json,
 tokenizer.json, tokenizer_config.json and a README.md model card (plus
 loss_curve.png when matplotlib is installed). It is written into a hidden
 temp folder beside --out and renamed into place only when complete, so a
 failure never leaves half a folder behind, and an existing folder is only
-replaced with --force (and only if it is itself an earlier export).
+replaced with --force (and only if it is itself an earlier export). Every
+file gets the usual umask-based mode.
+
+The card is a `huggingface_hub.ModelCard`: Hub metadata (license, language,
+datasets, base_model, tags, a model-index with the validation loss and
+perplexity) above a Markdown body. It names the model by the folder's name;
+`card_for_repo` renders it for a Hub repo id, which is what `tinylm push` uploads.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,13 +33,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint, onnx_export, paths, plot
 from . import tokenizer as tok
-from .atomic import DIR_MODE
-from .config import Sampling
+from .atomic import DIR_MODE, FILE_MODE
+from .config import SCRATCH, Sampling, check_card_field
 from .errors import UserError, run_cli
 from .model import count_parameters
 
@@ -41,6 +52,13 @@ LOSS_CURVE_NAME = "loss_curve.png"
 # transformers v4's AutoTokenizer knows this class name and v5 keeps it as an alias of its
 # tokenizers backend, so naming it makes the folder load in both.
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+HUB_URL = "https://huggingface.co"
+# The card's parts that name the model: `card_for_repo` rewrites them for the repo pushed to.
+TITLE = re.compile(r"^# .*$", re.MULTILINE)
+USAGE_HEADING = "## How to use"
+# A dataset "spec" ending like this is a data file, never a Hub id (Hub ids may contain dots).
+DATA_FILE_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow",
+                      ".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,20 +74,40 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace --out if it already holds an earlier export")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx with past key values (needs pip install 'tinylm[onnx]')")
+    parser.add_argument("--license", metavar="ID",
+                        help="the model card's license, a Hub license id such as mit or apache-2.0 "
+                        "(default: the training config's hub.license; none: the card says none is stated)")
+    parser.add_argument("--language", metavar="CODE",
+                        help="the model card's language, e.g. en (default: the training config's hub.language; "
+                        "none: the card names no language)")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # transformers' per-file bars only clutter this command's output
 
-    out = export(args.checkpoint, args.out, force=args.force, onnx=args.onnx)
+    out = export(args.checkpoint, args.out, force=args.force, onnx=args.onnx,
+                 license=args.license, language=args.language)
     for path in sorted(out.iterdir()):
         print(f"  {path.name:<24} {format_size(path.stat().st_size):>10}")
     print(f"exported {args.checkpoint} to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
-def export(checkpoint_path: str | Path, out: str | Path, *, force: bool = False, onnx: bool = False) -> Path:
-    """Write the export folder for `checkpoint_path` at `out`; return `out`."""
+def export(
+    checkpoint_path: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    onnx: bool = False,
+    license: str | None = None,
+    language: str | None = None,
+) -> Path:
+    """Write the export folder for `checkpoint_path` at `out`; return `out`.
+
+    `license` and `language` (for the model card) default to the run's `[hub]` settings.
+    """
     checkpoint_path, out = Path(checkpoint_path), Path(out)
     name = out.resolve().name
+    check_card_field("license", license or "", "--license")
+    check_card_field("language", language or "", "--language")
     check_out_folder(out, force)
     if onnx:
         onnx_export.require_onnx()  # before any work, so a missing extra costs nothing
@@ -87,11 +125,12 @@ def export(checkpoint_path: str | Path, out: str | Path, *, force: bool = False,
         save_model(model, staging)
         save_tokenizer(tokenizer, model.config.n_positions, staging)
         curve = draw_loss_curve(log_records, staging / LOSS_CURVE_NAME, title=name)
-        card = model_card(name, payload, model, tokenizer, log_records, curve)
+        card = model_card(name, payload, model, tokenizer, log_records, curve, license=license, language=language)
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
         if onnx:
             print("writing model.onnx (tracing and checking the graph takes a few seconds)", flush=True)
             onnx_export.export_onnx(model, staging / onnx_export.ONNX_NAME)
+        normalise_modes(staging)
         check_loads(staging)
     return out
 
@@ -132,6 +171,13 @@ def save_tokenizer(tokenizer, n_positions: int, folder: Path) -> None:
     # v4 defaulted this to True, which deletes spaces before punctuation on decode; v5 to False.
     config["clean_up_tokenization_spaces"] = False
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def normalise_modes(folder: Path) -> None:
+    """Give every file the umask-based mode (transformers writes model.safetensors owner-only, 0600)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, FILE_MODE)
 
 
 def check_loads(folder: Path) -> None:
@@ -195,25 +241,57 @@ def draw_loss_curve(records: list[dict], target: Path, title: str) -> str | None
 # --- the model card -------------------------------------------------------------------------------------
 
 
-def model_card(name: str, payload: dict, model, tokenizer, records: list[dict], no_curve: str | None) -> str:
-    """README.md: what the model is, what it was trained on, how well, how to load it, and its limits."""
+def model_card(
+    name: str,
+    payload: dict,
+    model,
+    tokenizer,
+    records: list[dict],
+    no_curve: str | None,
+    *,
+    license: str | None = None,
+    language: str | None = None,
+) -> str:
+    """README.md: Hub metadata, then what the model is, what it was trained on, how well, how to load it, its limits.
+
+    `license` and `language` default to the run's `[hub]` settings (`payload["config"]["hub"]`,
+    which checkpoints from before those keys lack: then the card states neither).
+    """
     config = model.config
     meta = payload.get("meta") or {}
+    run = payload.get("config") or {}
+    hub = run.get("hub") or {}
+    license = license or hub.get("license") or None
+    language = language or hub.get("language") or None
+    init_from = (run.get("model") or {}).get("init_from", SCRATCH)
+    base_model = hub_id(init_from) if init_from != SCRATCH else None
+    dataset = hub_dataset(meta)
     kind = tok.kind_of(tokenizer)
     iteration = payload["iter"]
+    record = checkpoint_record(records, iteration)
+    val_loss = validation_loss(payload, record)
+    evals = eval_results(meta, dataset, val_loss)
+    data = ModelCardData(
+        base_model=base_model,
+        datasets=[dataset] if dataset else None,
+        language=language,
+        library_name="transformers",
+        license=license,
+        pipeline_tag="text-generation",
+        tags=["tinylm", "gpt2", "text-generation", *(["character-level"] if kind == "char" else [])],
+        model_name=name if evals else None,  # the model-index's name (huggingface_hub requires one with results)
+        eval_results=evals or None,
+    )
+    if init_from == SCRATCH:
+        origin, intro = None, "A small GPT-2 language model trained from scratch with tinylm"
+    else:
+        origin = f"[`{base_model}`]({HUB_URL}/{base_model})" if base_model else f"the local model `{Path(init_from).name}`"
+        intro = f"A GPT-2 language model fine-tuned from {origin} with tinylm"
+    source = source_text(meta, dataset)
     lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags:",
-        "- gpt2",
-        "- tinylm",
-        "---",
-        "",
         f"# {name}",
         "",
-        "A small GPT-2 language model trained from scratch with tinylm"
-        + (f" on `{source_name(meta)}`." if source_name(meta) else "."),
+        intro + (f" on {source}." if source else "."),
         "",
         "## Model",
         "",
@@ -225,35 +303,23 @@ def model_card(name: str, payload: dict, model, tokenizer, records: list[dict], 
         f"| context | {config.n_positions} tokens |",
         f"| tokenizer | {kind} ({'one token per character' if kind == 'char' else 'byte-level BPE'}), "
         f"{len(tokenizer):,} tokens |",
+        *([f"| fine-tuned from | {origin} |"] if origin else []),
+        f"| license | {f'`{license}`' if license else 'not stated by the author'} |",
+        *([f"| language | `{language}` |"] if language else []),
         "",
         f"`<|endoftext|>` (id {config.eos_token_id}) is the bos, eos and pad token.",
         "",
         "## Training data",
         "",
-        *data_lines(meta),
+        *data_lines(meta, dataset),
         "",
         "## Training",
         "",
-        *training_lines(payload, records, iteration),
+        *training_lines(record, iteration, val_loss),
         "",
         f"![loss curve]({LOSS_CURVE_NAME})" if no_curve is None else no_curve,
         "",
-        "## How to use",
-        "",
-        "Everything loads with plain `transformers` (no tinylm, no `trust_remote_code`):",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-        f'generator = pipeline("text-generation", model="{name}")',
-        'print(generator("Once upon a time", max_new_tokens=40)[0]["generated_text"])',
-        "```",
-        "",
-        f"Replace `{name}` with the folder's path or its Hub repo id. `generation_config.json` samples with "
-        f"temperature {model.generation_config.temperature} and top-k {model.generation_config.top_k}, "
-        f"and caps the total length (prompt + new tokens) at {config.n_positions}.",
+        *usage_lines(name, model.generation_config.to_dict(), config.n_positions, on_hub=False),
         "",
         "## Intended use and limits",
         "",
@@ -268,7 +334,86 @@ def model_card(name: str, payload: dict, model, tokenizer, records: list[dict], 
         "- Perplexity is per token of this tokenizer, so it is not comparable across tokenizers.",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def usage_lines(model_id: str, generation: dict, n_positions: int | None, *, on_hub: bool) -> list[str]:
+    """The "How to use" section, loading `model_id`: the folder's name, or (`on_hub`) the repo id it is pushed to."""
+    where = ("" if on_hub else
+             f"Replace `{model_id}` with the folder's path, or with its Hub repo id once it is pushed. ")
+    return [
+        USAGE_HEADING,
+        "",
+        "Everything loads with plain `transformers` (no tinylm, no `trust_remote_code`):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{model_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_id}")',
+        f'generator = pipeline("text-generation", model="{model_id}")',
+        'print(generator("Once upon a time", max_new_tokens=40)[0]["generated_text"])',
+        "```",
+        "",
+        f"{where}`generation_config.json` samples with temperature {generation.get('temperature')} and top-k "
+        f"{generation.get('top_k')}, and caps the total length (prompt + new tokens) at {n_positions}.",
+    ]
+
+
+def card_for_repo(folder: Path, repo_id: str) -> ModelCard | None:
+    """The export's README.md as it should read in the Hub repo `repo_id` (None when the folder has no card).
+
+    The title, the model-index's name and the "How to use" snippet name the repo instead of the
+    folder (a card whose usage section was removed keeps the rest as it is). The folder's own
+    README.md is not changed: a local export goes on describing the folder.
+    """
+    path = folder / CARD_NAME
+    if not path.is_file():
+        return None
+    try:
+        card = ModelCard.load(path)
+    except Exception as exc:  # PyYAML's errors, or huggingface_hub's ValueError for metadata it cannot read
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise UserError(f"{path} is not a valid model card ({reason}); fix its metadata block or export again") from None
+    name = repo_id.split("/")[-1]
+    if card.data.eval_results:
+        card.data.model_name = name
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    generation_path = folder / "generation_config.json"
+    generation = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else {}
+    usage = usage_lines(repo_id, generation, config.get("n_positions"), on_hub=True)
+    text = TITLE.sub(lambda _: f"# {name}", card.text, count=1)
+    card.text = replace_section(text, USAGE_HEADING, "\n".join(usage))
+    return card
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """`text` with the section that starts at the line `heading` (up to the next `## ` heading) replaced."""
+    start = re.search(rf"^{re.escape(heading)}[ \t]*$", text, re.MULTILINE)
+    if start is None:
+        return text
+    end = re.compile(r"^## ", re.MULTILINE).search(text, start.end())
+    stop = end.start() if end else len(text)
+    return text[: start.start()] + section.rstrip("\n") + "\n\n" + text[stop:]
+
+
+def hub_id(name: Any) -> str | None:
+    """`name` when it reads as a Hub repo id (`name` or `owner/name`) and no file or folder of that name is here."""
+    if not isinstance(name, str) or not name or name.count("/") > 1 or name.startswith((".", "/", "~")):
+        return None
+    if name.lower().endswith(DATA_FILE_SUFFIXES) or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def hub_dataset(meta: dict) -> str | None:
+    """The Hub dataset id the data was prepared from (`tinylm prepare --dataset ID`), or None for local data."""
+    source = meta.get("source")
+    return hub_id(source.get("dataset")) if isinstance(source, dict) else None
 
 
 def source_name(meta: dict) -> str | None:
@@ -279,12 +424,30 @@ def source_name(meta: dict) -> str | None:
     return source if isinstance(source, str) else None
 
 
-def data_lines(meta: dict) -> list[str]:
+def source_text(meta: dict, dataset: str | None) -> str | None:
+    """The source for the card's text: a link to a Hub dataset, else the name in backticks."""
+    if dataset:
+        return f"[`{dataset}`]({HUB_URL}/datasets/{dataset})"
+    return f"`{source_name(meta)}`" if source_name(meta) else None
+
+
+def data_lines(meta: dict, dataset: str | None = None) -> list[str]:
     """The card's data section, from the prepared data's meta.json (as stored in the checkpoint)."""
     splits = meta.get("splits") if isinstance(meta.get("splits"), dict) else {}
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     lines = []
     if source_name(meta):
-        lines.append(f"- source: `{source_name(meta)}`")
+        lines.append(f"- source: {source_text(meta, dataset)}")
+    if source.get("dataset"):
+        parts = [f"config `{source['config_name']}`"] if source.get("config_name") else []
+        parts += [f"split `{source[key]}`" if key == "split" else f"text column `{source[key]}`"
+                  for key in ("split", "text_column") if source.get(key)]
+        if source.get("val_split"):
+            parts.append(f"validation: split `{source['val_split']}`")
+        elif isinstance(source.get("val_fraction"), (int, float)):
+            parts.append(f"validation: {source['val_fraction']:.0%} of the documents, held out")
+        if parts:
+            lines.append(f"- {', '.join(parts)}")
     for split, entry in splits.items():
         if isinstance(entry, dict) and "num_tokens" in entry:
             chars = f" ({entry['num_chars']:,} characters)" if isinstance(entry.get("num_chars"), int) else ""
@@ -292,30 +455,68 @@ def data_lines(meta: dict) -> list[str]:
     return lines or ["The checkpoint records no data source or token counts."]
 
 
-def training_lines(payload: dict, records: list[dict], iteration: int) -> list[str]:
+def checkpoint_record(records: list[dict], iteration: int) -> dict | None:
+    """The evaluation record of this checkpoint: the latest at or before its iteration (ckpt_best.pt is usually
+    not the last one)."""
+    return next((r for r in reversed(records) if r.get("iter", math.inf) <= iteration), None)
+
+
+def validation_loss(payload: dict, record: dict | None) -> float | None:
+    """This checkpoint's validation loss: its evaluation record's, else the checkpoint's own `val_loss`
+    (or `best_val_loss`); None when not recorded."""
+    if record is not None:
+        loss = record.get("val_loss")
+    else:
+        loss = payload.get("val_loss")
+        if loss is None:
+            loss = payload.get("best_val_loss")
+    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+
+
+def training_lines(record: dict | None, iteration: int, val_loss: float | None) -> list[str]:
     """The card's training section: iterations, and train/val loss and perplexity at this checkpoint."""
     lines = [f"- iterations: {iteration:,}"]
-    # The record of this checkpoint's own evaluation (ckpt_best.pt is usually not the last one).
-    record = next((r for r in reversed(records) if r.get("iter", math.inf) <= iteration), None)
     if record is not None:
         if record.get("tokens_seen") is not None:
             lines.append(f"- tokens seen: {record['tokens_seen']:,}")
         lines.append(f"- train loss {loss_text(record.get('train_loss'))} at iteration {record['iter']:,}")
-        lines.append(f"- validation loss {loss_text(record.get('val_loss'))} at iteration {record['iter']:,}")
+        lines.append(f"- validation loss {loss_text(val_loss)} at iteration {record['iter']:,}")
     else:
-        val = payload.get("val_loss")
-        best = payload.get("best_val_loss")
-        if val is None and isinstance(best, (int, float)) and math.isfinite(best):
-            val = best
-        lines.append(f"- validation loss {loss_text(val)} (train loss not recorded in the checkpoint)")
+        lines.append(f"- validation loss {loss_text(val_loss)} (train loss not recorded in the checkpoint)")
     return lines
+
+
+def eval_results(meta: dict, dataset: str | None, val_loss: float | None) -> list[EvalResult]:
+    """The model-index: validation loss and perplexity, rounded as the card's text shows them."""
+    if val_loss is None:
+        return []
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    where = dict(
+        task_type="text-generation",
+        task_name="Text Generation",
+        # A local text has no Hub id: it is named, and its type says it is local.
+        dataset_type=dataset or "local",
+        dataset_name=dataset or source_name(meta) or "held-out text",
+        dataset_config=source.get("config_name") if dataset else None,
+        dataset_split=source.get("val_split") if dataset else None,
+    )
+    return [
+        EvalResult(**where, metric_type="loss", metric_name="Validation loss", metric_value=round(val_loss, 4)),
+        EvalResult(**where, metric_type="perplexity", metric_name="Validation perplexity",
+                   metric_value=round(perplexity(val_loss), 2)),
+    ]
+
+
+def perplexity(loss: float) -> float:
+    """`exp(loss)`, capped so a diverged loss does not overflow."""
+    return math.exp(min(loss, 50.0))
 
 
 def loss_text(loss: float | None) -> str:
     """`1.2345 (perplexity 3.44)`, or `not recorded`."""
     if not isinstance(loss, (int, float)) or not math.isfinite(loss):
         return "not recorded"
-    return f"{loss:.4f} (perplexity {math.exp(min(loss, 50.0)):.2f})"
+    return f"{loss:.4f} (perplexity {perplexity(loss):.2f})"
 
 
 # --- the output folder ----------------------------------------------------------------------------------

@@ -214,8 +214,12 @@ def listed_files(meta_path: Path) -> set[str]:
     return {name for name in names if isinstance(name, str) and Path(name).name == name}
 
 
-def build_meta(folder: Path, data_format: str, kind: str, dtype: str, source: dict, splits: dict) -> dict:
-    """meta.json for the files staged in `folder` (the tokenizer saved there, `splits` from `SplitWriter`s)."""
+def build_meta(folder: Path, data_format: str, kind: str, dtype: str, source: dict, splits: dict,
+               tokenizer_from: dict | None = None) -> dict:
+    """meta.json for the files staged in `folder` (the tokenizer saved there, `splits` from `SplitWriter`s).
+
+    `tokenizer_from` names the model whose tokenizer a "pretrained" kind is: {"source", "revision"}.
+    """
     from .tokenizer import EOS_TOKEN, load
 
     tokenizer = load(folder / paths.TOKENIZER_NAME)
@@ -225,6 +229,7 @@ def build_meta(folder: Path, data_format: str, kind: str, dtype: str, source: di
         "tokenizer_kind": kind,
         "tokenizer_file": paths.TOKENIZER_NAME,
         "tokenizer_sha256": sha256_of(folder / paths.TOKENIZER_NAME),
+        **({"tokenizer_from": tokenizer_from} if tokenizer_from else {}),
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         "dtype": dtype,

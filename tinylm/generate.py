@@ -25,8 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="tinylm generate",
         description="Sample text from a tinylm checkpoint or an exported model folder; text streams to stdout.",
     )
-    parser.add_argument("--checkpoint", default=paths.CHECKPOINT_BEST,
-                        help=f"checkpoint file or exported model folder (default: {paths.CHECKPOINT_BEST})")
+    add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: empty, start from <|endoftext|>)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
@@ -47,6 +46,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1337, help="random seed; same seed, same text (default: 1337)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default: auto)")
     return parser.parse_args(argv)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, or --model (a Hub id or a model folder) with --revision: what to sample from."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint",
+                       help=f"tinylm checkpoint file or exported model folder (default: {paths.CHECKPOINT_BEST})")
+    which.add_argument("--model", help="a Hub id (e.g. user/my-model, gpt2) or a local model folder")
+    parser.add_argument("--revision", help="with --model: a branch, tag or commit of the Hub model")
+
+
+def load_chosen_model(args: argparse.Namespace, device):
+    """(model, tokenizer) that --checkpoint or --model names, on `device`."""
+    from . import sampler
+
+    if args.revision and not args.model:
+        raise UserError("--revision applies to --model (a Hub id): pass --model ID --revision REV")
+    if args.model:
+        return sampler.load_model(args.model, args.revision, device)
+    return sampler.load(args.checkpoint or paths.CHECKPOINT_BEST, device)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -72,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
         raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
     prompt = read_prompt(args)
-    from . import sampler  # torch and transformers: only once the flags are known to be good
+    from . import (
+        sampler,  # torch and transformers: only once the flags are known to be good
+    )
 
     device = sampler.pick_device(args.device)
-    model, tokenizer = sampler.load(args.checkpoint, device)
+    model, tokenizer = load_chosen_model(args, device)
     prompt_ids = sampler.encode_prompt(tokenizer, prompt, model.config.bos_token_id or 0)
     block_size = sampler.context_length(model)
     if len(prompt_ids) > block_size:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .config import ModelConfig
+from .config import SHAPE_KEYS, Config, ModelConfig
+from .errors import UserError
 
 
 def gpt2_config(model: ModelConfig, vocab_size: int, eos_token_id: int = 0) -> GPT2Config:
@@ -38,6 +41,43 @@ def gpt2_config(model: ModelConfig, vocab_size: int, eos_token_id: int = 0) -> G
 def build_model(config: GPT2Config) -> GPT2LMHeadModel:
     """A freshly initialised GPT-2 (transformers applies GPT-2's scaled residual init)."""
     return GPT2LMHeadModel(config)
+
+
+def fit_to_pretrained(config: Config, model: GPT2LMHeadModel) -> Config:
+    """The run's config with a pretrained model's shape, its context cropped to `model.block_size`.
+
+    Shape keys the config names must be the model's; `block_size`, when named, may be at most
+    the model's `n_positions` (default: all of them).
+    """
+    name = config.model.init_from
+    pretrained = model.config
+    conflicts = [f"model.{key} = {getattr(config.model, key)} but {name} has {getattr(pretrained, key)}"
+                 for key in SHAPE_KEYS
+                 if f"model.{key}" in config.given and getattr(config.model, key) != getattr(pretrained, key)]
+    if conflicts:
+        raise UserError(f"{'; '.join(conflicts)}: a fine-tuned model keeps its shape; remove these keys from "
+                        "[model] (or make them the model's)")
+    context = pretrained.n_positions
+    block_size = config.model.block_size if "model.block_size" in config.given else context
+    if block_size > context:
+        raise UserError(f"model.block_size = {block_size} is longer than the context of {name} "
+                        f"(n_positions = {context}): use a block_size of at most {context}")
+    if block_size < context:
+        crop_positions(model, block_size)
+    shape = {key: getattr(pretrained, key) for key in SHAPE_KEYS}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, block_size=block_size, **shape))
+
+
+def crop_positions(model: GPT2LMHeadModel, block_size: int) -> None:
+    """Keep the first `block_size` position embeddings (nanoGPT's crop_block_size).
+
+    GPT-2's positions are learned and absolute: a shorter context needs only the first rows,
+    and a smaller table is less memory and a model that says what it was trained for.
+    """
+    wpe = model.transformer.wpe
+    wpe.weight = torch.nn.Parameter(wpe.weight[:block_size].detach().clone())
+    wpe.num_embeddings = block_size
+    model.config.n_positions = block_size
 
 
 def count_parameters(model: torch.nn.Module) -> int:

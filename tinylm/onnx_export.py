@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache, GPT2LMHeadModel
 
 from .errors import UserError
+from .sampler import cache_keyword
 
 ONNX_NAME = "model.onnx"
 REQUIRED_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -73,10 +74,11 @@ class DecoderWithPast(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(type(self.model)): cache},
         )
-        presents = [tensor for layer in out.past_key_values.layers for tensor in (layer.keys, layer.values)]
+        # The forward extends `cache` in place (and returns it, as `out.cache` in current transformers).
+        presents = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
         return (out.logits, *presents)
 
 

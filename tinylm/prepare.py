@@ -72,7 +72,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     source.add_argument("--retokenize", metavar="DIR",
                         help="txt data only: tokenize the (edited) train.txt/val.txt in DIR again, with its tokenizer")
-    parser.add_argument("--tokenizer", choices=tok.KINDS, default="char", help="tokenizer to train (default: char)")
+    parser.add_argument(
+        "--tokenizer", choices=tok.KINDS, default="char",
+        help="tokenizer to train, char or bpe (default: char); pretrained: use the tokenizer of the model --from "
+        "names, to fine-tune that model (model.init_from)",
+    )
+    parser.add_argument("--from", dest="from_model", metavar="MODEL",
+                        help="--tokenizer pretrained: the model (Hub id or local folder) whose tokenizer to use")
+    parser.add_argument("--revision", help="with --from: a branch, tag or commit of the Hub model")
     parser.add_argument(
         "--vocab-size", type=int,
         help=f"BPE vocabulary size (bpe only; default {DEFAULT_BPE_VOCAB_SIZE}); char uses every character seen",
@@ -188,6 +195,13 @@ class Settings:
     val_fraction: float | None  # None: for a dataset, its validation split
     tokenizer_sample: int | None = None
     num_proc: int | None = None
+    from_model: str | None = None  # --tokenizer pretrained: the model whose tokenizer this is
+    revision: str | None = None
+
+    @property
+    def tokenizer_from(self) -> dict | None:
+        """meta.json's `tokenizer_from`, for a pretrained model's tokenizer."""
+        return {"source": self.from_model, "revision": self.revision} if self.from_model else None
 
 
 def check_options(args: argparse.Namespace) -> Settings:
@@ -231,7 +245,20 @@ def check_options(args: argparse.Namespace) -> Settings:
     sample = args.tokenizer_sample
     if sample is None and args.streaming:
         sample = STREAMING_TOKENIZER_SAMPLE
-    settings = Settings(args.tokenizer, None, args.format, shard_tokens, val_fraction, sample, args.num_proc)
+    settings = Settings(args.tokenizer, None, args.format, shard_tokens, val_fraction, sample, args.num_proc,
+                        args.from_model, args.revision)
+    if args.tokenizer == "pretrained":
+        if not args.from_model:
+            raise UserError("--tokenizer pretrained needs --from MODEL: the Hub id or folder of the model you "
+                            "will fine-tune (model.init_from), e.g. --from gpt2")
+        for flag, value in (("--vocab-size", args.vocab_size), ("--tokenizer-sample", args.tokenizer_sample)):
+            if value is not None:
+                raise UserError(f"{flag} shapes a tokenizer that prepare trains; --tokenizer pretrained uses the "
+                                f"model's own: drop {flag}")
+        return settings
+    if args.from_model or args.revision:
+        raise UserError(f"--from and --revision apply to --tokenizer pretrained; --tokenizer {args.tokenizer} is "
+                        "trained on your text: drop them, or pass --tokenizer pretrained")
     if args.tokenizer == "char":
         if args.vocab_size is not None:
             raise UserError(
@@ -351,12 +378,12 @@ def file_chunks(path: Path) -> Iterator[str]:
 def prepare(source: Source, out: Path, settings: Settings) -> tuple[dict, list[str]]:
     """Write tokenizer, token files and meta.json for `source` into `out`; return the meta and file names."""
     with formats.staging(out) as folder:
-        tokenizer, num_chars = train_tokenizer(source, settings.kind, settings.vocab_size)
+        tokenizer, num_chars = train_tokenizer(source, settings)
         tok.save(tokenizer, folder)
         dtype = formats.token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
         splits = write_text_splits(source, num_chars, tokenizer, dtype, settings, folder)
         meta = formats.build_meta(folder, settings.data_format, settings.kind, dtype,
-                                  source.record(settings.val_fraction), splits)
+                                  source.record(settings.val_fraction), splits, settings.tokenizer_from)
         return meta, formats.publish(folder, out, meta)
 
 
@@ -399,24 +426,43 @@ def finished(writer: formats.SplitWriter, what: str, fix: str) -> dict:
     return {"num_tokens": num_tokens, "files": entries}
 
 
-def train_tokenizer(source: Source, kind: str, vocab_size: int | None) -> tuple[Tokenizer, int]:
-    """Train a `kind` tokenizer on the whole text in one streaming pass; also count its characters."""
+def train_tokenizer(source: Source, settings: Settings) -> tuple[Tokenizer, int]:
+    """Train the tokenizer on the whole text in one streaming pass (or load a model's); count its characters."""
     num_chars = 0
+    doing = "counting characters" if settings.kind == "pretrained" else f"training {settings.kind} tokenizer"
 
     def counted() -> Iterator[str]:
         nonlocal num_chars
-        for chunk in progress(source.chunks(), source.size, f"training {kind} tokenizer"):
+        for chunk in progress(source.chunks(), source.size, doing):
             num_chars += len(chunk)
             yield chunk
 
-    return new_tokenizer(kind, counted(), vocab_size), num_chars
+    return new_tokenizer(settings, counted()), num_chars
 
 
-def new_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None) -> Tokenizer:
-    if kind == "char":
+def new_tokenizer(settings: Settings, texts: Iterable[str]) -> Tokenizer:
+    """A tokenizer trained on `texts`, or, for "pretrained", the model's own (`texts` are still read through)."""
+    if settings.kind == "char":
         return tok.train_char(texts)
-    # The trainer's own bars (merges) only on a terminal, like tqdm's; elsewhere they print blank lines.
-    return tok.train_bpe(texts, vocab_size, show_progress=sys.stderr.isatty())
+    if settings.kind == "bpe":
+        # The trainer's own bars (merges) only on a terminal, like tqdm's; elsewhere they print blank lines.
+        return tok.train_bpe(texts, settings.vocab_size, show_progress=sys.stderr.isatty())
+    for _ in texts:
+        pass
+    return model_tokenizer(settings.from_model, settings.revision)
+
+
+def model_tokenizer(source: str, revision: str | None) -> Tokenizer:
+    """The `tokenizers` object behind a pretrained model's tokenizer, set to encode plain text."""
+    from . import pretrained
+
+    backend = Tokenizer.from_str(pretrained.tokenizer(source, revision).backend_tokenizer.to_str())  # a copy
+    backend.no_truncation()
+    backend.no_padding()
+    if backend.token_to_id(tok.EOS_TOKEN) is None:
+        raise UserError(f"the tokenizer of {pretrained.describe(source, revision)} has no {tok.EOS_TOKEN} token, "
+                        "which tinylm uses as the model's end of text: tinylm fine-tunes GPT-2 style models")
+    return backend
 
 
 def label_splits(chunks: Iterable[str], train_chars: int) -> Iterator[tuple[str, str]]:
@@ -484,7 +530,8 @@ def prepare_documents(docs, out: Path, settings: Settings) -> tuple[dict, list[s
         fix = "use more (or longer) documents, or another --split / --val-split / --val-fraction"
         splits = {split: finished(writers[split], what, fix) for split in formats.SPLITS}
         record = {**docs.record, "num_documents": counts, "tokenizer_sample_chars": settings.tokenizer_sample}
-        meta = formats.build_meta(folder, settings.data_format, settings.kind, dtype, record, splits)
+        meta = formats.build_meta(folder, settings.data_format, settings.kind, dtype, record, splits,
+                                  settings.tokenizer_from)
         return meta, formats.publish(folder, out, meta)
 
 
@@ -506,6 +553,8 @@ def documents_tokenizer(docs, settings: Settings) -> Tokenizer:
     """
     from . import documents
 
+    if settings.kind == "pretrained":
+        return model_tokenizer(settings.from_model, settings.revision)
     key = documents.tokenizer_cache_key(docs, settings.kind, settings.vocab_size, settings.tokenizer_sample)
     cached = documents.cached_tokenizer_path(key) if key else None
     if cached is not None and cached.is_file():
@@ -513,7 +562,7 @@ def documents_tokenizer(docs, settings: Settings) -> Tokenizer:
     texts = docs.texts(settings.tokenizer_sample)
     description = f"training {settings.kind} tokenizer"
     with tqdm(total=docs.num_rows(), desc=description, unit="doc", unit_scale=True, disable=None, leave=False) as bar:
-        tokenizer = new_tokenizer(settings.kind, counted(texts, bar), settings.vocab_size)
+        tokenizer = new_tokenizer(settings, counted(texts, bar))
     if cached is not None:
         with atomic_path(cached) as tmp:
             tokenizer.save(str(tmp))

@@ -4,9 +4,12 @@
                 [--commit-message TEXT] [--dry-run]
 
 The folder must be a `tinylm export` folder, and it is loaded back with
-transformers before anything is sent. The token comes from `HF_TOKEN` or the
-stored login (`hf auth login`) and is never printed. `--dry-run` lists the files
-that would be uploaded and validates the folder without touching the network.
+transformers before anything is sent. Its README.md is uploaded as rendered for
+the repo (`export.card_for_repo`: the title and the usage snippet name the repo
+id); the folder itself is not changed. A card that states no license gets a
+warning, not a refusal. The token comes from `HF_TOKEN` or the stored login
+(`hf auth login`) and is never printed. `--dry-run` lists the files that would
+be uploaded and validates the folder without touching the network.
 `HF_ENDPOINT` points the client at another Hub (huggingface_hub reads it).
 """
 
@@ -16,14 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 # HTTPError is the base class of the HTTP client huggingface_hub uses (httpx in 1.x, httpx2 in 2.x).
 from huggingface_hub.errors import HfHubHTTPError, HTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 from transformers.utils import logging as hf_logging
 
 from .errors import UserError, run_cli
-from .export import REQUIRED_FILES, check_loads, format_size, is_export_folder
+from .export import CARD_NAME, REQUIRED_FILES, card_for_repo, check_loads, format_size, is_export_folder
 
 # What each refusal from the Hub most likely means, and what to do about it.
 HTTP_HINTS = {
@@ -78,8 +81,15 @@ def upload_plan(folder: Path, repo_id: str) -> list[tuple[str, int]]:
             f"create one with: tinylm export --checkpoint CHECKPOINT --out {folder}"
         )
     check_loads(folder)
+    card = card_for_repo(folder, repo_id)
+    if card is None:
+        print(f"warning: {folder} has no {CARD_NAME} model card; export again to get one", file=sys.stderr)
+    elif not card.data.license:
+        print(f"warning: the model card of {folder} states no license, so others cannot tell whether they may "
+              "use the model; set [hub] license in the training config or pass --license to tinylm export "
+              "(e.g. mit, apache-2.0), then export again", file=sys.stderr)
     paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    return [(name, (folder / name).stat().st_size)
+    return [(name, len(str(card).encode()) if name == CARD_NAME and card else (folder / name).stat().st_size)
             for name in filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS)]
 
 
@@ -134,20 +144,28 @@ def upload(
     revision: str | None = None,
     commit_message: str | None = None,
 ) -> str:
-    """Create the repo (and branch) if missing and upload `files` of `folder`; return the commit URL."""
+    """Create the repo (and branch) if missing and upload `files` of `folder`; return the commit URL.
+
+    README.md is sent as `card_for_repo` renders it for `repo_id`, every other file as it is on disk.
+    """
+    card = card_for_repo(folder, repo_id)
+    operations = [
+        CommitOperationAdd(path_in_repo=name,
+                           path_or_fileobj=str(card).encode() if name == CARD_NAME and card else folder / name)
+        for name in files
+    ]
     api = HfApi(token=token)
     try:
         # private=None, not False, leaves the visibility to the Hub: an organisation may default to private.
         api.create_repo(repo_id, private=private or None, repo_type="model", exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        commit = api.upload_folder(
+        commit = api.create_commit(
             repo_id=repo_id,
-            folder_path=folder,
+            operations=operations,  # exactly the files `upload_plan` listed
             repo_type="model",
             revision=revision,
             commit_message=commit_message or f"Upload {folder.resolve().name} with tinylm",
-            allow_patterns=files,  # exactly the files `upload_plan` listed
         )
     except OfflineModeIsEnabled:
         raise UserError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it, or use --dry-run") from None
@@ -155,6 +173,9 @@ def upload(
         status = exc.response.status_code if exc.response is not None else None
         hint = HTTP_HINTS.get(status, str(exc).strip().splitlines()[0][:300])
         raise UserError(f"the Hub refused the push to {repo_id} (HTTP {status}): {hint}") from None
+    except ValueError as exc:  # the Hub's check of the card's metadata (validate-yaml) failed
+        reason = " ".join(str(exc).split())[:300]
+        raise UserError(f"the Hub refused the push to {repo_id}: {reason}") from None
     except HTTPError as exc:  # no answer at all: refused, timed out, DNS, TLS
         raise UserError(
             f"cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {exc}); "

@@ -28,6 +28,8 @@ in an exported folder goes through transformers' `DynamicCache`
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -87,6 +89,24 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu"):
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(
             f"{path}: the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
+            "the model and tokenizer do not belong together"
+        )
+    return model.to(device).eval(), tokenizer
+
+
+def load_model(name: str, revision: str | None = None, device: torch.device | str = "cpu"):
+    """(model, tokenizer) of a model folder or a Hub id (at `revision`), in eval mode on `device`."""
+    from . import pretrained
+
+    if Path(name).expanduser().is_dir():
+        if revision:
+            raise UserError(f"--revision applies to a Hub id; {name} is a local folder: drop --revision")
+        model, tokenizer = _load_exported(Path(name).expanduser())
+    else:
+        model, tokenizer = pretrained.causal_lm(name, revision), pretrained.tokenizer(name, revision)
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(
+            f"{name}: the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
             "the model and tokenizer do not belong together"
         )
     return model.to(device).eval(), tokenizer
@@ -155,9 +175,21 @@ def next_logits(model, ids: torch.Tensor, positions: torch.Tensor, cache: Dynami
     (our pad is <|endoftext|>) and warns that it "may be padded", which it never is.
     """
     embeds = model.get_input_embeddings()(ids)
-    out = model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-                use_cache=cache is not None, logits_to_keep=1)
+    out = model(inputs_embeds=embeds, position_ids=positions, use_cache=cache is not None, logits_to_keep=1,
+                **{cache_keyword(type(model)): cache})
     return out.logits[:, -1, :]
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The keyword `model_class.forward` takes its key/value cache by.
+
+    transformers renamed `past_key_values` to `cache` during v5; the old name still works but
+    warns that it will be removed (in 5.40). Versions before the rename only know `past_key_values`.
+    (`inspect.signature` sees through transformers' decorators to the real `forward`.)
+    """
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def refill_length(block_size: int) -> int:
@@ -207,7 +239,7 @@ class KVDecoder:
 class GPT2Decoder(KVDecoder):
     """Runs a GPT2LMHeadModel's own modules by hand on a preallocated key/value cache.
 
-    Why not `model(..., past_key_values=DynamicCache())`: at the sizes tinylm
+    Why not `model(..., cache=DynamicCache())`: at the sizes tinylm
     trains, a token's arithmetic is tiny, and the Python work of one call through
     transformers' forward (argument handling, mask building, cache bookkeeping)
     makes a one-token step about 40% slower. Calling the blocks' submodules

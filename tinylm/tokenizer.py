@@ -23,7 +23,8 @@ from .errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "[UNK]"
-KINDS = ("char", "bpe")
+TRAINED_KINDS = ("char", "bpe")  # the tokenizers tinylm trains (what `kind_of` tells apart)
+KINDS = (*TRAINED_KINDS, "pretrained")  # pretrained: a model's own tokenizer (tinylm.pretrained), not trained here
 BYTE_ALPHABET_SIZE = 256
 MAX_VOCAB_SIZE = 1 << 20  # far beyond any small model; guards against typos like 5000000
 

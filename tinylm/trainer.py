@@ -21,18 +21,35 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from . import checkpoint, data, formats, rng
+from . import checkpoint, data, formats, pretrained, rng
 from . import tokenizer as tok
 from .atomic import write_json
-from .config import MAX_SEED, Config
+from .config import MAX_SEED, SCRATCH, Config
 from .errors import UserError
-from .hardware import (CpuMatmul, Hardware, choose_cpu_matmul, choose_hardware, configure_backends, peak_flops,
-                       use_compile)
-from .model import build_model, count_parameters, flops_per_token, gpt2_config, optimizer_groups, per_block_loss
+from .hardware import (
+    CpuMatmul,
+    Hardware,
+    choose_cpu_matmul,
+    choose_hardware,
+    configure_backends,
+    peak_flops,
+    use_compile,
+)
+from .model import (
+    build_model,
+    count_parameters,
+    fit_to_pretrained,
+    flops_per_token,
+    gpt2_config,
+    optimizer_groups,
+    per_block_loss,
+)
 from .paths import BEST_NAME, LAST_NAME, TRAIN_LOG_NAME
 from .progress import Progress
 from .schedule import build_scheduler
+from .tracking import check_tracker_installed
 
 # Optimizer steps in a row whose gradients are inf/nan before we give up. Under fp16
 # the loss scaler skips a few such steps while it finds its scale; more means divergence.
@@ -74,6 +91,7 @@ class Trainer:
                  hardware: Hardware | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         self.config = config
         training = config.training
+        check_tracker_installed(training.tracker)  # before any work: not hours of training with no metrics
         self.hardware = hardware = hardware or choose_hardware(training.device, training.precision)
         if grad_scaler is not None and hardware.precision != "fp16":
             raise ValueError(f"a grad_scaler needs precision fp16, not {hardware.precision}")
@@ -112,16 +130,19 @@ class Trainer:
 
             push.check_repo_id(config.hub.repo_id, name="hub.repo_id")
             push.require_token()
+            if not config.hub.license:
+                self.print(f"warning: hub.license is not set, so the model card pushed to {config.hub.repo_id} at the "
+                           "end will state no license; set [hub] license (e.g. \"mit\", \"apache-2.0\")")
         resumed = checkpoint.load(resume, flag="--resume") if isinstance(resume, (str, Path)) else resume
         self._check_before_training(resumed, overwrite)
         self.cpu_matmul = self._choose_cpu_matmul(resumed)
         self.state = RunState()
         # Seeds differ per process, so dropout masks differ across ranks like their batches do.
         set_seed(training.seed, device_specific=True)
-        model_config = gpt2_config(config.model, self.data.vocab_size, self.tokenizer.eos_token_id)
-        model = build_model(model_config)
+        model = self._build_model(resumed)
+        config = self.config  # a fine-tuned run's shape is its model's
         if resumed:
-            self._check_resumable(resumed, model_config)
+            self._check_resumable(resumed, model.config)
             model.load_state_dict(resumed["model"])
         if self.compiled:
             # In place (nn.Module.compile), not torch.compile(model): no wrapper module, so the
@@ -145,11 +166,35 @@ class Trainer:
         # The current and the longest run of skipped (non-finite) steps since the last check, on the device.
         self._skipped_run = torch.tensor(self.state.nonfinite_steps, device=self.accelerator.device)
         self._longest_skipped_run = self._skipped_run.clone()
+        # For train/grad_norm: the pre-clip gradient norms of the applied steps since the last report
+        # (summed) and how many there were, on the device.
+        self._grad_norm_sum = torch.zeros((), device=self.accelerator.device)
+        self._grad_norm_steps = torch.zeros((), device=self.accelerator.device)
         self._flops_per_token = flops_per_token(model)
         # The peak of all processes together: tokens/s counts every process's tokens.
         peak = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision)
                 if self.accelerator.device.type == "cuda" else None)
         self._peak_flops = peak * self.accelerator.num_processes if peak else None
+
+    def _build_model(self, resumed: dict | None) -> GPT2LMHeadModel:
+        """A new GPT-2 of the config's shape, or the pretrained one `model.init_from` names, fitted to the run."""
+        config = self.config
+        if config.model.init_from == SCRATCH:
+            return build_model(gpt2_config(config.model, self.data.vocab_size, self.tokenizer.eos_token_id))
+        if resumed:  # the fine-tuned run's own shape: the weights come from the checkpoint
+            model = build_model(GPT2Config.from_dict(resumed["model_config"]))
+            self.config = fit_to_pretrained(config, model)
+            return model
+        model = pretrained.gpt2(config.model.init_from, config.model.init_revision, config.model.dropout)
+        own = pretrained.tokenizer(config.model.init_from, config.model.init_revision)
+        if own.get_vocab() != self.tokenizer.get_vocab():
+            raise UserError(
+                f"{self.data.meta_path} was prepared with another tokenizer than {config.model.init_from}'s: "
+                f"run `tinylm prepare --tokenizer pretrained --from {config.model.init_from}` (with --out "
+                f"{self.data.folder}) so the model reads the text the way it was trained to"
+            )
+        self.config = fit_to_pretrained(config, model)
+        return model
 
     # ----------------------------------------------------------------- the loop
 
@@ -186,7 +231,11 @@ class Trainer:
                 if self.state.iter % training.log_interval and self.state.iter != training.max_iters:
                     continue
                 self._check_finite_steps()
-                progress.log(loss_sum.item() / losses_summed, self.scheduler.get_last_lr()[0])
+                loss, grad_norm = self._report_means(loss_sum, losses_summed)
+                lr = self.scheduler.get_last_lr()[0]
+                progress.log(loss, lr)
+                self._log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                           "train/tokens_per_s": progress.tokens_per_s}, self.state.iter)
                 loss_sum.zero_()
                 losses_summed = 0
                 if interrupts.raised:
@@ -285,17 +334,37 @@ class Trainer:
         tell here: for a fused optimizer GradScaler always calls step() and lets the kernel skip.)
         """
         max_norm = self.config.training.grad_clip or math.inf
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        nonfinite = ~torch.isfinite(torch.as_tensor(grad_norm, device=self.accelerator.device))
+        grad_norm = torch.as_tensor(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm),
+                                    device=self.accelerator.device)
+        nonfinite = ~torch.isfinite(grad_norm)
         if self.accelerator.scaler is None:
             self.optimizer.optimizer.found_inf = nonfinite.float()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._count_nonfinite(nonfinite)
+        self._grad_norm_sum += torch.where(nonfinite, 0.0, grad_norm)  # a skipped step's inf/nan left out
+        self._grad_norm_steps += (~nonfinite).float()
 
     def _count_nonfinite(self, nonfinite: torch.Tensor) -> None:
         self._skipped_run = (self._skipped_run + 1) * nonfinite  # back to 0 after a good step
         self._longest_skipped_run = torch.maximum(self._longest_skipped_run, self._skipped_run)
+
+    def _report_means(self, loss_sum: torch.Tensor, losses_summed: int) -> tuple[float, float]:
+        """The mean train loss since the last report over all processes (not rank 0's), and the mean
+        pre-clip gradient norm of the steps applied since then (nan if none): one all-reduce and one
+        host read, at log_interval only. Every process ran the same steps on equal batches, so the
+        mean over processes is their sum over num_processes; the gradient norm is the same on all."""
+        sums = self.accelerator.reduce(torch.stack([loss_sum, self._grad_norm_sum, self._grad_norm_steps]), "sum")
+        loss_total, grad_norm_total, grad_norm_steps = sums.tolist()
+        self._grad_norm_sum.zero_()
+        self._grad_norm_steps.zero_()
+        loss = loss_total / (losses_summed * self.accelerator.num_processes)
+        return loss, grad_norm_total / grad_norm_steps if grad_norm_steps else math.nan
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        """Send metrics to training.tracker (accelerate logs on the main process only)."""
+        if self.config.training.tracker != "none":
+            self.accelerator.log(metrics, step=step)
 
     def _check_finite_steps(self) -> None:
         """Stop when MAX_NONFINITE_STEPS optimizer steps in a row were skipped (read every log_interval)."""
@@ -361,8 +430,8 @@ class Trainer:
             f"eval iter {step}: train loss {record['train_loss']:.4f} (ppl {record['train_ppl']:.2f}) | "
             f"val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})" + (" | best" if improved else "")
         )
-        if training.tracker != "none":
-            self.accelerator.log({k: v for k, v in record.items() if k != "iter"}, step=step)
+        self._log({"train/eval_loss": record["train_loss"], "train/eval_ppl": record["train_ppl"],
+                   "val/loss": val_loss, "val/ppl": record["val_ppl"]}, step)
         self._save([LAST_NAME, BEST_NAME] if improved and training.save_best else [LAST_NAME], val_loss)
         self._write_log(None)
         stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
@@ -518,7 +587,8 @@ class Trainer:
         speed = (["torch.compile"] if self.compiled else []) + ([self.cpu_matmul.note] if self.cpu_matmul.note else [])
         self.print("\n".join([
             f"model: {count_parameters(model) / 1e6:.2f}M parameters ({shape.n_layer} layers, {shape.n_head} heads, "
-            f"{shape.n_embd} wide, block {shape.block_size}, vocab {self.data.vocab_size} {self.data.tokenizer_kind})",
+            f"{shape.n_embd} wide, block {shape.block_size}, vocab {self.data.vocab_size} {self.data.tokenizer_kind})"
+            + ("" if shape.init_from == SCRATCH else f", fine-tuned from {pretrained.describe(shape.init_from, shape.init_revision)}"),
             f"data: {self.train_tokens.num_tokens:,} train / {self.val_tokens.num_tokens:,} val tokens "
             f"from {self.data.meta_path}",
             f"      source: {formats.describe_source(self.data.meta)}",
