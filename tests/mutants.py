@@ -140,6 +140,12 @@ MUTANTS = [
      "pretrained.causal_lm(name, revision), pretrained.tokenizer(name, revision)",
      "pretrained.causal_lm(name), pretrained.tokenizer(name)",
      ["tests/test_finetune.py", "-k", "one_line"]),
+    ("errors: a message links a section the page does not have", "tinylm/errors.py",
+     'CUDA_NOT_DETECTED = "cuda-not-detected"', 'CUDA_NOT_DETECTED = "cuda-missing"',
+     ["tests/test_troubleshooting_links.py"]),
+    ("data: the missing-shards message drops its link", "tinylm/data.py",
+     "            anchor=BINARY_SHARDS_NOT_FOUND,\n", "",
+     ["tests/test_troubleshooting_links.py"]),
     ("sampler: eos does not end a sample", "tinylm/sampler.py",
      "    return sampling.stop_at_eos and token == model.config.eos_token_id", "    return False",
      ["tests/test_generate.py", "-k", "end_of_text"]),
@@ -203,8 +209,8 @@ def run_mutant(file: str, original: str, mutated: str, selection: list[str]) -> 
         source.write_text(text.replace(original, mutated))
         env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
-                                cwd=root, env=env, capture_output=True, text=True)
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0", *selection]
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
         return result.returncode != 0, time.perf_counter() - started
 
 

@@ -17,7 +17,8 @@ import time
 
 import pytest
 from training_helpers import (
-    REPO, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, read_log, run, start_slow, train, write_config,
+    REPO, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, read_log, run, start_slow, train, train_error_in_process,
+    write_config,
 )
 
 from tinylm.config import MAX_SEED
@@ -117,20 +118,21 @@ def test_seeds_beyond_what_numpy_takes_are_config_errors(prepared, tmp_path):
     assert_clean_error(result, "--seed")
 
 
-def test_not_a_checkpoint_is_not_called_dangerous(prepared, tmp_path):
+def test_not_a_checkpoint_is_not_called_dangerous(prepared, tmp_path, capsys):
     config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={"max_iters": 4})
     train(config)
     noise = tmp_path / "noise.pt"
     noise.write_bytes(os.urandom(4096))
     for path in (noise, tmp_path / "ckpt" / "train_log.json"):
-        result = train(config, "--resume", str(path), check=False)
+        result = train_error_in_process(config, "--resume", str(path), capsys=capsys)
         assert_clean_error(result, str(path), "is not a checkpoint", "--resume")
         assert "could run code" not in result.stderr
     truncated = tmp_path / "truncated.pt"
     whole = (tmp_path / "ckpt" / "ckpt_last.pt").read_bytes()
     truncated.write_bytes(whole[: len(whole) // 2])
-    assert_clean_error(train(config, "--resume", str(truncated), check=False), "truncated or damaged")
-    missing = train(config, "--resume", str(tmp_path / "nope.pt"), check=False)
+    assert_clean_error(train_error_in_process(config, "--resume", str(truncated), capsys=capsys),
+                       "truncated or damaged")
+    missing = train_error_in_process(config, "--resume", str(tmp_path / "nope.pt"), capsys=capsys)
     assert_clean_error(missing, "does not exist", "--resume")
     assert "--checkpoint" not in missing.stderr
 

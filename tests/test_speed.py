@@ -110,7 +110,8 @@ def test_a_resumed_auto_run_keeps_the_matmul_backend_it_started_with(prepared, t
     first = write_config(tmp_path / "first.toml", prepared, tmp_path / "ckpt",
                          training={"cpu_matmul": started_with, "max_iters": 4})
     train(first)
-    resumed = write_config(tmp_path / "resumed.toml", prepared, tmp_path / "ckpt", training={"max_iters": 8})
+    resumed = write_config(tmp_path / "resumed.toml", prepared, tmp_path / "ckpt",
+                           training={"max_iters": 8, "cpu_matmul": "auto"})
     result = train(resumed, "--resume")
     assert f"{started_with} matmuls, as the run being resumed" in result.stdout
     assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"] == started_with

@@ -23,6 +23,9 @@ TINY = {
         "device": "cpu", "batch_size": 4, "max_iters": 12, "eval_interval": 4, "eval_iters": 2,
         "log_interval": 4, "learning_rate": 1e-2, "min_lr": 1e-3, "warmup_iters": 2,
         "lr_decay_iters": 12, "seed": 7,
+        # "auto" times both matmul backends at start: on a busy machine (tests run in parallel) two
+        # runs a test compares could pick differently and differ in the last digits.
+        "cpu_matmul": "blas",
     },
 }
 
@@ -80,6 +83,18 @@ def run(command: list[str], *, check: bool = False, timeout: float = 300, **kwar
 def train(config: Path, *flags: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run `python tinylm/train.py --config CONFIG FLAGS...`."""
     return run([sys.executable, str(TRAIN_SCRIPT), "--config", str(config), *flags], check=check, **kwargs)
+
+
+def train_error_in_process(config: Path, *flags: str, capsys) -> subprocess.CompletedProcess:
+    """`tinylm train --config CONFIG FLAGS...` through its entry point in this process, for a run that must
+    stop with a user error before any training (no Trainer is built, so no accelerate state is left)."""
+    from tinylm import train as train_module
+    from tinylm.errors import run_cli
+
+    argv = ["--config", str(config), *flags]
+    code = run_cli(train_module.main, argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def read_log(out_dir: Path) -> dict:

@@ -30,13 +30,13 @@ from transformers import PreTrainedTokenizerFast
 from . import formats, paths
 from . import tokenizer as tok
 from .config import DATA_FORMATS
-from .errors import UserError
+from .errors import (
+    BINARY_SHARDS_NOT_FOUND,
+    CHAR_VOCAB_MISSING,
+    META_PATH_MISMATCH,
+    UserError,
+)
 from .formats import DTYPES, open_tokens
-
-# Sections of docs/troubleshooting.md that the training page links to.
-BINARY_SHARDS_NOT_FOUND = "binary-shards-not-found"
-META_PATH_MISMATCH = "meta-path-mismatch"
-CHAR_VOCAB_MISSING = "char-vocab-missing"
 
 
 def resolve(processed_dir: str, data_format: str, tokenizer_kind: str) -> "PreparedData":

@@ -9,6 +9,21 @@ from __future__ import annotations
 
 from .paths import TROUBLESHOOTING
 
+# Sections of docs/troubleshooting.md that messages link to. Every one is linked from a message the
+# code prints, and every section of that page (but its closing list) is one of these: tests check both.
+BINARY_SHARDS_NOT_FOUND = "binary-shards-not-found"
+META_PATH_MISMATCH = "meta-path-mismatch"
+CHAR_VOCAB_MISSING = "char-vocab-missing"
+CUDA_NOT_DETECTED = "cuda-not-detected"
+ANCHORS = (BINARY_SHARDS_NOT_FOUND, META_PATH_MISMATCH, CHAR_VOCAB_MISSING, CUDA_NOT_DETECTED)
+
+
+def troubleshooting_link(anchor: str) -> str:
+    """Where the docs explain `anchor`: docs/troubleshooting.md#anchor."""
+    if anchor not in ANCHORS:
+        raise ValueError(f"{anchor!r} is not a section of {TROUBLESHOOTING}: one of {ANCHORS}")
+    return f"{TROUBLESHOOTING}#{anchor}"
+
 
 class UserError(Exception):
     """A problem with the user's input: a file, a flag or a config key.
@@ -26,7 +41,7 @@ class UserError(Exception):
     def __str__(self) -> str:
         text = super().__str__()
         if self.anchor:
-            text += f" (see {TROUBLESHOOTING}#{self.anchor})"
+            text += f" (see {troubleshooting_link(self.anchor)})"
         return text
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .paths import TROUBLESHOOTING
+from .errors import CUDA_NOT_DETECTED, troubleshooting_link
 
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
@@ -45,7 +45,7 @@ def choose_hardware(device: str, precision: str) -> Hardware:
     if device == "cuda" and not has_cuda:
         warnings.append(
             "CUDA not detected (torch.cuda.is_available() is False): training on CPU instead; "
-            f"see {TROUBLESHOOTING}#cuda-not-detected"
+            f"see {troubleshooting_link(CUDA_NOT_DETECTED)}"
         )
     if device == "auto" or (device == "cuda" and not has_cuda):
         device = "cuda" if has_cuda else "cpu"

@@ -20,13 +20,26 @@ import sys
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+
 # HTTPError is the base class of the HTTP client huggingface_hub uses (httpx in 1.x, httpx2 in 2.x).
 from huggingface_hub.errors import HfHubHTTPError, HTTPError, OfflineModeIsEnabled
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import (
+    DEFAULT_IGNORE_PATTERNS,
+    HFValidationError,
+    filter_repo_objects,
+    validate_repo_id,
+)
 from transformers.utils import logging as hf_logging
 
 from .errors import UserError, run_cli
-from .export import CARD_NAME, REQUIRED_FILES, card_for_repo, check_loads, format_size, is_export_folder
+from .export import (
+    CARD_NAME,
+    REQUIRED_FILES,
+    card_for_repo,
+    check_loads,
+    format_size,
+    is_export_folder,
+)
 
 # What each refusal from the Hub most likely means, and what to do about it.
 HTTP_HINTS = {

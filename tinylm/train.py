@@ -1,4 +1,4 @@
-"""`tinylm train` / `python tinylm/train.py` / `accelerate launch tinylm/train.py`: the training CLI.
+"""`tinylm train` / `python tinylm/train.py` / `accelerate launch [--config_file F] tinylm/train.py`: the training CLI.
 
 A thin layer: parse flags, load the TOML config, apply the flag overrides, run
 `tinylm.trainer.train`. See docs/training.md.
@@ -15,7 +15,15 @@ import sys
 from pathlib import Path
 
 from tinylm import paths
-from tinylm.config import DATA_FORMATS, PRECISIONS, TOKENIZERS, Config, apply_overrides, from_dict, load_config
+from tinylm.config import (
+    DATA_FORMATS,
+    PRECISIONS,
+    TOKENIZERS,
+    Config,
+    apply_overrides,
+    from_dict,
+    load_config,
+)
 from tinylm.errors import run_cli
 
 # Flag -> dotted config key it overrides (flags win over the TOML file).
@@ -78,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config, resumed = resume_config(args, overrides)
 
-    from tinylm.trainer import train  # heavy imports (torch, transformers) only once flags are valid
+    from tinylm.trainer import (
+        train,  # heavy imports (torch, transformers) only once flags are valid
+    )
 
     summary = train(config, resume=resumed, overwrite=args.overwrite)
     return 130 if summary["stop_reason"] == "interrupted" else 0
