@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import training_helpers
+from training_helpers import prepare_peak_mib
 
 from tinylm import corpus, data, formats, paths
 from tinylm import prepare as prepare_module
@@ -346,22 +347,6 @@ def test_re_preparing_removes_the_files_the_old_meta_listed(sharded, tmp_path):
         listed = sorted(entry["tokens"] for split in meta["splits"].values() for entry in split["files"])
         assert bins == listed and set(expected) <= set(bins)
     assert (out / "notes.txt").read_text() == "mine, not prepare's"
-
-
-# Runs `python -m tinylm.prepare ARGS` and prints the process's peak resident memory (VmHWM) on exit.
-# Not ru_maxrss: a child started by (v)fork inherits the parent's high-water mark (this pytest process).
-REPORT_PEAK = (
-    "import atexit, runpy, sys\n"
-    "atexit.register(lambda: print(*(l for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr))\n"
-    "runpy.run_module('tinylm.prepare', run_name='__main__')\n"
-)
-
-
-def prepare_peak_mib(cwd: Path, *args: str) -> float:
-    result = subprocess.run([sys.executable, "-c", REPORT_PEAK, *map(str, args)], cwd=cwd, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return int(re.search(r"VmHWM:\s+(\d+) kB", result.stderr).group(1)) / 1024
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from /proc")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,23 @@ def train_error_in_process(config: Path, *flags: str, capsys) -> subprocess.Comp
     code = run_cli(train_module.main, argv)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out, err)
+
+
+# Runs `python -m tinylm.prepare ARGS` and prints the process's peak resident memory (VmHWM) on exit.
+# Not ru_maxrss: a child started by (v)fork inherits the parent's high-water mark (this pytest process).
+REPORT_PEAK = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print(*(l for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr))\n"
+    "runpy.run_module('tinylm.prepare', run_name='__main__')\n"
+)
+
+
+def prepare_peak_mib(cwd: Path, *args, env: dict | None = None) -> float:
+    """Run `python -m tinylm.prepare ARGS` in a fresh process; its peak resident memory in MiB."""
+    result = subprocess.run([sys.executable, "-c", REPORT_PEAK, *map(str, args)], cwd=cwd, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    return int(re.search(r"VmHWM:\s+(\d+) kB", result.stderr).group(1)) / 1024
 
 
 def read_log(out_dir: Path) -> dict:

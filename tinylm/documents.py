@@ -98,8 +98,13 @@ def open_documents(spec: str, *, config_name: str | None, split: str, column: st
         # Like transformers' run_clm: a dataset's own validation split if it has one.
         val_split = "validation" if "validation" in splits and split != "validation" else None
         val_fraction = None if val_split else DEFAULT_VAL_FRACTION
-    train = splits[split]
-    val = splits[val_split] if val_split else None
+    train, val = splits[split], splits[val_split] if val_split else None
+    if streaming:
+        # One shard per Parquet row group, in order: pyarrow's scan of a whole file keeps memory for
+        # every row group it has read, a row group's own scan does not (prepare --streaming peaked
+        # at 620 and 836 MiB on 40 and 160 MB of Parquet, and at 540 and 544 MiB so). Other formats
+        # keep their shards.
+        train, val = train.reshard(), val.reshard() if val is not None else None
     for part in (train, val):
         if part is not None:
             check_column(part, column, spec)
