@@ -30,14 +30,12 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from . import paths
 from .errors import UserError
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes
+BUILDERS = {suffix: builder for suffix, (builder, _) in paths.DATASET_FILES.items()}
 MAP_BATCH = 1000  # rows per `map` call
 ENCODE_CHARS = 1 << 17  # characters per encode_batch call: enough for every core, few Encodings in memory
-DEFAULT_VAL_FRACTION = 0.1
-STREAMING_TOKENIZER_SAMPLE = 100_000_000  # characters the tokenizer trains on when streaming
 
 
 @dataclass
@@ -81,8 +79,11 @@ class Documents:
 
 
 def open_documents(spec: str, *, config_name: str | None, split: str, column: str, val_split: str | None,
-                   val_fraction: float | None, streaming: bool) -> Documents:
-    """Load `spec` and pick its splits and text column; every mistake is a UserError saying how to fix it."""
+                   val_fraction: float | None, default_val_fraction: float, streaming: bool) -> Documents:
+    """Load `spec` and pick its splits and text column; every mistake is a UserError saying how to fix it.
+
+    With neither `val_split` nor `val_fraction`: the dataset's "validation" split, else `default_val_fraction`.
+    """
     if not sys.stderr.isatty():  # datasets' bars would print line after line into a log; tinylm's bars don't
         datasets.disable_progress_bars()
     splits = load(spec, config_name, streaming)
@@ -97,7 +98,7 @@ def open_documents(spec: str, *, config_name: str | None, split: str, column: st
     if val_split is None and val_fraction is None:
         # Like transformers' run_clm: a dataset's own validation split if it has one.
         val_split = "validation" if "validation" in splits and split != "validation" else None
-        val_fraction = None if val_split else DEFAULT_VAL_FRACTION
+        val_fraction = None if val_split else default_val_fraction
     train, val = splits[split], splits[val_split] if val_split else None
     if streaming:
         # One shard per Parquet row group, in order: pyarrow's scan of a whole file keeps memory for
@@ -116,7 +117,7 @@ def open_documents(spec: str, *, config_name: str | None, split: str, column: st
 def load(spec: str, config_name: str | None, streaming: bool) -> dict:
     """The splits of `spec` by name: a `DatasetDict` or `IterableDatasetDict`."""
     path = Path(spec).expanduser()
-    saved = path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS)
+    saved = path.is_dir() and any((path / marker).is_file() for marker in paths.SAVED_DATASET_MARKERS)
     if config_name is not None and (saved or path.is_file()):
         raise UserError(f"--config-name {config_name}: {spec} is a single dataset with no configurations; "
                         "drop --config-name (it picks one of a Hub dataset's or a folder's configs)")

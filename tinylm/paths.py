@@ -23,3 +23,9 @@ BEST_NAME = "ckpt_best.pt"
 TRAIN_LOG_NAME = "train_log.json"
 
 TROUBLESHOOTING = "docs/troubleshooting.md"
+
+# Data files `tinylm prepare --dataset` reads through `datasets` (suffix -> builder, what to call it),
+# and the files a `save_to_disk` folder holds; `--input` refuses them as plain text.
+DATASET_FILES = {".json": ("json", "JSON"), ".jsonl": ("json", "JSON Lines"), ".csv": ("csv", "CSV"),
+                 ".parquet": ("parquet", "Parquet"), ".arrow": ("arrow", "Arrow")}
+SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
         docs = documents.open_documents(
             args.dataset, config_name=args.config_name, split=args.split, column=args.text_column,
-            val_split=args.val_split, val_fraction=args.val_fraction, streaming=args.streaming,
+            val_split=args.val_split, val_fraction=args.val_fraction, default_val_fraction=DEFAULT_VAL_FRACTION,
+            streaming=args.streaming,
         )
         meta, written = prepare_documents(docs, out, settings)
     else:
@@ -325,17 +326,15 @@ class Source:
                 last = chunk[-1]
 
 
-# Files `datasets` reads, by suffix, and the files `save_to_disk` writes (see tinylm.documents).
-DATASET_SUFFIXES = {".json": "JSON", ".jsonl": "JSON Lines", ".csv": "CSV", ".parquet": "Parquet", ".arrow": "Arrow"}
-SAVED_DATASET_FILES = ("dataset_dict.json", "state.json", "dataset_info.json")
 
 
 def refuse_dataset_input(path: Path, files: list[Path]) -> None:
     """A dataset passed to --input would be trained on as text (its JSON syntax, its bytes): say what to do."""
-    if path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES):
+    if path.is_dir() and any((path / name).is_file() for name in paths.SAVED_DATASET_MARKERS):
         kind = "a datasets save_to_disk folder"
     else:
-        kinds = sorted({DATASET_SUFFIXES[f.suffix.lower()] for f in files if f.suffix.lower() in DATASET_SUFFIXES})
+        suffixes = {f.suffix.lower() for f in files} & paths.DATASET_FILES.keys()
+        kinds = sorted({paths.DATASET_FILES[suffix][1] for suffix in suffixes})
         if not kinds:
             return
         kind = f"{' and '.join(kinds)} data" if path.is_dir() else f"a {kinds[0]} file"
