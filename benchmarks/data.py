@@ -117,7 +117,8 @@ def prepare_at_scale(workdir: Path, megabytes: float) -> None:
     print(f"prepare on {size:.1f} MB of text, --shard-tokens {shard_tokens}, a fresh process per run, "
           f"best of 2 alternating with tokenizers' parallelism off ({os.cpu_count()} cores):")
     for kind in ("char", "bpe"):
-        flags = ["--tokenizer", kind, "--shard-tokens", str(shard_tokens), "--out", str(workdir / kind)]
+        flags = ["--tokenizer", kind, "--shard-tokens", str(shard_tokens), "--out", str(workdir / kind),
+                 "--overwrite"]  # the same folder, run after run
         baseline_peak = run_prepare(["--input", str(tiny), *flags], PARALLEL)["peak"]
         runs: dict[str, list[dict]] = {"parallel": [], "single": []}
         for _ in range(2):

@@ -9,12 +9,17 @@ import pytest
 
 @pytest.fixture
 def snapshot():
-    """`snapshot(folder)`: every file below `folder` with its bytes and mtime, to prove nothing changed."""
+    """`snapshot(folder)`: every file below `folder` with its bytes and mtime, to prove nothing changed.
+
+    The folder lock's files are left out: a writer that takes the lock and is then refused (or
+    fails) has still opened them, and they hold no data.
+    """
+    from tinylm.locks import LOCK_NAME, OWNER_NAME
 
     def take(folder: Path) -> dict[str, tuple[bytes, int]]:
         return {
             str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
-            for path in sorted(Path(folder).rglob("*")) if path.is_file()
+            for path in sorted(Path(folder).rglob("*")) if path.is_file() and path.name not in (LOCK_NAME, OWNER_NAME)
         }
 
     return take

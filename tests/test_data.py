@@ -123,7 +123,7 @@ def test_eval_dataset_works_in_a_dataloader(project):
 def test_rewritten_file_at_the_same_path_is_never_stale(project):
     before = data.eval_dataset(data.resolve(paths.DATA_DIR, "bin", "char").split("val"), block_size=BLOCK, num_blocks=4)
     old = [item["input_ids"] for item in before]
-    make_data(project, text=TEXT.upper())  # same paths, new content
+    make_data(project, "--overwrite", text=TEXT.upper())  # same paths, new content
     assert all(torch.equal(a, b["input_ids"]) for a, b in zip(old, before))  # open streams keep their files
     after = data.eval_dataset(data.resolve(paths.DATA_DIR, "bin", "char").split("val"), block_size=BLOCK, num_blocks=4)
     tokenizer = data.resolve(paths.DATA_DIR, "bin", "char").tokenizer()

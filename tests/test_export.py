@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_checkpoint import BLOCK_SIZE, TEXT, assert_one_line_error, save_checkpoint, train_tiny_model
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, constants
 from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
@@ -246,7 +246,29 @@ def checkpoint_with(path: Path, trained, *, model: dict | None = None, hub: dict
     return path
 
 
-def test_card_metadata_names_license_language_base_model_and_hub_dataset(tmp_path, trained):
+def hub_cache(root: Path, models: tuple[str, ...] = (), datasets: tuple[str, ...] = ()) -> Path:
+    """A Hugging Face cache at `root` holding `models` and `datasets` as reading them by Hub id leaves them."""
+    for repo_type, ids in (("models", models), ("datasets", datasets)):
+        for repo_id in ids:
+            snapshot = root / f"{repo_type}--{repo_id.replace('/', '--')}" / "snapshots" / ("a" * 40)
+            snapshot.mkdir(parents=True)
+            (snapshot / ("config.json" if repo_type == "models" else "README.md")).write_text("{}")
+            (snapshot.parents[1] / "refs").mkdir()
+            (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    return root
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch) -> Path:
+    """This process's Hugging Face cache, empty: nothing was ever read from the Hub."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_card_metadata_names_license_language_base_model_and_hub_dataset(tmp_path, trained, empty_hub_cache):
+    hub_cache(empty_hub_cache, models=("gpt2",), datasets=("roneneldan/TinyStories",))  # fine-tuning read them
     path = checkpoint_with(tmp_path / "ckpt.pt", trained, model={"init_from": "gpt2"},
                            hub={"repo_id": "", "private": False, "license": "apache-2.0", "language": ""},
                            source=HUB_DATASET_SOURCE, val_loss=2.0)
@@ -264,8 +286,9 @@ def test_card_metadata_names_license_language_base_model_and_hub_dataset(tmp_pat
     assert "| license | `apache-2.0` |" in card.text
 
 
-def test_local_data_and_models_are_never_named_as_hub_ids(tmp_path, trained, monkeypatch):
+def test_local_data_and_models_are_never_named_as_hub_ids(tmp_path, trained, monkeypatch, empty_hub_cache):
     """`owner/name` that is a folder here is a local model or dataset, not a Hub id; a data file neither."""
+    hub_cache(empty_hub_cache, models=("me/base-model",), datasets=("corpus/saved",))  # even if the Hub has some
     monkeypatch.chdir(tmp_path)
     (tmp_path / "me" / "base-model").mkdir(parents=True)
     (tmp_path / "corpus" / "saved").mkdir(parents=True)
@@ -277,6 +300,61 @@ def test_local_data_and_models_are_never_named_as_hub_ids(tmp_path, trained, mon
         assert (card.data.base_model, card.data.datasets) == (None, None)
         assert "fine-tuned from the local model `base-model`" in card.text
         assert {r.dataset_type for r in card.data.eval_results} == {"local"}
+
+
+LOCAL_SOURCE = {"input": "/home/me/corpus/book.txt", "bytes": 1800, "val_fraction": 0.1}
+
+
+def test_the_card_publishes_no_local_path_wherever_export_runs(tmp_path, trained, monkeypatch, empty_hub_cache):
+    """A run fine-tuned from the relative folder `tiny` on /home/me/corpus/book.txt: the card names both by their
+    base names, links no Hub repo, and reads the same whether or not export runs where `tiny` is."""
+    path = checkpoint_with(tmp_path / "ckpt.pt", trained, model={"init_from": "tiny"}, source=LOCAL_SOURCE)
+    (tmp_path / "train-dir" / "tiny").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    cards = []
+    for cwd in ("train-dir", "elsewhere"):
+        monkeypatch.chdir(tmp_path / cwd)
+        folder = export.export(path, tmp_path / "out", force=True)
+        texts = {p.name: p.read_text() for p in folder.iterdir() if p.suffix in (".md", ".json")}
+        assert not [name for name, text in texts.items() if "/home/me" in text or "corpus/" in text]
+        card = ModelCard.load(folder / "README.md")
+        assert (card.data.base_model, card.data.datasets) == (None, None)
+        assert {(r.dataset_name, r.dataset_type) for r in card.data.eval_results} == {("book.txt", "local")}
+        assert "fine-tuned from the local model `tiny` with tinylm on `book.txt`." in card.text
+        assert "| fine-tuned from | the local model `tiny` |" in card.text and "- source: `book.txt`" in card.text
+        assert "huggingface.co/tiny" not in card.text
+        cards.append(str(card))
+    assert cards[0] == cards[1]
+
+
+def test_base_model_names_the_hub_model_of_a_local_folder(tmp_path, trained, empty_hub_cache):
+    path = checkpoint_with(tmp_path / "ckpt.pt", trained, model={"init_from": "/home/me/models/tiny"},
+                           source=LOCAL_SOURCE)
+    env = {**os.environ, "HF_HUB_CACHE": str(empty_hub_cache), "HF_HUB_OFFLINE": "1"}
+    result = run_export("--checkpoint", path, "--out", tmp_path / "out", "--base-model", "openai-community/gpt2",
+                        env=env)
+    assert result.returncode == 0, result.stderr
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "openai-community/gpt2"
+    link = "[`openai-community/gpt2`](https://huggingface.co/openai-community/gpt2)"
+    assert f"fine-tuned from {link} with tinylm" in card.text and f"| fine-tuned from | {link} |" in card.text
+    assert "/home/me" not in (tmp_path / "out" / "README.md").read_text()
+    # Without the flag: no base model, and a note on how to name one.
+    result = run_export("--checkpoint", path, "--out", tmp_path / "plain", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "not a Hub model in this machine's Hugging Face cache" in result.stderr and "--base-model" in result.stderr
+    assert ModelCard.load(tmp_path / "plain" / "README.md").data.base_model is None
+
+
+@pytest.mark.parametrize("base_model, needle", [
+    ("./tiny", "is not a Hub model id"),
+    ("gpt2", "was trained from scratch"),
+], ids=["a-path", "from-scratch"])
+def test_a_base_model_that_cannot_be_is_one_line(tmp_path, ckpt, base_model, needle):
+    out = tmp_path / "out"
+    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out, "--base-model", base_model),
+                          "--base-model", needle)
+    assert not out.exists()
 
 
 def test_a_checkpoint_from_before_the_card_settings_exports(tmp_path, trained):

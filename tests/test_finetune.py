@@ -7,9 +7,12 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from training_helpers import make_corpus, write_toml
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -133,6 +137,12 @@ def test_a_fine_tuned_run_resumes_and_exports(world, tmp_path, fresh_accelerate_
     saved = torch.load(tmp_path / "split" / "ckpt" / paths.LAST_NAME, weights_only=True)["model"]
     assert reloaded.config.n_positions == BLOCK
     assert all(torch.equal(reloaded.state_dict()[name], weight) for name, weight in saved.items())
+    # config.json, generation_config.json and the tokenizer agree: the pretrained config had no pad token.
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    eos = tokenizer.convert_tokens_to_ids(tok.EOS_TOKEN)
+    for ids in (json.loads((folder / name).read_text()) for name in ("config.json", "generation_config.json")):
+        assert (ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]) == (eos, eos, eos)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (eos, eos, eos)
 
 
 @pytest.mark.parametrize("model, message", [
@@ -154,8 +164,12 @@ def test_data_prepared_with_another_tokenizer_is_refused(world, tmp_path, fresh_
     shutil.copytree(world, tmp_path / "world", ignore=shutil.ignore_patterns("data"))
     shutil.copytree(other_data, tmp_path / "world" / "data")
     with pytest.raises(UserError, match=r"was prepared with another tokenizer than .*base's: run `tinylm prepare "
-                                        r"--tokenizer pretrained --from .*base`"):
+                                        r"--tokenizer pretrained --from .*base --out .*data --overwrite`") as refused:
         fine_tune(tmp_path / "world", tmp_path / "run")
+    # The command it suggests (given the input) fixes it.
+    suggested = shlex.split(re.search(r"run `([^`]*)`", str(refused.value)).group(1))
+    assert prepare.main([*suggested[2:], "--input", str(world / "corpus.txt")]) == 0
+    assert fine_tune(tmp_path / "world", tmp_path / "run")[1]["iters"] == 12
 
 
 def test_only_gpt2_models_are_fine_tuned(world, tmp_path, fresh_accelerate_state):
@@ -231,3 +245,103 @@ def test_the_demo_takes_the_same_model_arguments(world):
     assert isinstance(model, GPT2LMHeadModel) and len(tokenizer) == model.config.vocab_size
     with pytest.raises(UserError, match=r"--revision applies to a Hub id; .*base is a local folder"):
         generate.load_chosen_model(demo.parse_args(["--model", str(world / "base"), "--revision", "v1"]), "cpu")
+
+
+# --- Hub ids with no network: one quick answer, never huggingface_hub's minute of retries ----------------
+
+
+@pytest.fixture
+def silent_hub():
+    """A Hub endpoint that accepts connections and never answers, as a network that drops replies does.
+
+    A name that fails DNS at once is what this sandbox does for huggingface.co; it cost 27-32 s of
+    retries (1+2+4+8+8 s). A connection that hangs costs more (the retries wait 60 s each), so the
+    tests use this one: nothing here calls accept(), the kernel's backlog completes the handshakes.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def refused_hub() -> str:
+    """An endpoint whose connections are refused at once (a closed port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def online_env(home: Path, endpoint: str) -> dict:
+    """Environment for a subprocess that may use the network (no HF_HUB_OFFLINE), whose Hub is `endpoint`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    return {**env, "HF_HOME": str(home), "HF_ENDPOINT": endpoint, "NO_PROXY": "127.0.0.1"}
+
+
+NO_ANSWER_BOUND_S = 45  # generous: startup is 4-8 s here, the reachability check at most 5 s
+
+
+def timed_cli(module: str, cwd: Path, env: dict, *args) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-m", f"tinylm.{module}", *map(str, args)], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=2 * NO_ANSWER_BOUND_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"tinylm {module} {' '.join(map(str, args))} still waiting for the Hub after "
+                    f"{2 * NO_ANSWER_BOUND_S} s")
+    return result, time.monotonic() - started
+
+
+GENERATE_MISSING = ["--model", "tinylm-test/missing", "--max-new-tokens", 5]
+PREPARE_MISSING = ["--input", "corpus.txt", "--tokenizer", "pretrained", "--from", "tinylm-test/missing"]
+
+
+@pytest.mark.parametrize("module, args, hub_kind", [
+    ("generate", GENERATE_MISSING, "silent"),
+    ("generate", GENERATE_MISSING, "refused"),
+    ("prepare", PREPARE_MISSING, "silent"),  # fine-tuning's init_from reads through the same pretrained.load
+], ids=["generate-silent", "generate-refused", "prepare-silent"])
+def test_an_unreachable_hub_is_one_quick_line_without_retries(module, args, hub_kind, silent_hub, tmp_path):
+    make_corpus(tmp_path / "corpus.txt")
+    endpoint = silent_hub if hub_kind == "silent" else refused_hub()
+    result, seconds = timed_cli(module, tmp_path, online_env(tmp_path / "hf-home", endpoint), *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr  # no "Retrying in 1s" lines, no traceback
+    assert re.search(r"^error: cannot load the (model|tokenizer) tinylm-test/missing: .*not in the Hugging Face "
+                     rf"cache, and the Hub at {re.escape(endpoint)} cannot be reached .*pass a local folder",
+                     lines[0]), lines[0]
+    assert seconds < NO_ANSWER_BOUND_S
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_cached_model_is_used_at_once_when_the_hub_is_unreachable(world, silent_hub, tmp_path):
+    """Each file's metadata request used to wait HF_HUB_ETAG_TIMEOUT (10 s) before the cache was used."""
+    from tinylm import sampler
+
+    cache_as_hub(tmp_path / "hf-home" / "hub", "tinylm-test/base", world / "base", {"main": "c" * 40})
+    result, seconds = timed_cli("generate", tmp_path, online_env(tmp_path / "hf-home", silent_hub),
+                                "--model", "tinylm-test/base", "--prompt", "HAMLET:", "--max-new-tokens", 20,
+                                "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = sampler.load_model(str(world / "base"))
+    greedy = sampler.Sampling(max_new_tokens=20, temperature=0.0)
+    assert result.stdout == "HAMLET:" + sampler.complete(model, tokenizer, "HAMLET:", greedy) + "\n"
+    # One note (transformers' "Loading weights" bars aside), no retry lines.
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("Loading weights")]
+    assert len(lines) == 1 and lines[0].startswith(f"note: the Hugging Face Hub at {silent_hub} cannot be reached")
+    assert "tinylm-test/base comes from the local cache; set HF_HUB_OFFLINE=1" in lines[0]
+    assert seconds < NO_ANSWER_BOUND_S
+
+
+def test_the_hub_model_a_run_started_from_is_named_by_export_on_any_machine(world, hub, tmp_path):
+    """Training records init_from's Hub id in the checkpoint: export names the base model even where the
+    Hugging Face cache that held it is gone (another machine), and a local folder is never named."""
+    run_toml = write_run(tmp_path / "run.toml", world, tmp_path / "ckpt", model={"init_from": "tinylm-test/base"},
+                         max_iters=4)
+    trained = cli("train", tmp_path, hub, "--config", run_toml)
+    assert trained.returncode == 0, trained.stderr
+    elsewhere = {**hub, "HF_HOME": str(tmp_path / "empty-hf-home")}
+    exported = cli("export", tmp_path, elsewhere, "--checkpoint", tmp_path / "ckpt" / paths.BEST_NAME,
+                   "--out", tmp_path / "exported")
+    assert exported.returncode == 0, exported.stderr
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "base_model: tinylm-test/base" in card and "note:" not in exported.stderr

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from training_helpers import REPO, load_checkpoint, losses, read_log, run, train, write_config
 
+from tinylm.locks import LOCK_NAME
+
 CPU_2PROC = REPO / "configs" / "accelerate" / "cpu-2proc.yaml"
 SPY_TRAIN = Path(__file__).with_name("spy_train.py")
 SLOW_TRAIN = Path(__file__).with_name("slow_train.py")
@@ -44,13 +46,15 @@ def test_two_processes_train_stop_together_and_resume(prepared, tmp_path):
     assert summary["stop_reason"] == "early_stopping" and summary["iters"] == 4 and summary["world_size"] == 2
     assert len(load_checkpoint(out_dir / "ckpt_last.pt")["train_state"]["rng"]) == 2  # every rank's RNG
 
-    config = write_config(tmp_path / "run.toml", prepared, out_dir, training={"max_iters": 12})
+    # On resume the file's keys are laid over the run's config: early stopping is turned off by naming it.
+    config = write_config(tmp_path / "run.toml", prepared, out_dir, training={"max_iters": 12, "early_stopping": False})
     second = run(launch(SPY_TRAIN, str(writes), "--config", str(config), "--resume"), check=True)
     assert "resumed from iter 4" in second.stdout
     assert [record["iter"] for record in read_log(out_dir)["records"]] == [0, 4, 8, 12]
     ranks = {line.split()[0] for line in writes.read_text().splitlines()}
     assert ranks == {"0"}, "only the main process may write files"
-    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+    hidden = [p.name for p in out_dir.iterdir() if p.name.startswith(".")]
+    assert hidden == [LOCK_NAME], "no temporary files left behind, only the (empty) lock file"
 
 
 def test_two_processes_match_one_process_with_twice_the_batch(prepared, tmp_path):

@@ -6,8 +6,10 @@ import hashlib
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,9 @@ import torch
 import training_helpers
 from training_helpers import prepare_peak_mib
 
-from tinylm import corpus, data, formats, paths
+from tinylm import corpus, data, formats, locks, paths
 from tinylm import prepare as prepare_module
+from tinylm.errors import UserError
 
 BLOCK = 32
 WORDS = "the king my lord thou art good night sweet prince what is this speak to me come hither".split()
@@ -225,7 +228,8 @@ def test_bad_input_is_one_line_and_leaves_outputs_intact(case, existing, snapsho
     out, before = existing, snapshot(existing)
     make_args, message = BAD_INPUTS[case]
     args = make_args(tmp_path)
-    result = prepare(tmp_path, *args, "--out", out)
+    # --overwrite: even a run allowed to replace the data leaves it as it was when it fails.
+    result = prepare(tmp_path, *args, "--out", out, "--overwrite")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -287,7 +291,8 @@ def test_sharded_bin_outputs_and_meta(sharded):
         joined = b"".join((out / entry["tokens"]).read_bytes() for entry in files)
         assert joined == (root / "whole" / f"{split}.bin").read_bytes()
         names |= {entry["tokens"] for entry in files}
-    assert {path.name for path in out.iterdir()} == names  # no staging leftovers, no plain train.bin
+    # No staging leftovers, no plain train.bin; the lock file (empty) stays.
+    assert {path.name for path in out.iterdir()} - {locks.LOCK_NAME} == names
 
 
 def test_sharded_split_reads_exactly_as_the_whole_one(sharded):
@@ -339,7 +344,7 @@ def test_re_preparing_removes_the_files_the_old_meta_listed(sharded, tmp_path):
     write(out / "notes.txt", "mine, not prepare's")
     for flags, expected in (([], ["train.bin", "val.bin"]), (["--shard-tokens", SHARD], ["train_000.bin", "val_002.bin"]),
                             ([], ["train.bin", "val.bin"])):
-        result = prepare(tmp_path, "--input", source, "--out", out, *flags)
+        result = prepare(tmp_path, "--input", source, "--out", out, "--overwrite", *flags)
         assert result.returncode == 0, result.stderr
         bins = sorted(path.name for path in out.glob("*.bin"))
         meta = json.loads((out / paths.META_NAME).read_text())
@@ -361,3 +366,129 @@ def test_memory_does_not_grow_with_the_input(tmp_path):
     # Holding the text would add at least `grown`, its uint16 tokens twice that. Streaming adds only
     # allocator noise (up to ~6 MiB when the machine is busy: threads get more malloc arenas).
     assert peaks["large"] - peaks["small"] < 0.7 * grown, (peaks, grown)
+
+
+# --- one prepare per folder: nothing replaced unasked, nothing left behind --------------------------------------
+
+
+def cli(*args) -> list[str]:
+    """`tinylm prepare ARGS` as a command line, through the console dispatcher."""
+    return [sys.executable, "-m", "tinylm.cli", "prepare", *map(str, args)]
+
+
+def listing(folder: Path) -> set[str]:
+    """The names in `folder`, less the lock's own files."""
+    return {path.name for path in folder.iterdir()} - {locks.LOCK_NAME, locks.OWNER_NAME}
+
+
+@pytest.fixture(scope="module")
+def big_text(tmp_path_factory) -> Path:
+    """About 4 MB of text: seconds of work for prepare, time enough to catch it at work."""
+    return write(tmp_path_factory.mktemp("big") / "big.txt", play_text(50_000, seed=4) * 80)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "prepare finished before the moment the test waits for"
+        assert time.monotonic() < deadline, "timed out waiting for prepare"
+        time.sleep(0.005)
+
+
+def test_a_folder_of_prepared_data_is_refused_without_overwrite(sharded, snapshot, tmp_path):
+    source = sharded[0] / "plays.txt"
+    out = tmp_path / "out"
+    assert prepare(tmp_path, "--input", source, "--out", out, "--shard-tokens", SHARD).returncode == 0
+    write(out / "notes.txt", "mine, not prepare's")
+    before = snapshot(out)
+    again = ["--input", source, "--out", out, "--format", "txt", "--tokenizer", "bpe", "--vocab-size", 300]
+    result = prepare(tmp_path, *again)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert (f"error: output folder {out} already holds bin data prepared from {source} with the char tokenizer "
+            "(vocab size ") in result.stderr
+    assert result.stderr.rstrip().endswith(": pass --overwrite to replace it, or --out another folder")
+    assert snapshot(out) == before and not list(out.glob(".prepare-*"))
+    # --overwrite replaces it, leaving no file of the old data to be read with the new: neither the other
+    # format's shards (the old meta.json lists them) nor a shard no meta.json lists. Other files stay.
+    write(out / "train_999.bin", b"\0\0" * 10)
+    result = prepare(tmp_path, *again, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert listing(out) == {paths.META_NAME, paths.TOKENIZER_NAME, "tokenizer_config.json", "train.txt", "val.txt",
+                            "train.npy", "val.npy", "notes.txt"}
+    assert (out / "notes.txt").read_text() == "mine, not prepare's"
+    assert (out / "train.txt").read_text() + (out / "val.txt").read_text() == source.read_text()
+    assert data.resolve(str(out), "txt", "bpe").split("val").num_tokens > 0
+    # Token files without a meta.json are prepared data too.
+    bare = write(tmp_path / "bare" / "train_000.bin", b"\0\0" * 10).parent
+    with pytest.raises(UserError, match=r"output folder \S+/bare already holds prepared data files \(train_000\.bin\)"):
+        prepare_module.main(["--input", str(source), "--out", str(bare)])
+
+
+@pytest.mark.parametrize("flag", ["--input", "--dataset"])
+def test_a_source_given_twice_is_refused(flag, tmp_path):
+    if flag == "--input":
+        first, second = write(tmp_path / "a.txt", play_text(3_000)), write(tmp_path / "b.txt", play_text(3_000, 1))
+    else:
+        rows = [f"document {i}: {play_text(200, i)}" for i in range(20)]
+        first = write(tmp_path / "a.jsonl", "".join(json.dumps({"text": row}) + "\n" for row in rows))
+        second = write(tmp_path / "b.csv", "text\n" + "".join(json.dumps(row) + "\n" for row in rows))
+    result = prepare(tmp_path, flag, first, flag, second, "--out", tmp_path / "out")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"error: {flag} is given twice ({first}, then {second}): prepare reads one" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_prepare_removes_the_out_folder_it_created(tmp_path):
+    tiny = write(tmp_path / "tiny.txt", "x")  # fails at work, in the staging folder: too short to split
+    kept = make_dir(tmp_path / "kept")
+    for out in (tmp_path / "new" / "deeper", kept):
+        with pytest.raises(UserError, match="too little to split"):
+            prepare_module.main(["--input", str(tiny), "--out", str(out)])
+    assert not (tmp_path / "new").exists()  # both folders were the run's own
+    assert kept.is_dir() and listing(kept) == set()  # not the run's: kept
+
+
+def test_a_killed_prepare_leaves_litter_that_the_next_one_removes(big_text, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(cli("--input", big_text, "--out", out), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:  # killed once the tokenizer is staged: encoding has begun, the token files are half-written
+        wait_for(lambda: any(out.glob(f"{formats.STAGING_PREFIX}*/{paths.TOKENIZER_NAME}")), first)
+    finally:
+        first.kill()
+        first.wait()
+    (staging,) = out.glob(f"{formats.STAGING_PREFIX}*")
+    result = subprocess.run(cli("--input", big_text, "--out", out), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"removed 1 unfinished file(s) a stopped prepare left in {out}: {staging.name}\n" in result.stdout
+    assert listing(out) == {paths.META_NAME, paths.TOKENIZER_NAME, "tokenizer_config.json", "train.bin", "val.bin"}
+    text = big_text.read_text()
+    assert_blocks_match_text(data.resolve(str(out), "bin", "char"), "val", text, char_offset=int(len(text) * 0.9))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="pauses the first prepare with SIGSTOP")
+def test_a_second_prepare_on_a_folder_being_prepared_is_refused(big_text, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(cli("--input", big_text, "--out", out), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+
+    def lock_held() -> bool:
+        try:
+            return json.loads((out / locks.OWNER_NAME).read_text())["pid"] == first.pid
+        except (OSError, ValueError, KeyError):
+            return False
+
+    try:
+        wait_for(lock_held, first)
+        first.send_signal(signal.SIGSTOP)  # paused while it holds the lock: the second surely finds it held
+        second = subprocess.run(cli("--input", big_text, "--out", out), capture_output=True, text=True, timeout=300)
+        first.send_signal(signal.SIGCONT)
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"error: {out} is in use by another tinylm prepare (pid {first.pid} on " in second.stderr
+    assert "wait for it to finish (or stop it), or choose another folder" in second.stderr
+    assert first.returncode == 0, stderr  # undisturbed
+    text = big_text.read_text()
+    assert_blocks_match_text(data.resolve(str(out), "bin", "char"), "val", text, char_offset=int(len(text) * 0.9))

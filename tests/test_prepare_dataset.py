@@ -295,7 +295,7 @@ def bad_inputs(tmp_path_factory):
 def test_bad_dataset_input_is_one_line_and_leaves_outputs_intact(args, message, bad_inputs, tmp_path, snapshot):
     shutil.copytree(bad_inputs, tmp_path, dirs_exist_ok=True, symlinks=True)
     before = snapshot(tmp_path / "data")
-    result = prepare_cli(tmp_path, "--out", "data", *args)
+    result = prepare_cli(tmp_path, "--out", "data", "--overwrite", *args)  # replacing, had it not failed
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -264,3 +264,31 @@ def test_a_card_without_a_license_is_pushed_with_a_warning(exported, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "warning: the model card of" in result.stderr and "states no license" in result.stderr
     assert "--license" in result.stderr
+
+
+def test_base_model_names_the_hub_model_in_the_pushed_card(tmp_path, fake_hub, snapshot):
+    """A model fine-tuned from a local folder: its card names no base model until push's --base-model does."""
+    ckpt = tmp_path / "ckpt_best.pt"
+    licensed_checkpoint(ckpt)
+    payload = checkpoint.load(ckpt)
+    payload["config"]["model"]["init_from"] = "/home/me/models/tiny"
+    checkpoint.save(ckpt, payload)
+    folder = export.export(ckpt, tmp_path / "exported")
+    before = snapshot(folder)
+    result = run_push(folder, "--repo-id", "someone/tiny", "--base-model", "openai-community/gpt2",
+                      tmp_path=tmp_path, HF_ENDPOINT=fake_hub)
+    assert result.returncode == 0, result.stderr
+    commit = next(body for path, _, body in FakeHub.requests if "/commit/" in path)
+    uploaded = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in commit[1:]}
+    card = ModelCard(uploaded["README.md"].decode())
+    link = "[`openai-community/gpt2`](https://huggingface.co/openai-community/gpt2)"
+    assert card.data.base_model == "openai-community/gpt2"
+    assert f"fine-tuned from {link} with tinylm" in card.text and f"| fine-tuned from | {link} |" in card.text
+    assert "local model" not in card.text and "/home/me" not in uploaded["README.md"].decode()
+    assert snapshot(folder) == before and ModelCard.load(folder / "README.md").data.base_model is None
+
+
+def test_base_model_for_a_model_trained_from_scratch_is_one_line(exported, tmp_path):
+    result = run_push(exported, "--repo-id", "someone/tiny", "--base-model", "gpt2", "--dry-run", tmp_path=tmp_path,
+                      HF_HUB_OFFLINE="1")
+    assert_one_line_error(result, "--base-model gpt2", "not fine-tuned")

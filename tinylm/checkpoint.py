@@ -10,19 +10,23 @@ runs code from it. Layout (version 1):
     tokenizer         {"kind": "char"|"bpe", "path": str, "json": tokenizer.json text}
     config            the run's Config.to_dict()
     meta              the prepared data's meta.json (dict)
+    base_model        the Hub id a fine-tuned run started from (None: from scratch or a local folder;
+                      absent in checkpoints from before it was recorded)
     iter              optimizer steps completed
     best_val_loss     best validation loss so far (inf if none)
     val_loss          validation loss at this checkpoint (or None)
-    train_state       what resuming needs: optimizer, scheduler, scaler, RNG states, ... (dict)
+    train_state       what resuming needs: optimizer, scaler, RNG states, ... (dict); the learning-rate
+                      schedule is a function of `iter` and the config, so it is not stored
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -37,11 +41,23 @@ VERSION = 1
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "iter")
 
 
+class Loaded(NamedTuple):
+    """A checkpoint read by `load`, with the path it came from."""
+
+    path: Path
+    payload: dict[str, Any]
+
+
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Atomically write a checkpoint dict (format and version are added here)."""
     payload = {"format": FORMAT, "version": VERSION, **payload}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write (a full disk) this way
+            free = shutil.disk_usage(tmp.parent).free
+            raise OSError(f"the write stopped short ({str(exc).strip().splitlines()[0]}) with "
+                          f"{free / 2**20:.1f} MiB free on that disk") from None
 
 
 def load(path: str | os.PathLike, flag: str = "--checkpoint") -> dict[str, Any]:

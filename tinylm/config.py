@@ -22,7 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from . import paths
-from .errors import UserError
+from .errors import UserError, command_line
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -261,24 +261,47 @@ KEY_HELP = {
 }
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read a TOML preset (or the built-in defaults when `path` is None) and validate it."""
-    if path is None:
-        return from_dict({}, source="defaults")
-    path = Path(path)
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, *,
+                base: dict[str, Any] | None = None, base_source: str = "") -> Config:
+    """Read a TOML preset (the built-in defaults when `path` is None), apply flag overrides, validate once.
+
+    `overrides` maps dotted keys to flag values (None: the flag was not given). `base` is a saved
+    run's config (`Config.to_dict()`, named `base_source`) that the file's keys and the flags are
+    laid over, for resuming. Keys are checked one by one as they come, and the rules between keys
+    only on the result, so a flag can fix what the file alone gets wrong. `given` holds the keys
+    the file and the flags named.
+    """
+    raw = _read_toml(Path(path)) if path is not None else {}
+    flags = {dotted: value for dotted, value in (overrides or {}).items() if value is not None}
+    sources = [name for name, used in ((base_source, base), (str(path), path is not None),
+                                       ("command-line flags", flags)) if used] or ["defaults"]
+    source = " + ".join(sources)
+    # Each key of the file checked on its own first, so that its errors name the file alone.
+    layered = from_dict(raw, str(path) if path is not None else source, check_consistency=False)
+    named = {f"{section}.{key}": getattr(getattr(layered, section), key) for section, key in
+             (dotted.split(".", 1) for dotted in layered.given)}
+    merged = base if base is not None else {}
+    merged = {name: dict(merged.get(name, {})) for name in SECTIONS}
+    for dotted, value in {**named, **flags}.items():
+        section, key = dotted.split(".", 1)
+        merged[section][key] = value
+    config = from_dict(merged, source)
+    return dataclasses.replace(config, given=frozenset({*named, *flags}))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         kind = "a folder" if path.is_dir() else "missing"
         raise UserError(f"config {path} is {kind}: pass a TOML file, e.g. --config {paths.CONFIG_EXAMPLE}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"config {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise UserError(f"cannot read config {path}: {exc.strerror}") from None
-    return from_dict(raw, source=str(path))
 
 
-def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+def from_dict(raw: dict[str, Any], source: str = "config", *, check_consistency: bool = True) -> Config:
     """Build a validated `Config` from nested dicts shaped like the TOML file."""
     sections: dict[str, Any] = {}
     for name, value in raw.items():
@@ -289,7 +312,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         sections[name] = _build_section(name, value, source)
     given = frozenset(f"{name}.{key}" for name, values in raw.items() for key in values)
     config = Config(**sections, given=given)
-    _check_consistency(config, source)
+    if check_consistency:
+        _check_consistency(config, source)
     return config
 
 
@@ -354,7 +378,7 @@ def _check_consistency(config: Config, source: str) -> None:
         raise UserError(
             f"{source}: model.init_from = {model.init_from!r} fine-tunes a pretrained model, which reads text "
             f"with its own tokenizer: set data.tokenizer = \"pretrained\" (--tokenizer pretrained) and prepare "
-            f"the data with `tinylm prepare --tokenizer pretrained --from {model.init_from}`"
+            f"the data with `{command_line('tinylm', 'prepare', '--tokenizer', 'pretrained', '--from', model.init_from)}`"
         )
     if model.init_revision and model.init_from == SCRATCH:
         raise UserError(f"{source}: model.init_revision applies to model.init_from; drop it, or set model.init_from")

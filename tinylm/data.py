@@ -35,6 +35,7 @@ from .errors import (
     CHAR_VOCAB_MISSING,
     META_PATH_MISMATCH,
     UserError,
+    command_line,
 )
 from .formats import DTYPES, open_tokens
 
@@ -109,10 +110,10 @@ def find_bin_meta(folder: Path) -> Path:
 
 def prepare_command(data_format: str, folder: Path) -> str:
     """The `tinylm prepare` command that writes `data_format` data where training looks in `folder`."""
-    command = f"tinylm prepare --format {data_format}"
+    command = ["tinylm", "prepare", "--format", data_format]
     # prepare's default --out: data/ for bin (which training also finds from data/processed), data/processed for txt.
     defaults = {Path(paths.PROCESSED_DIR)} | ({Path(paths.DATA_DIR)} if data_format == "bin" else set())
-    return command if folder in defaults else f"{command} --out {folder}"
+    return command_line(*command) if folder in defaults else command_line(*command, "--out", folder)
 
 
 def bin_candidates(folder: Path) -> list[Path]:

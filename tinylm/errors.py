@@ -25,6 +25,13 @@ def troubleshooting_link(anchor: str) -> str:
     return f"{TROUBLESHOOTING}#{anchor}"
 
 
+def command_line(*words: object) -> str:
+    """A command for a message, quoted for the shell: a path with a space pastes as one argument."""
+    import shlex
+
+    return shlex.join(map(str, words))
+
+
 class UserError(Exception):
     """A problem with the user's input: a file, a flag or a config key.
 

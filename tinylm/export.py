@@ -1,7 +1,7 @@
 """`tinylm export`: turn a checkpoint into a folder plain `transformers` loads (and, with --onnx, model.onnx).
 
     tinylm export --checkpoint checkpoints/ckpt_best.pt --out exported/NAME [--force] [--onnx]
-                  [--license ID] [--language CODE]
+                  [--license ID] [--language CODE] [--base-model ID]
 
 The folder holds config.json, model.safetensors, generation_config.json,
 tokenizer.json, tokenizer_config.json and a README.md model card (plus
@@ -15,6 +15,9 @@ The card is a `huggingface_hub.ModelCard`: Hub metadata (license, language,
 datasets, base_model, tags, a model-index with the validation loss and
 perplexity) above a Markdown body. It names the model by the folder's name;
 `card_for_repo` renders it for a Hub repo id, which is what `tinylm push` uploads.
+The card never holds a path of the author's machine: local data and models are named
+by their base name, and only what the Hugging Face cache shows came from the Hub (or
+what --base-model names) is called a Hub model or dataset.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
@@ -56,6 +60,9 @@ HUB_URL = "https://huggingface.co"
 # The card's parts that name the model: `card_for_repo` rewrites them for the repo pushed to.
 TITLE = re.compile(r"^# .*$", re.MULTILINE)
 USAGE_HEADING = "## How to use"
+# The card's parts that name the base model: `card_for_repo` rewrites them for a --base-model given to push.
+ORIGIN_INTRO = re.compile(r"(fine-tuned from ).*?( with tinylm)")
+ORIGIN_ROW = re.compile(r"^\| fine-tuned from \| .* \|$", re.MULTILINE)
 # A dataset "spec" ending like this is a data file, never a Hub id (Hub ids may contain dots).
 DATA_FILE_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow",
                       ".gz", ".bz2", ".xz", ".zst", ".zip")
@@ -80,15 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--language", metavar="CODE",
                         help="the model card's language, e.g. en (default: the training config's hub.language; "
                         "none: the card names no language)")
+    add_base_model_argument(parser)
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # transformers' per-file bars only clutter this command's output
 
     out = export(args.checkpoint, args.out, force=args.force, onnx=args.onnx,
-                 license=args.license, language=args.language)
+                 license=args.license, language=args.language, base_model=args.base_model)
     for path in sorted(out.iterdir()):
         print(f"  {path.name:<24} {format_size(path.stat().st_size):>10}")
     print(f"exported {args.checkpoint} to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
+
+
+def add_base_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", metavar="ID",
+                        help="the Hub id of the model this one was fine-tuned from, for the model card (default: "
+                        "model.init_from when it is a Hub model in this machine's Hugging Face cache; a local "
+                        "folder is never named as one)")
 
 
 def export(
@@ -99,15 +114,18 @@ def export(
     onnx: bool = False,
     license: str | None = None,
     language: str | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write the export folder for `checkpoint_path` at `out`; return `out`.
 
-    `license` and `language` (for the model card) default to the run's `[hub]` settings.
+    `license` and `language` (for the model card) default to the run's `[hub]` settings;
+    `base_model` (a Hub id) to `model.init_from` when that is a Hub model (see `base_model_of`).
     """
     checkpoint_path, out = Path(checkpoint_path), Path(out)
     name = out.resolve().name
     check_card_field("license", license or "", "--license")
     check_card_field("language", language or "", "--language")
+    check_base_model(base_model)
     check_out_folder(out, force)
     if onnx:
         onnx_export.require_onnx()  # before any work, so a missing extra costs nothing
@@ -120,12 +138,14 @@ def export(
             f"{model.config.vocab_size}; the model and tokenizer do not belong together"
         )
     log_records = train_log_records(checkpoint_path)
+    base_model = base_model_of(payload, base_model, checkpoint_path)
 
     with staged_folder(out, force) as staging:
-        save_model(model, staging)
         save_tokenizer(tokenizer, model.config.n_positions, staging)
+        save_model(model, tokenizer, staging)
         curve = draw_loss_curve(log_records, staging / LOSS_CURVE_NAME, title=name)
-        card = model_card(name, payload, model, tokenizer, log_records, curve, license=license, language=language)
+        card = model_card(name, payload, model, tokenizer, log_records, curve, license=license, language=language,
+                          base_model=base_model)
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
         if onnx:
             print("writing model.onnx (tracing and checking the graph takes a few seconds)", flush=True)
@@ -138,9 +158,15 @@ def export(
 # --- what goes in the folder ---------------------------------------------------------------------------
 
 
-def save_model(model, folder: Path) -> None:
-    """config.json, model.safetensors (the tied lm_head is stored once) and generation_config.json."""
+def save_model(model, tokenizer, folder: Path) -> None:
+    """config.json, model.safetensors (the tied lm_head is stored once) and generation_config.json.
+
+    Their special token ids are the saved `tokenizer`'s: a fine-tuned GPT-2 keeps OpenAI's config,
+    which has no pad token, while the tokenizer pads with <|endoftext|> (`save_tokenizer`).
+    """
     config = model.config
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     # generate()'s defaults come from here; `tinylm generate` samples with the same settings.
     sampling = Sampling()
     model.generation_config = GenerationConfig(
@@ -251,11 +277,13 @@ def model_card(
     *,
     license: str | None = None,
     language: str | None = None,
+    base_model: str | None = None,
 ) -> str:
     """README.md: Hub metadata, then what the model is, what it was trained on, how well, how to load it, its limits.
 
     `license` and `language` default to the run's `[hub]` settings (`payload["config"]["hub"]`,
-    which checkpoints from before those keys lack: then the card states neither).
+    which checkpoints from before those keys lack: then the card states neither). `base_model`
+    is the Hub model a fine-tuned checkpoint started from (see `base_model_of`), if known.
     """
     config = model.config
     meta = payload.get("meta") or {}
@@ -264,7 +292,6 @@ def model_card(
     license = license or hub.get("license") or None
     language = language or hub.get("language") or None
     init_from = (run.get("model") or {}).get("init_from", SCRATCH)
-    base_model = hub_id(init_from) if init_from != SCRATCH else None
     dataset = hub_dataset(meta)
     kind = tok.kind_of(tokenizer)
     iteration = payload["iter"]
@@ -285,7 +312,7 @@ def model_card(
     if init_from == SCRATCH:
         origin, intro = None, "A small GPT-2 language model trained from scratch with tinylm"
     else:
-        origin = f"[`{base_model}`]({HUB_URL}/{base_model})" if base_model else f"the local model `{Path(init_from).name}`"
+        origin = origin_text(base_model) if base_model else f"the local model `{local_name(init_from)}`"
         intro = f"A GPT-2 language model fine-tuned from {origin} with tinylm"
     source = source_text(meta, dataset)
     lines = [
@@ -360,12 +387,18 @@ def usage_lines(model_id: str, generation: dict, n_positions: int | None, *, on_
     ]
 
 
-def card_for_repo(folder: Path, repo_id: str) -> ModelCard | None:
+def origin_text(base_model: str) -> str:
+    """How the card's text names the Hub model it was fine-tuned from: a link."""
+    return f"[`{base_model}`]({HUB_URL}/{base_model})"
+
+
+def card_for_repo(folder: Path, repo_id: str, base_model: str | None = None) -> ModelCard | None:
     """The export's README.md as it should read in the Hub repo `repo_id` (None when the folder has no card).
 
     The title, the model-index's name and the "How to use" snippet name the repo instead of the
-    folder (a card whose usage section was removed keeps the rest as it is). The folder's own
-    README.md is not changed: a local export goes on describing the folder.
+    folder (a card whose usage section was removed keeps the rest as it is); `base_model` (push's
+    --base-model) becomes the base model of a fine-tuned model's card. The folder's own README.md
+    is not changed: a local export goes on describing the folder.
     """
     path = folder / CARD_NAME
     if not path.is_file():
@@ -378,6 +411,14 @@ def card_for_repo(folder: Path, repo_id: str) -> ModelCard | None:
     name = repo_id.split("/")[-1]
     if card.data.eval_results:
         card.data.model_name = name
+    if base_model:
+        check_base_model(base_model)
+        if not ORIGIN_ROW.search(card.text):
+            raise UserError(f"--base-model {base_model}: the model card of {folder} says the model was not "
+                            "fine-tuned from another one; drop --base-model")
+        card.data.base_model = base_model
+        card.text = ORIGIN_INTRO.sub(lambda m: m[1] + origin_text(base_model) + m[2], card.text, count=1)
+        card.text = ORIGIN_ROW.sub(f"| fine-tuned from | {origin_text(base_model)} |", card.text, count=1)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     generation_path = folder / "generation_config.json"
     generation = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else {}
@@ -397,11 +438,12 @@ def replace_section(text: str, heading: str, section: str) -> str:
     return text[: start.start()] + section.rstrip("\n") + "\n\n" + text[stop:]
 
 
-def hub_id(name: Any) -> str | None:
-    """`name` when it reads as a Hub repo id (`name` or `owner/name`) and no file or folder of that name is here."""
+def hub_id(name: Any, local_ok: bool = False) -> str | None:
+    """`name` when it reads as a Hub repo id (`name` or `owner/name`) and (unless `local_ok`) no file or folder
+    of that name is here."""
     if not isinstance(name, str) or not name or name.count("/") > 1 or name.startswith((".", "/", "~")):
         return None
-    if name.lower().endswith(DATA_FILE_SUFFIXES) or Path(name).exists():
+    if name.lower().endswith(DATA_FILE_SUFFIXES) or (not local_ok and Path(name).exists()):
         return None
     try:
         validate_repo_id(name)
@@ -410,18 +452,69 @@ def hub_id(name: Any) -> str | None:
     return name
 
 
+def in_hub_cache(repo_id: str, repo_type: str) -> bool:
+    """Whether this machine's Hugging Face cache holds the Hub repo `repo_id`.
+
+    Reading a model or dataset by Hub id puts it there and a local folder never does, so this tells
+    a Hub id from a relative path that reads like one (`tiny`, `data/saved`) wherever export runs:
+    whether such a folder exists depends on the folder export runs from.
+    """
+    return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)).is_dir()
+
+
+def local_name(path: str) -> str:
+    """A local file or folder as the card names it: its base name, never the path on the author's machine."""
+    return Path(path).expanduser().name or path
+
+
+def check_base_model(base_model: str | None) -> None:
+    """Refuse a --base-model that is not a Hub model id."""
+    if base_model is not None and hub_id(base_model, local_ok=True) is None:
+        raise UserError(f"--base-model {base_model!r} is not a Hub model id: pass one such as gpt2 or "
+                        "openai-community/gpt2 (a local folder is never named as the base model)")
+
+
+def base_model_of(payload: dict, given: str | None, checkpoint_path: Path) -> str | None:
+    """The Hub model a checkpoint was fine-tuned from: `given` (--base-model), else the one training recorded
+    (or, in older checkpoints, `model.init_from` when it is a Hub id in the Hugging Face cache); None for a
+    model trained from scratch or from a local folder."""
+    init_from = ((payload.get("config") or {}).get("model") or {}).get("init_from", SCRATCH)
+    if init_from == SCRATCH:
+        if given:
+            raise UserError(f"--base-model {given}: {checkpoint_path} was trained from scratch, not fine-tuned; "
+                            "drop --base-model")
+        return None
+    if given:
+        return given
+    if "base_model" in payload:  # recorded by training, which knew whether init_from was a Hub id
+        repo, why = payload["base_model"], "is a local folder"
+    else:  # a checkpoint from before training recorded it: judge by this machine's cache
+        repo = hub_id(init_from)
+        repo, why = (repo, "") if repo and in_hub_cache(repo, "model") else (None, "is not a Hub model in this "
+                                                                              "machine's Hugging Face cache")
+    if repo is None:
+        print(f"note: model.init_from {init_from} {why}, so the model card calls it the local model "
+              f"`{local_name(init_from)}` and names no base model; if it is (or copies) a Hub model, export again "
+              "with --base-model ID", file=sys.stderr)
+    return repo
+
+
 def hub_dataset(meta: dict) -> str | None:
     """The Hub dataset id the data was prepared from (`tinylm prepare --dataset ID`), or None for local data."""
     source = meta.get("source")
-    return hub_id(source.get("dataset")) if isinstance(source, dict) else None
+    dataset = hub_id(source.get("dataset")) if isinstance(source, dict) else None
+    return dataset if dataset and in_hub_cache(dataset, "dataset") else None
 
 
-def source_name(meta: dict) -> str | None:
-    """The text or dataset the data was prepared from (meta.json's `source`; a plain string before version 2)."""
+def source_name(meta: dict, dataset: str | None = None) -> str | None:
+    """How the card names the data: the Hub dataset id `dataset`, else the base name of the text, folder or
+    dataset file it was prepared from (meta.json's `source`; a plain string before version 2)."""
+    if dataset:
+        return dataset
     source = meta.get("source")
     if isinstance(source, dict):
-        return source.get("dataset") or source.get("input")
-    return source if isinstance(source, str) else None
+        source = source.get("dataset") or source.get("input")
+    return local_name(source) if isinstance(source, str) and source else None
 
 
 def source_text(meta: dict, dataset: str | None) -> str | None:
@@ -496,7 +589,7 @@ def eval_results(meta: dict, dataset: str | None, val_loss: float | None) -> lis
         task_name="Text Generation",
         # A local text has no Hub id: it is named, and its type says it is local.
         dataset_type=dataset or "local",
-        dataset_name=dataset or source_name(meta) or "held-out text",
+        dataset_name=source_name(meta, dataset) or "held-out text",
         dataset_config=source.get("config_name") if dataset else None,
         dataset_split=source.get("val_split") if dataset else None,
     )

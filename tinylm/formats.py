@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -46,6 +47,15 @@ REQUIRED_KEYS = ("data_format", "tokenizer_kind", "tokenizer_file", "tokenizer_s
                  "source", "created", "splits")
 FILE_KEYS = ("tokens", "num_tokens", "max_token_id", "sha256", "mtime_ns")
 HASH_CHUNK = 1 << 24  # bytes read at a time when checking a file's SHA-256
+STAGING_PREFIX = ".prepare-"
+# The hidden names `staging` and `publish` write under (atomic_path: ".<name>.XXXX.tmp"): left in the
+# folder only by a writer that was killed, so litter to whoever holds the folder's lock next.
+TEMP_PATTERNS = (f"{STAGING_PREFIX}*", f".{paths.META_NAME}.*.tmp", ".tokenizer*.json.*.tmp", ".train*.tmp",
+                 ".val*.tmp")
+# What marks a folder as holding prepared data: these files, or token files by prepare's names
+# (never a .txt: a folder's train.txt may be someone's input).
+PREPARED_NAMES = (paths.META_NAME, paths.TOKENIZER_NAME, "tokenizer_config.json")
+TOKEN_FILE_NAME = re.compile(r"(train|val)(_\d{3,})?\.bin|(train|val)\.npy")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -164,7 +174,7 @@ def staging(out: Path) -> Iterator[Path]:
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+        folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     except OSError as exc:
         what = "is a file, not a folder" if out.is_file() else f"cannot be written ({exc.strerror or exc})"
         raise UserError(f"output folder {out} {what}: pass a writable folder with --out") from None
@@ -178,24 +188,38 @@ def publish(folder: Path, out: Path, meta: dict) -> list[str]:
     """Move every file in the staging `folder` into `out` by atomic rename, then write `meta` (last).
 
     The mtimes of the token and text files are recorded into `meta` first (a rename keeps
-    them). Afterwards the data files the replaced meta.json listed and the new one does not
-    (say train_000.bin ... of an earlier sharded run) are deleted, so no stale shards pile up.
-    Returns the names written, meta.json last.
+    them). Afterwards the earlier data's files that this one did not rewrite are deleted, so
+    none is ever read as part of the new data: the files the replaced meta.json listed (say
+    train_000.bin ... of a sharded run, or the other format's), and token files by prepare's
+    names that no meta.json lists. Returns the names written, meta.json last.
     """
     for entry in all_entries(meta):
         entry["mtime_ns"] = (folder / entry["tokens"]).stat().st_mtime_ns
         if "text" in entry and (folder / entry["text"]).is_file():
             text = (folder / entry["text"]).stat()
             entry["text_bytes"], entry["text_mtime_ns"] = text.st_size, text.st_mtime_ns
-    replaced = listed_files(out / paths.META_NAME)
+    replaced = listed_files(out / paths.META_NAME) | set(token_files(out))
     names = sorted(path.name for path in folder.iterdir())
     for name in names:
         with atomic_path(out / name) as tmp:
             (folder / name).replace(tmp)
     write_json(out / paths.META_NAME, meta)  # last: until it lands, readers see the previous, complete set
-    for name in replaced - listed_files(out / paths.META_NAME):
+    written = [*names, paths.META_NAME]
+    for name in replaced - set(written):
         (out / name).unlink(missing_ok=True)
-    return [*names, paths.META_NAME]
+    return written
+
+
+def token_files(folder: Path) -> list[str]:
+    """The token files in `folder`, by the names prepare gives them (train.bin, train_000.bin, train.npy, ...)."""
+    return sorted(path.name for path in folder.iterdir() if TOKEN_FILE_NAME.fullmatch(path.name))
+
+
+def prepared_files(folder: Path) -> list[str]:
+    """The names of prepared data's files in `folder` (meta.json, the tokenizer, token files); none if no folder."""
+    if not folder.is_dir():
+        return []
+    return sorted([name for name in PREPARED_NAMES if (folder / name).exists()] + token_files(folder))
 
 
 def all_entries(meta: dict) -> list[dict]:

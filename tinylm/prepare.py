@@ -1,7 +1,8 @@
 """`tinylm prepare`: turn a text corpus or a `datasets` dataset into train/val token files plus meta.json.
 
     tinylm prepare [--input PATH|shakespeare | --dataset NAME_OR_PATH ...] [--tokenizer char|bpe]
-                   [--vocab-size N] [--format bin|txt] [--shard-tokens N] [--out DIR] [--val-fraction F]
+                   [--vocab-size N] [--format bin|txt] [--shard-tokens N] [--out DIR] [--overwrite]
+                   [--val-fraction F]
     tinylm prepare --retokenize DIR
 
 Plain text (`--input`) is streamed twice, in chunks that end at line ends, so memory
@@ -16,12 +17,15 @@ only decides what goes into them.
 
 Everything is written into a hidden staging folder inside the output folder and
 only moved into place (meta.json last) once every file is complete, so a failure
-at any point leaves the previous outputs as they were.
+at any point leaves the previous outputs as they were. Prepare holds the output
+folder's lock while it works there (`output_folder`), and refuses a folder that
+already holds prepared data unless `--overwrite`, as training refuses a run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import sys
@@ -36,7 +40,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 from tqdm import tqdm
 
-from . import corpus, formats, paths
+from . import corpus, formats, locks, paths
 from . import tokenizer as tok
 from .atomic import atomic_path
 from .config import DATA_FORMATS
@@ -52,6 +56,24 @@ ENCODE_BATCH = 16
 MIN_SPLIT_TOKENS = 2  # one input token and its target: the smallest block there is
 SNIFF_BYTES = 1 << 13  # how much of an input file is looked at to tell text from binary
 STREAMING_TOKENIZER_SAMPLE = 100_000_000  # characters the tokenizer trains on by default when streaming
+LOCK_FILES = {locks.LOCK_NAME, locks.OWNER_NAME}  # what holding the output folder's lock puts there
+
+
+class Once(argparse.Action):
+    """Store a flag's value, refusing a second one: argparse would keep the last and silently drop the first."""
+
+    WAY_ON = {
+        "input": "prepare reads one input per run; to read several text files, put them in one folder and pass that",
+        "dataset": "prepare reads one dataset per run; to read several data files of one kind (say .jsonl), put "
+                   "them in one folder and pass that",
+        "retokenize": "prepare retokenizes one folder per run; run it once for each",
+    }
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        first = getattr(namespace, self.dest)
+        if first is not None:
+            raise UserError(f"{option_string} is given twice ({first}, then {value}): {self.WAY_ON[self.dest]}")
+        setattr(namespace, self.dest, value)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,16 +83,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--input",
+        "--input", action=Once,
         help=f"a UTF-8 text file, a folder of text files, or {corpus.NAME!r}, the built-in corpus "
         "(the default when no --dataset is given)",
     )
     source.add_argument(
-        "--dataset",
+        "--dataset", action=Once,
         help="a Hugging Face dataset: a Hub id (e.g. roneneldan/TinyStories), a .jsonl/.json/.csv/.parquet/.arrow "
         "file, a folder of such files, or a save_to_disk folder; each row is a document",
     )
-    source.add_argument("--retokenize", metavar="DIR",
+    source.add_argument("--retokenize", metavar="DIR", action=Once,
                         help="txt data only: tokenize the (edited) train.txt/val.txt in DIR again, with its tokenizer")
     parser.add_argument(
         "--tokenizer", choices=tok.KINDS, default="char",
@@ -98,6 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out",
         help=f"output folder (default: {paths.DATA_DIR} for bin, {paths.PROCESSED_DIR} for txt)",
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the prepared data already in the output folder (otherwise refused)")
     parser.add_argument(
         "--val-fraction", type=float,
         help=f"the validation share (default {DEFAULT_VAL_FRACTION}): the last this fraction of a text; "
@@ -133,22 +157,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.retokenize:
-        return retokenize(Path(args.retokenize))
+        folder = Path(args.retokenize)
+        with output_folder(folder):  # new tokens for the folder's own text: replacing them is the point
+            return retokenize(folder)
     settings = check_options(args)
     out = Path(args.out or (paths.DATA_DIR if args.format == "bin" else paths.PROCESSED_DIR))
     started = time.perf_counter()
-    if args.dataset:
-        from . import documents  # datasets: imported only for --dataset
+    with output_folder(out, refuse_prepared=not args.overwrite):
+        if args.dataset:
+            from . import documents  # datasets: imported only for --dataset
 
-        docs = documents.open_documents(
-            args.dataset, config_name=args.config_name, split=args.split, column=args.text_column,
-            val_split=args.val_split, val_fraction=args.val_fraction, default_val_fraction=DEFAULT_VAL_FRACTION,
-            streaming=args.streaming,
-        )
-        meta, written = prepare_documents(docs, out, settings)
-    else:
-        source = Source.open(args.input or corpus.NAME)
-        meta, written = prepare(source, out, settings)
+            docs = documents.open_documents(
+                args.dataset, config_name=args.config_name, split=args.split, column=args.text_column,
+                val_split=args.val_split, val_fraction=args.val_fraction, default_val_fraction=DEFAULT_VAL_FRACTION,
+                streaming=args.streaming,
+            )
+            meta, written = prepare_documents(docs, out, settings)
+        else:
+            source = Source.open(args.input or corpus.NAME)
+            meta, written = prepare(source, out, settings)
     seconds = time.perf_counter() - started
     print(f"source: {formats.describe_source(meta)}")
     print(f"  {meta['tokenizer_kind']} tokenizer, vocab size {meta['vocab_size']}, in {seconds:.1f}s"
@@ -161,6 +188,59 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {split:<5} {meta['splits'][split]['num_tokens']:>12,} tokens  {files}")
     print(f"  wrote {len(written)} files into {out}: {', '.join(abridged(written, meta))}")
     return 0
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, refuse_prepared: bool = False) -> Iterator[None]:
+    """Hold `out`'s lock for the block: a second prepare there is refused, naming this one.
+
+    Holding it, remove what a killed prepare left there (nobody alive is writing it), then
+    refuse, if asked, a folder that already holds prepared data. When the block fails, the
+    folders this call created are removed again if nothing but the lock is in them.
+    """
+    created = list(itertools.takewhile(lambda folder: not folder.exists(), (out, *out.parents)))
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            what = "is a file, not a folder" if out.is_file() else f"cannot be written ({exc.strerror or exc})"
+            raise UserError(f"output folder {out} {what}: pass a writable folder with --out") from None
+        with locks.holding(out, "tinylm prepare"):
+            try:
+                stale = locks.remove_stale(out, formats.TEMP_PATTERNS)
+                if stale:
+                    print(f"removed {len(stale)} unfinished file(s) a stopped prepare left in {out}: "
+                          + ", ".join(path.name for path in stale))
+                held = formats.prepared_files(out) if refuse_prepared else []
+                if held:
+                    raise UserError(f"output folder {out} already holds {describe_prepared(out, held)}: pass "
+                                    "--overwrite to replace it, or --out another folder")
+                yield
+            except BaseException:
+                if created and {path.name for path in out.iterdir()} <= LOCK_FILES:
+                    for name in LOCK_FILES:  # while still held: nobody can have taken the lock meanwhile
+                        (out / name).unlink(missing_ok=True)
+                raise
+    except BaseException:
+        for folder in created:  # deepest first; rmdir removes only an empty folder
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+        raise
+
+
+def describe_prepared(out: Path, names: list[str]) -> str:
+    """What prepared data `out` holds, in a few words: from its meta.json, or else its files' names."""
+    try:
+        meta = formats.load_meta(out / paths.META_NAME)
+    except UserError:  # no meta.json, or not one this tinylm reads
+        return f"prepared data files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+    source = meta["source"] if isinstance(meta["source"], dict) else {}
+    return (f"{meta['data_format']} data prepared from {source.get('dataset') or source.get('input')} with the "
+            f"{meta['tokenizer_kind']} tokenizer (vocab size {meta['vocab_size']}) on {meta['created']}")
 
 
 def rate(meta: dict, seconds: float) -> str:

@@ -1,15 +1,16 @@
 """`tinylm push`: upload an exported model folder to the Hugging Face Hub.
 
     tinylm push exported/NAME --repo-id user/name [--private] [--revision BRANCH]
-                [--commit-message TEXT] [--dry-run]
+                [--commit-message TEXT] [--base-model ID] [--dry-run]
 
 The folder must be a `tinylm export` folder, and it is loaded back with
 transformers before anything is sent. Its README.md is uploaded as rendered for
 the repo (`export.card_for_repo`: the title and the usage snippet name the repo
-id); the folder itself is not changed. A card that states no license gets a
-warning, not a refusal. The token comes from `HF_TOKEN` or the stored login
-(`hf auth login`) and is never printed. `--dry-run` lists the files that would
-be uploaded and validates the folder without touching the network.
+id, and --base-model names the Hub model it was fine-tuned from); the folder
+itself is not changed. A card that states no license gets a warning, not a
+refusal. The token comes from `HF_TOKEN` or the stored login (`hf auth login`)
+and is never printed. `--dry-run` lists the files that would be uploaded and
+validates the folder without touching the network.
 `HF_ENDPOINT` points the client at another Hub (huggingface_hub reads it).
 """
 
@@ -35,6 +36,7 @@ from .errors import UserError, run_cli
 from .export import (
     CARD_NAME,
     REQUIRED_FILES,
+    add_base_model_argument,
     card_for_repo,
     check_loads,
     format_size,
@@ -63,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit-message", help="commit message (default: 'Upload FOLDER with tinylm')")
     parser.add_argument("--dry-run", action="store_true",
                         help="list what would be uploaded and validate the folder; no network access")
+    add_base_model_argument(parser)
     args = parser.parse_args(argv)
 
     hf_logging.disable_progress_bar()  # transformers' bars while validating only clutter the file list
     folder = Path(args.folder)
     token = None if args.dry_run else require_token()  # fail fast, before loading the model
-    files = upload_plan(folder, args.repo_id)
+    files = upload_plan(folder, args.repo_id, args.base_model)
     for name, size in files:
         print(f"  {name:<24} {format_size(size):>10}")
     total = format_size(sum(size for _, size in files))
@@ -78,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: {len(files)} files ({total}) would be uploaded to {target}; "
               f"the folder loads with transformers; token {token_state}; nothing was sent")
         return 0
-    url = upload(folder, args.repo_id, [name for name, _ in files], token,
-                 private=args.private, revision=args.revision, commit_message=args.commit_message)
+    url = upload(folder, args.repo_id, [name for name, _ in files], token, private=args.private,
+                 revision=args.revision, commit_message=args.commit_message, base_model=args.base_model)
     print(f"uploaded {len(files)} files ({total}) to {target}: {url}")
     return 0
 
 
-def upload_plan(folder: Path, repo_id: str) -> list[tuple[str, int]]:
+def upload_plan(folder: Path, repo_id: str, base_model: str | None = None) -> list[tuple[str, int]]:
     """(path in repo, size) of every file that would be uploaded, after checking folder and repo id."""
     check_repo_id(repo_id)
     if not is_export_folder(folder):
@@ -94,7 +97,7 @@ def upload_plan(folder: Path, repo_id: str) -> list[tuple[str, int]]:
             f"create one with: tinylm export --checkpoint CHECKPOINT --out {folder}"
         )
     check_loads(folder)
-    card = card_for_repo(folder, repo_id)
+    card = card_for_repo(folder, repo_id, base_model)
     if card is None:
         print(f"warning: {folder} has no {CARD_NAME} model card; export again to get one", file=sys.stderr)
     elif not card.data.license:
@@ -135,6 +138,7 @@ def push_folder(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str | None = None,
+    base_model: str | None = None,
 ) -> str:
     """Check the export `folder`, create `repo_id` if needed and upload the folder; return the commit URL.
 
@@ -143,8 +147,9 @@ def push_folder(
     """
     token = require_token(token)
     folder = Path(folder)
-    files = [name for name, _ in upload_plan(folder, repo_id)]
-    return upload(folder, repo_id, files, token, private=private, revision=revision, commit_message=commit_message)
+    files = [name for name, _ in upload_plan(folder, repo_id, base_model)]
+    return upload(folder, repo_id, files, token, private=private, revision=revision, commit_message=commit_message,
+                  base_model=base_model)
 
 
 def upload(
@@ -156,12 +161,13 @@ def upload(
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
+    base_model: str | None = None,
 ) -> str:
     """Create the repo (and branch) if missing and upload `files` of `folder`; return the commit URL.
 
-    README.md is sent as `card_for_repo` renders it for `repo_id`, every other file as it is on disk.
+    README.md is sent as `card_for_repo` renders it for `repo_id` (and `base_model`), every other file as on disk.
     """
-    card = card_for_repo(folder, repo_id)
+    card = card_for_repo(folder, repo_id, base_model)
     operations = [
         CommitOperationAdd(path_in_repo=name,
                            path_or_fileobj=str(card).encode() if name == CARD_NAME and card else folder / name)

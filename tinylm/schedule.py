@@ -20,13 +20,16 @@ def lr_at(step: int, training: TrainingConfig) -> float:
     return training.min_lr + cosine * (training.learning_rate - training.min_lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR following `lr_at`. Step it once per optimizer step, on every process.
+def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig,
+                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR following `lr_at`, at `start_step`. Step it once per optimizer step, on every process.
 
     It is deliberately not passed to `accelerator.prepare`: accelerate would step it
     once per process per call, advancing the schedule `num_processes` times too fast.
     """
     peak = training.learning_rate
     for group in optimizer.param_groups:
-        group["lr"] = peak
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, training) / peak)
+        group["lr"] = group["initial_lr"] = peak  # LambdaLR scales initial_lr; a resumed run has a new peak
+    # last_epoch is the step before: the constructor takes one step, to `start_step`.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, training) / peak,
+                                             last_epoch=start_step - 1)

@@ -15,15 +15,7 @@ import sys
 from pathlib import Path
 
 from tinylm import paths
-from tinylm.config import (
-    DATA_FORMATS,
-    PRECISIONS,
-    TOKENIZERS,
-    Config,
-    apply_overrides,
-    from_dict,
-    load_config,
-)
+from tinylm.config import DATA_FORMATS, PRECISIONS, TOKENIZERS, Config, from_dict, load_config
 from tinylm.errors import run_cli
 
 # Flag -> dotted config key it overrides (flags win over the TOML file).
@@ -80,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items()}
     if args.resume is None:
-        config_file = args.config or paths.CONFIG_EXAMPLE
-        config = apply_overrides(load_config(config_file), overrides, source=f"{config_file} + command-line flags")
-        resumed = None
+        config, resumed = load_config(args.config or paths.CONFIG_EXAMPLE, overrides), None
     else:
         config, resumed = resume_config(args, overrides)
 
@@ -94,29 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if summary["stop_reason"] == "interrupted" else 0
 
 
-def resume_config(args: argparse.Namespace, overrides: dict) -> tuple[Config, dict]:
+def resume_config(args: argparse.Namespace, overrides: dict):
     """The config to resume with, and the loaded checkpoint.
 
-    The run's own config comes from the checkpoint (out_dir, max_iters, everything), so the
-    resumed run continues where it was, whatever config file is around; flags override it, and
-    so does a config file named with --config. Every difference from the saved run is printed.
+    The run's own config comes from the checkpoint (max_iters, everything), so the resumed run
+    continues where it was, whatever config file is around; the keys a config file named with
+    --config sets, and the flags, override it. The run stays in the checkpoint's folder unless
+    --out-dir or the file's training.out_dir names another. Every difference is printed.
     """
     from tinylm import checkpoint
 
     if args.resume:
         path = Path(args.resume)
     else:
-        out_dir = overrides["training.out_dir"] or (load_config(args.config).training.out_dir if args.config
-                                                     else paths.CHECKPOINT_DIR)
+        out_dir = overrides["training.out_dir"] or load_config(args.config, overrides).training.out_dir
         path = Path(out_dir) / paths.LAST_NAME
     payload = checkpoint.load(path, flag="--resume")
-    saved = from_dict(payload["config"], source=f"the config saved in {path}")
-    base = load_config(args.config) if args.config else saved
-    config = apply_overrides(base, overrides, source=f"{args.config or path} + command-line flags")
-    changes = config_changes(saved, config)
+    saved = payload["config"]
+    if Path(saved["training"]["out_dir"]).resolve() != path.parent.resolve():  # started elsewhere, or moved
+        saved = {**saved, "training": {**saved["training"], "out_dir": str(path.parent)}}
+    config = load_config(args.config, overrides, base=saved, base_source=f"the config saved in {path}")
+    changes = config_changes(from_dict(payload["config"], source=f"the config saved in {path}"), config)
     print(f"resuming the run saved in {path} (iter {payload['iter']})"
           + (" with changes: " + ", ".join(changes) if changes else ""), flush=True)
-    return config, payload
+    return config, checkpoint.Loaded(path, payload)
 
 
 def config_changes(before: Config, after: Config) -> list[str]:

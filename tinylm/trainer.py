@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import signal
 import tempfile
 import time
@@ -23,11 +24,12 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from . import checkpoint, data, formats, pretrained, rng
+from . import checkpoint, data, formats, locks, pretrained, rng
 from . import tokenizer as tok
 from .atomic import write_json
+from .checkpoint import Loaded
 from .config import MAX_SEED, SCRATCH, Config
-from .errors import UserError
+from .errors import UserError, command_line
 from .hardware import (
     CpuMatmul,
     Hardware,
@@ -56,8 +58,14 @@ from .tracking import check_tracker_installed
 MAX_NONFINITE_STEPS = 10
 # Where a run that pushes to the Hub writes its export folder, inside out_dir.
 EXPORT_NAME = "exported"
+# The trackers' project name; tensorboard logs go to <out_dir>/<TRACKER_PROJECT>.
+TRACKER_PROJECT = "tinylm"
 # Shape keys that must match to resume from a checkpoint.
 SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+# What a run writes into its out_dir: what --overwrite clears, and what makes a folder "hold a run".
+RUN_FILES = (BEST_NAME, LAST_NAME, TRAIN_LOG_NAME)
+# Temp files of the run's atomic writes (atomic_path: ".<name>.XXXX.tmp"): a dead writer's are litter.
+STALE_PATTERNS = tuple(f".{name}.*.tmp" for name in RUN_FILES)
 
 
 @dataclass
@@ -79,15 +87,15 @@ class RunState:
 class Trainer:
     """One training run, from config (and optionally a checkpoint to resume) to checkpoints.
 
-    `resume` is a checkpoint path or a payload from `checkpoint.load`. A new run refuses an
-    out_dir that already holds one unless `overwrite`. `hardware` overrides the device and
+    `resume` is a checkpoint path or a `checkpoint.Loaded`. A run refuses an out_dir that holds
+    another run unless `overwrite`, and one that another process is writing to, always. `hardware` overrides the device and
     precision that `choose_hardware` picks from the config. `grad_scaler` is an fp16 loss scaler
     to use instead of the one accelerate makes on GPUs only: with it, the whole fp16 path
     (autocast, scaled backward, unscale before clipping, overflow steps skipped by the scaler)
     runs on any device, the CPU included.
     """
 
-    def __init__(self, config: Config, resume: str | Path | dict | None = None, *, overwrite: bool = False,
+    def __init__(self, config: Config, resume: str | Path | Loaded | None = None, *, overwrite: bool = False,
                  hardware: Hardware | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         self.config = config
         training = config.training
@@ -133,14 +141,26 @@ class Trainer:
             if not config.hub.license:
                 self.print(f"warning: hub.license is not set, so the model card pushed to {config.hub.repo_id} at the "
                            "end will state no license; set [hub] license (e.g. \"mit\", \"apache-2.0\")")
-        resumed = checkpoint.load(resume, flag="--resume") if isinstance(resume, (str, Path)) else resume
-        self._check_before_training(resumed, overwrite)
+        if isinstance(resume, (str, Path)):
+            resume = Loaded(Path(resume), checkpoint.load(resume, flag="--resume"))
+        self._lock = locks.FolderLock(self.out_dir, "training run")
+        self._check_before_training(resume, overwrite)
+        try:
+            self._set_up(resume.payload if resume else None)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _set_up(self, resumed: dict | None) -> None:
+        """Model, optimizer, scheduler and evaluation data, prepared by accelerate; restored when resuming."""
+        training, hardware = self.config.training, self.hardware
         self.cpu_matmul = self._choose_cpu_matmul(resumed)
         self.state = RunState()
         # Seeds differ per process, so dropout masks differ across ranks like their batches do.
         set_seed(training.seed, device_specific=True)
+        if resumed:
+            self._check_same_origin(resumed)
         model = self._build_model(resumed)
-        config = self.config  # a fine-tuned run's shape is its model's
         if resumed:
             self._check_resumable(resumed, model.config)
             model.load_state_dict(resumed["model"])
@@ -156,12 +176,14 @@ class Trainer:
             # can skip a step on the device (found_inf, see _optimizer_step) without a host sync.
             fused=True,
         )
-        self.scheduler = build_scheduler(optimizer, training)
         eval_loaders = [self._eval_loader(self.train_tokens), self._eval_loader(self.val_tokens)]
         self.model, self.optimizer, train_eval, val_eval = self.accelerator.prepare(model, optimizer, *eval_loaders)
         self.eval_loaders = {"train": train_eval, "val": val_eval}
         if resumed:
             self._restore(resumed)
+        # Built for this config at the step the run is at: the schedule is a function of the step,
+        # so a resumed run follows its own (possibly changed) learning-rate settings from there.
+        self.scheduler = build_scheduler(optimizer, training, start_step=self.state.iter)
         self._prefetched: tuple[int | None, list[torch.Tensor]] = (None, [])
         # The current and the longest run of skipped (non-finite) steps since the last check, on the device.
         self._skipped_run = torch.tensor(self.state.nonfinite_steps, device=self.accelerator.device)
@@ -179,19 +201,28 @@ class Trainer:
     def _build_model(self, resumed: dict | None) -> GPT2LMHeadModel:
         """A new GPT-2 of the config's shape, or the pretrained one `model.init_from` names, fitted to the run."""
         config = self.config
-        if config.model.init_from == SCRATCH:
+        init_from = config.model.init_from
+        # The Hub model this run fine-tunes, for the model card (a local folder is never named as one); a
+        # resumed run keeps what its start saw (from another working folder a relative path is not found).
+        self.base_model = (resumed["base_model"] if resumed and "base_model" in resumed else
+                           None if init_from == SCRATCH or pretrained.is_local(init_from) else init_from)
+        if init_from == SCRATCH:
             return build_model(gpt2_config(config.model, self.data.vocab_size, self.tokenizer.eos_token_id))
         if resumed:  # the fine-tuned run's own shape: the weights come from the checkpoint
-            model = build_model(GPT2Config.from_dict(resumed["model_config"]))
+            dropout = config.model.dropout  # the run's own rate, which the command may have changed
+            model = build_model(GPT2Config.from_dict({**resumed["model_config"], "resid_pdrop": dropout,
+                                                      "embd_pdrop": dropout, "attn_pdrop": dropout}))
             self.config = fit_to_pretrained(config, model)
             return model
         model = pretrained.gpt2(config.model.init_from, config.model.init_revision, config.model.dropout)
         own = pretrained.tokenizer(config.model.init_from, config.model.init_revision)
         if own.get_vocab() != self.tokenizer.get_vocab():
+            prepare_again = command_line("tinylm", "prepare", "--tokenizer", "pretrained", "--from",
+                                         config.model.init_from, "--out", self.data.folder, "--overwrite")
             raise UserError(
                 f"{self.data.meta_path} was prepared with another tokenizer than {config.model.init_from}'s: "
-                f"run `tinylm prepare --tokenizer pretrained --from {config.model.init_from}` (with --out "
-                f"{self.data.folder}) so the model reads the text the way it was trained to"
+                f"run `{prepare_again}` (with your --input or --dataset) so the model reads the text the way it "
+                "was trained to"
             )
         self.config = fit_to_pretrained(config, model)
         return model
@@ -200,14 +231,21 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train until max_iters, early stopping or an interrupt; return the run's summary."""
+        try:
+            return self._fit()
+        finally:
+            self._lock.release()
+
+    def _fit(self) -> dict:
         training = self.config.training
         self._describe()
         if training.tracker != "none":
-            self.accelerator.init_trackers("tinylm", config=_flat(self.config.to_dict()))
+            self.accelerator.init_trackers(TRACKER_PROJECT, config=_flat(self.config.to_dict()))
         stop_reason = "max_iters"
         progress = Progress(training.max_iters, self.state.iter, self.tokens_per_step, self.is_main,
                             self._flops_per_token, self._peak_flops)
         interrupts = _InterruptFlag()
+        self._clear_replaced_run()
         started = time.perf_counter() - self.state.elapsed_s
         # The losses since the last report, summed on the device: reading a loss makes the
         # host wait for the device, so the loop does it only every log_interval steps.
@@ -246,12 +284,11 @@ class Trainer:
         self.state.elapsed_s = time.perf_counter() - started
         summary = self._summary(stop_reason)
         if stop_reason == "interrupted":
-            self._save([LAST_NAME], val_loss=None)
-            self.print(
-                f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. "
-                f"Resume with: tinylm train --resume {self.out_dir / LAST_NAME}"
-            )
-        self._write_log(summary)
+            self._save([LAST_NAME], val_loss=None, summary=summary)
+            self.print(f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. "
+                       f"Resume with: {command_line('tinylm', 'train', '--resume', self.out_dir / LAST_NAME)}")
+        else:
+            self._save([], val_loss=None, summary=summary)
         if stop_reason != "interrupted":
             self._print_outputs(summary)
         if training.tracker != "none":
@@ -268,8 +305,8 @@ class Trainer:
                      if summary["best_val_loss"] is not None else "")
         self.print(f"done: {summary['iters']} iters ({summary['stop_reason']}){best_text}. Checkpoints and "
                    f"{TRAIN_LOG_NAME} are in {self.out_dir}\n"
-                   f"sample from it: tinylm generate --checkpoint {model}\n"
-                   f"train longer:   tinylm train --resume {self.out_dir / LAST_NAME} --max-iters N")
+                   f"sample from it: {command_line('tinylm', 'generate', '--checkpoint', model)}\n"
+                   f"train longer:   {command_line('tinylm', 'train', '--resume', self.out_dir / LAST_NAME)} --max-iters N")
 
     def _push_to_hub(self) -> None:
         """Export the best (else the last) checkpoint to <out_dir>/exported and upload it."""
@@ -433,7 +470,6 @@ class Trainer:
         self._log({"train/eval_loss": record["train_loss"], "train/eval_ppl": record["train_ppl"],
                    "val/loss": val_loss, "val/ppl": record["val_ppl"]}, step)
         self._save([LAST_NAME, BEST_NAME] if improved and training.save_best else [LAST_NAME], val_loss)
-        self._write_log(None)
         stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
         if stop:
             progress.write(
@@ -443,28 +479,44 @@ class Trainer:
             )
         return stop
 
-    def _save(self, names: list[str], val_loss: float | None) -> None:
-        """Write one checkpoint under each of `names` (main process); every process contributes its RNG state."""
+    def _save(self, names: list[str], val_loss: float | None, summary: dict | None = None) -> None:
+        """Write one checkpoint under each of `names`, then train_log.json (main process).
+
+        Every process contributes its RNG state, and every process learns whether the writes
+        worked: when the main process cannot write (a full disk), all of them stop here with its
+        message, instead of the others waiting for it in the next collective until a timeout.
+        """
         rng_states = gather_object([rng.capture()])
         # A collective under FSDP (it gathers the shards), so every process calls it.
-        weights = self.accelerator.get_state_dict(self.model)
-        if not self.is_main:
-            return
+        weights = self.accelerator.get_state_dict(self.model) if names else None
+        failure = None
+        if self.is_main:
+            try:
+                for name in names:
+                    checkpoint.save(self.out_dir / name, self._payload(weights, rng_states, val_loss))
+                write_json(self.out_dir / TRAIN_LOG_NAME, {"config": self.config.to_dict(),
+                                                           "records": self.state.records, "summary": summary})
+            except UserError as exc:
+                failure = exc
+        self._stop_together(failure)
+
+    def _payload(self, weights: dict, rng_states: list, val_loss: float | None) -> dict:
+        """The checkpoint's contents (see checkpoint.py for the layout)."""
         model = self.accelerator.unwrap_model(self.model)
         scaler = self.accelerator.scaler
-        payload = {
+        return {
             "model": {k: v.detach().to("cpu") for k, v in weights.items()},
             "model_config": model.config.to_dict(),
             "tokenizer": {"kind": self.data.tokenizer_kind, "path": str(self.data.tokenizer_path),
                           "json": tok.to_json(self.tokenizer)},
             "config": self.config.to_dict(),
             "meta": self.data.meta,
+            "base_model": self.base_model,
             "iter": self.state.iter,
             "best_val_loss": self.state.best_val_loss,
             "val_loss": val_loss,
             "train_state": {
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_states,
                 "world_size": self.accelerator.num_processes,
@@ -472,44 +524,73 @@ class Trainer:
                 "run": dataclasses.asdict(self.state),
             },
         }
-        for name in names:
-            checkpoint.save(self.out_dir / name, payload)
 
-    def _write_log(self, summary: dict | None) -> None:
-        if self.is_main:
-            write_json(self.out_dir / TRAIN_LOG_NAME, {
-                "config": self.config.to_dict(),
-                "records": self.state.records,
-                "summary": summary,
-            })
+    def _stop_together(self, failure: UserError | None) -> None:
+        """Raise on every process the first failure any process had (one gather); nothing if none had."""
+        messages = gather_object([str(failure) if failure else None])
+        first = next((message for message in messages if message), None)
+        if first is not None:
+            raise UserError(first)
 
     # ------------------------------------------------------------------ resume
 
-    def _check_before_training(self, resumed: dict | None, overwrite: bool) -> None:
-        """Refuse, before any work, what would lose a run or fail later: a used or unwritable
-        out_dir, a seed too large."""
+    def _check_before_training(self, resume: Loaded | None, overwrite: bool) -> None:
+        """Refuse, before any work, what would lose a run or fail later: an out_dir in use by another
+        process, one that holds another run, an unwritable one, a seed too large. The main process
+        takes out_dir's lock (held until the run ends) and clears what a dead writer left there."""
         out_dir, training = self.out_dir, self.config.training
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UserError(f"training.out_dir {out_dir} is a file, not a folder; choose another --out-dir")
-        if resumed is None and not overwrite:
-            existing = [name for name in (BEST_NAME, LAST_NAME, TRAIN_LOG_NAME) if (out_dir / name).exists()]
-            if existing:
+        failure = None
+        try:
+            if out_dir.exists() and not out_dir.is_dir():
+                raise UserError(f"training.out_dir {out_dir} is a file, not a folder; choose another --out-dir")
+            try:  # on every process, so that all of them stop here together
+                out_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=out_dir):
+                    pass
+            except OSError as exc:
+                raise UserError(f"cannot write to training.out_dir {out_dir}: {exc.strerror or exc}; "
+                                "choose a writable --out-dir") from None
+            if self.is_main:
+                self._lock.acquire()
+                stale = locks.remove_stale(out_dir, STALE_PATTERNS)
+                if stale:
+                    self.print(f"removed {len(stale)} unfinished file(s) a stopped run left in {out_dir}: "
+                               + ", ".join(path.name for path in stale))
+            self._holds_other_run = self._other_run(resume)
+            if self._holds_other_run and not overwrite:
+                resume_hint = command_line("tinylm", "train", "--resume", out_dir / LAST_NAME)
                 raise UserError(
-                    f"{out_dir} already holds a training run ({', '.join(existing)}); continue it with "
-                    f"`tinylm train --resume {out_dir / LAST_NAME}`, train into another --out-dir, "
-                    "or pass --overwrite to replace it"
+                    f"{out_dir} already holds a training run ({', '.join(self._holds_other_run)}); continue it with "
+                    f"`{resume_hint}`, train into another --out-dir, or pass --overwrite to replace it"
                 )
-        try:  # on every process, so that all of them stop here together
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=out_dir):
-                pass
-        except OSError as exc:
-            raise UserError(f"cannot write to training.out_dir {out_dir}: {exc.strerror or exc}; "
-                            "choose a writable --out-dir") from None
-        last_seed = training.seed + self.accelerator.num_processes - 1  # each process seeds with seed + rank
-        if last_seed > MAX_SEED:
-            raise UserError(f"training.seed {training.seed} is too large for {self.accelerator.num_processes} "
-                            f"processes (each uses seed + rank, at most {MAX_SEED}); choose a smaller --seed")
+            last_seed = training.seed + self.accelerator.num_processes - 1  # each process seeds with seed + rank
+            if last_seed > MAX_SEED:
+                raise UserError(f"training.seed {training.seed} is too large for {self.accelerator.num_processes} "
+                                f"processes (each uses seed + rank, at most {MAX_SEED}); choose a smaller --seed")
+        except UserError as exc:
+            failure = exc
+        try:
+            self._stop_together(failure)
+        except UserError:
+            self._lock.release()
+            raise
+
+    def _other_run(self, resume: Loaded | None) -> list[str]:
+        """The run files in out_dir that belong to another run than the one resumed (all of them for a new run)."""
+        if resume is not None and resume.path.parent.resolve() == self.out_dir.resolve():
+            return []
+        return [name for name in RUN_FILES if (self.out_dir / name).exists()]
+
+    def _clear_replaced_run(self) -> None:
+        """--overwrite: remove the replaced run's files before this run writes its first, so that none of
+        them (an old ckpt_best.pt, its export) can be taken for this run's."""
+        if not (self._holds_other_run and self.is_main):
+            return
+        replaced = [name for name in (*RUN_FILES, EXPORT_NAME, TRACKER_PROJECT) if (self.out_dir / name).exists()]
+        for name in replaced:
+            path = self.out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.print(f"--overwrite: removed the previous run's {', '.join(replaced)} from {self.out_dir}")
 
     def _choose_cpu_matmul(self, resumed: dict | None) -> CpuMatmul:
         """The CPU matmul backend; a resumed "auto" run keeps the one it started with, so its
@@ -523,6 +604,26 @@ class Trainer:
         return choose_cpu_matmul(training.cpu_matmul, self.config.model.n_embd,
                                  training.batch_size * self.config.model.block_size)
 
+    def _check_same_origin(self, payload: dict) -> None:
+        """Refuse a resume whose data or starting model is not the checkpoint's: say what changed."""
+        saved_model, model = payload["config"]["model"], self.config.model
+        for key in ("init_from", "init_revision"):
+            if saved_model.get(key, "") != getattr(model, key):
+                raise UserError(f"cannot resume: model.{key} {saved_model.get(key)!r} -> {getattr(model, key)!r}; "
+                                "a run keeps the model it started from. Start a new run (another --out-dir) to "
+                                "train from another")
+        saved_meta, meta = payload.get("meta") or {}, self.data.meta
+        if payload["tokenizer"]["json"] != tok.to_json(self.tokenizer):
+            changes = [f"{key} {saved_meta.get(key)!r} -> {meta.get(key)!r}"
+                       for key in ("tokenizer_kind", "vocab_size", "source", "created")
+                       if saved_meta.get(key) != meta.get(key)]
+            raise UserError(
+                f"cannot resume: the data in {self.data.meta_path} was prepared with another tokenizer than the "
+                f"checkpoint's ({', '.join(changes) or 'same size, other tokens'}): it was prepared again, or "
+                "data.processed_dir points elsewhere. Resume on the data the run was trained on (prepare it "
+                "again from the same text, or pass --processed-dir), or start a new run in another --out-dir"
+            )
+
     def _check_resumable(self, payload: dict, model_config) -> None:
         saved = payload["model_config"]
         changed = [f"{key} {saved.get(key)} -> {getattr(model_config, key)}" for key in SHAPE_KEYS
@@ -531,11 +632,6 @@ class Trainer:
             raise UserError(
                 f"cannot resume: the config changes the model shape ({', '.join(changed)}); "
                 "resume with the config the checkpoint was trained with, or start a new run in another out_dir"
-            )
-        if payload["tokenizer"]["json"] != tok.to_json(self.tokenizer):
-            raise UserError(
-                f"cannot resume: the checkpoint was trained with a different tokenizer than {self.data.tokenizer_path}; "
-                "prepare the data with the original tokenizer or start a new run"
             )
         if payload["iter"] >= self.config.training.max_iters:
             raise UserError(
@@ -551,7 +647,7 @@ class Trainer:
         if "optimizer" not in train_state:
             raise UserError("cannot resume: the checkpoint has no optimizer state (was it written by tinylm export?)")
         self.optimizer.load_state_dict(train_state["optimizer"])
-        self.scheduler.load_state_dict(train_state["scheduler"])
+        self._apply_optimizer_settings()
         if self.accelerator.scaler is not None and train_state.get("scaler"):
             self.accelerator.scaler.load_state_dict(train_state["scaler"])
         run = dict(train_state["run"])
@@ -563,6 +659,18 @@ class Trainer:
             self.print(f"warning: checkpoint was written by {len(states)} processes, now {self.accelerator.num_processes}: "
                        "random state (dropout) is reseeded, so the run will not match an uninterrupted one exactly")
         self.print(f"resumed from iter {self.state.iter} (best val loss {self.state.best_val_loss:.4f})")
+
+    def _apply_optimizer_settings(self) -> None:
+        """Put this run's betas and weight decay into the restored optimizer.
+
+        load_state_dict brings back the saved run's hyperparameters with its moments: a resume
+        that changes them must train with the new ones, as its start-up diff says. (The learning
+        rate is the schedule's, set for this config when the scheduler is built.)
+        """
+        training = self.config.training
+        fresh = optimizer_groups(self.accelerator.unwrap_model(self.model), training.weight_decay)
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(weight_decay=settings["weight_decay"], betas=(training.beta1, training.beta2))
 
     # ------------------------------------------------------------------ helpers
 
@@ -648,6 +756,6 @@ def _flat(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
-def train(config: Config, resume: str | Path | dict | None = None, overwrite: bool = False) -> dict:
+def train(config: Config, resume: str | Path | Loaded | None = None, overwrite: bool = False) -> dict:
     """Run training end to end; return the summary also written to train_log.json."""
     return Trainer(config, resume, overwrite=overwrite).fit()
