@@ -128,7 +128,7 @@ MUTANTS = [
      "stale = locks.remove_stale(out, formats.TEMP_PATTERNS)", "stale = []",
      ["tests/test_prepare.py", "-k", "killed_prepare"]),
     ("prepare: a second prepare runs in a folder being prepared", "tinylm/prepare.py",
-     'with locks.holding(out, "tinylm prepare"):', "with contextlib.nullcontext():",
+     'with locks.FolderLock(out, "tinylm prepare"):', "with contextlib.nullcontext():",
      ["tests/test_prepare.py", "-k", "being_prepared"]),
     ("prepare: a failed prepare leaves the --out folder it created", "tinylm/prepare.py",
      "if created and {path.name", "if False and {path.name",

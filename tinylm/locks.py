@@ -17,7 +17,6 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 
@@ -82,10 +81,3 @@ def remove_stale(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
                 removed.append(path)
     return removed
-
-
-@contextlib.contextmanager
-def holding(folder: str | os.PathLike, purpose: str) -> Iterator[FolderLock]:
-    """`with holding(folder, "tinylm prepare"):` the lock for the block."""
-    with FolderLock(folder, purpose) as lock:
-        yield lock

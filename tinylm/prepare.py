@@ -205,7 +205,7 @@ def output_folder(out: Path, refuse_prepared: bool = False) -> Iterator[None]:
         except OSError as exc:
             what = "is a file, not a folder" if out.is_file() else f"cannot be written ({exc.strerror or exc})"
             raise UserError(f"output folder {out} {what}: pass a writable folder with --out") from None
-        with locks.holding(out, "tinylm prepare"):
+        with locks.FolderLock(out, "tinylm prepare"):
             try:
                 stale = locks.remove_stale(out, formats.TEMP_PATTERNS)
                 if stale:
