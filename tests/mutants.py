@@ -318,7 +318,7 @@ MUTANTS = [
      "    if 0 < sampling.top_k < vocab_size:\n        processors.append(TopKLogitsWarper(sampling.top_k))\n",
      ["tests/test_loop_guards.py", "-k", "sampling_filters"]),
     ("schedule: cosine decays over max_iters, not lr_decay_iters", "tinylm/schedule.py",
-     "max(1, training.lr_decay_iters - training.warmup_iters)", "max(1, training.max_iters - training.warmup_iters)",
+     "/ (training.lr_decay_iters - training.warmup_iters)", "/ (training.max_iters - training.warmup_iters)",
      ["tests/test_loop_guards.py", "-k", "nanogpts_learning_rate"]),
     ("schedule: warmup ends a step early", "tinylm/schedule.py",
      "    if step < training.warmup_iters:", "    if step < training.warmup_iters - 1:",
@@ -350,10 +350,14 @@ def run_mutant(file: str, original: str, mutated: str, selection: list[str]) -> 
         return result.returncode != 0, time.perf_counter() - started
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="names (substrings) of the mutants to run")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     chosen = [m for m in MUTANTS if not args.only or any(part in m[0] for part in args.only)]
     survivors = []
     for name, file, original, mutated, selection in chosen:

@@ -145,6 +145,25 @@ def test_a_fine_tuned_run_resumes_and_exports(world, tmp_path, fresh_accelerate_
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (eos, eos, eos)
 
 
+def test_a_resume_that_names_another_starting_model_is_refused(world, tmp_path, fresh_accelerate_state):
+    """A run keeps the model it started from: resuming a fine-tuned run with model.init_from set to
+    another folder (a copy of the same model, so only the name differs) is refused, naming both.
+
+    Kills (trainer): the init_from/init_revision check skipped (its loop run zero times).
+    """
+    from accelerate.state import AcceleratorState
+
+    fine_tune(world, tmp_path, max_iters=2)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    other = tmp_path / "other-base"
+    shutil.copytree(world / "base", other)
+    config = load_config(write_run(tmp_path / "resume.toml", world, tmp_path / "ckpt", model={"init_from": str(other)}))
+    with pytest.raises(UserError, match=rf"cannot resume: model.init_from '{re.escape(str(world / 'base'))}' -> "
+                                        rf"'{re.escape(str(other))}'; a run keeps the model it started from"):
+        Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
+
+
+
 @pytest.mark.parametrize("model, message", [
     ({"n_layer": 1}, r"model\.n_layer = 1 but .*base has 2: a fine-tuned model keeps its shape"),
     ({"n_embd": 64, "n_head": 2}, r"model\.n_embd = 64 but .*base has 32"),

@@ -236,7 +236,8 @@ def test_resume_reproduces_every_file_of_the_uninterrupted_run(prepared, tmp_pat
     uninterrupted run stops inside that stretch after the resume point.
 
     Kills: "trainer: best val loss not restored on resume", "trainer: early-stopping count restarts
-    on resume", "trainer: best iter not restored on resume".
+    on resume", "trainer: best iter not restored on resume"; (mutation) ckpt_best.pt written on the
+    evaluations that do not improve.
     """
     training = {"learning_rate": 0.1, "min_lr": 0.01, "max_iters": 24, "lr_decay_iters": 24,
                 "eval_interval": 2, "log_interval": 2}
@@ -244,6 +245,9 @@ def test_resume_reproduces_every_file_of_the_uninterrupted_run(prepared, tmp_pat
 
     plain = write_config(tmp_path / "plain.toml", prepared, out, training=training)
     records = fit(plain).state.records
+    # ckpt_best.pt holds the evaluation with the lowest val loss (the first of equals), by the records.
+    lowest = min(records, key=lambda record: record["val_loss"])
+    assert load_checkpoint(out / "ckpt_best.pt")["iter"] == lowest["iter"]
     out.rename(tmp_path / "plain-reference")
     iters, improved = [r["iter"] for r in records], improvements(records)
     # The first stretch of >= 2 evaluations without improvement that follows an improvement after iter 0.
@@ -447,3 +451,4 @@ def test_each_step_uses_nanogpts_learning_rate(split_data, tmp_path):
     for step, rates in enumerate(used):
         expected = nanogpt_lr(step, lr, min_lr, warmup, decay)
         assert rates == [pytest.approx(expected, rel=1e-12)] * len(rates), f"step {step}"
+

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from training_helpers import REPO, load_checkpoint, losses, read_log, run, train, write_config
 
 from tinylm.locks import LOCK_NAME
@@ -44,7 +45,10 @@ def test_two_processes_train_stop_together_and_resume(prepared, tmp_path):
     assert first.stdout.count("eval iter 0:") == 1, "only the main process prints"
     summary = read_log(out_dir)["summary"]
     assert summary["stop_reason"] == "early_stopping" and summary["iters"] == 4 and summary["world_size"] == 2
-    assert len(load_checkpoint(out_dir / "ckpt_last.pt")["train_state"]["rng"]) == 2  # every rank's RNG
+    rank_states = load_checkpoint(out_dir / "ckpt_last.pt")["train_state"]["rng"]
+    assert len(rank_states) == 2  # every rank's RNG
+    # Each process seeds with seed + rank (dropout masks must differ between ranks as their batches do).
+    assert not torch.equal(rank_states[0]["torch"], rank_states[1]["torch"])
 
     # On resume the file's keys are laid over the run's config: early stopping is turned off by naming it.
     config = write_config(tmp_path / "run.toml", prepared, out_dir, training={"max_iters": 12, "early_stopping": False})
@@ -106,3 +110,40 @@ def test_ctrl_c_stops_every_rank_without_hanging(prepared, tmp_path):
     assert "tinylm/trainer.py" not in output and "KeyboardInterrupt" not in output, "a rank died mid-save"
     stopped_at = load_checkpoint(out_dir / "ckpt_last.pt")["iter"]
     assert 0 < stopped_at < 400
+
+
+def test_a_seed_too_large_for_the_process_count_is_refused_before_any_work(prepared, tmp_path):
+    """Each process seeds with seed + rank: on 2 processes the largest seed config allows (MAX_SEED)
+    would make rank 1's seed MAX_SEED + 1, so the run is refused, by name, before training.
+
+    Kills (trainer): `seed + num_processes - 1` -> `seed - num_processes - 1` (rank 1's seed unchecked).
+    """
+    from tinylm.config import MAX_SEED
+
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={"seed": MAX_SEED})
+    result = run(launch(Path(REPO / "tinylm" / "train.py"), "--config", str(config)))
+    output = result.stdout + result.stderr
+    # (accelerate's launcher prints its own traceback on stderr when a rank exits non-zero)
+    assert result.returncode != 0 and "Traceback" not in result.stdout, output
+    assert f"error: training.seed {MAX_SEED} is too large for 2 processes" in result.stderr, output
+    assert not (tmp_path / "ckpt" / "ckpt_last.pt").exists()
+
+
+def test_a_folder_in_use_stops_every_rank_at_once(prepared, tmp_path):
+    """Only the main process takes out_dir's lock; when another writer holds it, rank 0 is refused and
+    every rank stops with its message, at once, rather than waiting in the next collective (until the
+    distributed timeout, or until a launcher kills them; the subprocess timeout turns a hang into a
+    failure).
+
+    Kills (trainer): a refusal raised before the ranks agree to stop (`except UserError` bypassed).
+    """
+    from tinylm.locks import FolderLock
+
+    out_dir = tmp_path / "ckpt"
+    config = write_config(tmp_path / "run.toml", prepared, out_dir, training={"max_iters": 2})
+    with FolderLock(out_dir, "training run"):
+        result = run(launch(Path(REPO / "tinylm" / "train.py"), "--config", str(config)), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stdout, result.stdout + result.stderr
+    # Both ranks stop on the refusal (each says it), not rank 0 alone with the other killed by the launcher.
+    assert result.stderr.count(f"error: {out_dir} is in use by another training run (pid {os.getpid()}") == 2
+    assert not (out_dir / "ckpt_last.pt").exists()

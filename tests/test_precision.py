@@ -14,10 +14,12 @@ import math
 import pytest
 import torch
 import training_helpers
+from accelerate.state import AcceleratorState
 
+from tinylm.config import load_config
 from tinylm.errors import UserError
 from tinylm.hardware import Hardware
-from tinylm.trainer import MAX_NONFINITE_STEPS, Trainer
+from tinylm.trainer import Trainer
 
 INIT_SCALE = 2.0**10
 
@@ -88,15 +90,33 @@ def test_fp16_skipped_steps_leave_the_weights_alone(prepared, tmp_path):
     assert not all(torch.equal(before[name], p) for name, p in model.named_parameters())
 
 
+def divergence_by_hand(first_skipped: int, log_interval: int, limit: int = 10) -> tuple[int, int]:
+    """docs/training.md: ten skipped steps in a row stop the run, checked every log_interval steps.
+    With every step from `first_skipped` on skipped: (steps in a row, iter) at the check that stops it."""
+    check = log_interval
+    while check - first_skipped < limit:
+        check += log_interval
+    return check - first_skipped, check
+
+
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_the_divergence_guard_counts_skipped_steps_with_and_without_a_scaler(prepared, tmp_path, precision):
+@pytest.mark.parametrize("first_skipped", [0, 2, 3])
+def test_the_divergence_guard_counts_skipped_steps_with_and_without_a_scaler(prepared, tmp_path, precision,
+                                                                            first_skipped):
+    """Every step from `first_skipped` on has inf gradients: the run stops at the first check (every
+    log_interval = 4 steps) that sees ten or more in a row, and says how many and by which iter.
+
+    Kills (trainer): MAX_NONFINITE_STEPS 10 -> 9 / 11; the skipped-run count starting at 1, or
+    counting 2 per step.
+    """
     scaler = cpu_scaler() if precision == "fp16" else None
     trainer = make_trainer(prepared, tmp_path, precision, scaler, max_iters=40, eval_interval=100)
-    overflow_at(trainer, set(range(2, 40)))
-    with pytest.raises(UserError, match=r"training diverged: \d+ optimizer steps in a row had inf/nan gradients"):
+    overflow_at(trainer, set(range(first_skipped, 40)))
+    in_a_row, at_iter = divergence_by_hand(first_skipped, trainer.config.training.log_interval)
+    with pytest.raises(UserError, match=rf"training diverged: {in_a_row} optimizer steps in a row had inf/nan "
+                                        rf"gradients \(by iter {at_iter}\)"):
         trainer.fit()
-    assert steps_taken(trainer) == 2
-    assert trainer.state.iter < 2 + MAX_NONFINITE_STEPS + trainer.config.training.log_interval
+    assert steps_taken(trainer) == first_skipped
 
 
 def test_fp32_nonfinite_steps_are_skipped_without_a_scaler(prepared, tmp_path):
@@ -123,3 +143,49 @@ def test_bf16_autocasts_on_cpu_and_scores_the_loss_in_fp32(prepared, tmp_path):
 def test_a_grad_scaler_needs_fp16(prepared, tmp_path):
     with pytest.raises(ValueError, match="fp16"):
         make_trainer(prepared, tmp_path, "bf16", cpu_scaler())
+
+
+def test_the_logged_grad_norm_is_the_mean_pre_clip_norm_of_the_applied_steps(prepared, tmp_path):
+    """train/grad_norm, sent to the tracker every log_interval, is the mean of the pre-clip gradient
+    norms (as accelerate's clip_grad_norm_ returns them) of the steps applied since the last report:
+    a skipped (non-finite) step counts neither in the sum nor in the number of steps, and a report
+    with no applied step says nan.
+
+    Kills (trainer): a skipped step's norm counted as 1.0 / -1.0 instead of left out; the skipped
+    steps counted instead of the applied ones; the sum multiplied by the count.
+    """
+    trainer = make_trainer(prepared, tmp_path, "fp32", max_iters=12, log_interval=4, eval_interval=100)
+    overflow_at(trainer, {1, 2, 3, 8, 9, 10, 11})
+    norms, logged = [], []
+    clip = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda *args, **kwargs: norms.append(clip(*args, **kwargs)) or norms[-1]
+    log = trainer._log
+    trainer._log = lambda metrics, step: logged.append((step, metrics)) or log(metrics, step)
+    trainer.fit()
+
+    grad_norms = {step: metrics["train/grad_norm"] for step, metrics in logged if "train/grad_norm" in metrics}
+    assert sorted(grad_norms) == [4, 8, 12] and len(norms) == 12
+    applied = [float(norms[step]) for step in (0, 4, 5, 6, 7)]
+    assert all(math.isfinite(norm) and norm > 0 for norm in applied)
+    assert not any(math.isfinite(norms[step]) for step in (1, 2, 3, 8, 9, 10, 11))
+    assert grad_norms[4] == pytest.approx(applied[0], rel=1e-6)  # step 0 alone: 1, 2 and 3 were skipped
+    assert grad_norms[8] == pytest.approx(sum(applied[1:]) / 4, rel=1e-6)  # steps 4-7, all applied
+    assert math.isnan(grad_norms[12])  # steps 8-11 all skipped
+
+
+def test_an_fp16_resume_continues_with_the_loss_scale_it_had(prepared, tmp_path):
+    """The loss scale an fp16 run backed off to (halved once per overflow) is in its checkpoint, and a
+    resumed run starts from it, not from a fresh scaler's initial scale.
+
+    Kills (trainer): the scaler state not restored (`scaler is not None` -> `is None` in _restore).
+    """
+    trainer = make_trainer(prepared, tmp_path, "fp16", cpu_scaler(), max_iters=4, eval_interval=100)
+    overflow_at(trainer, {1, 2})
+    trainer.fit()
+    assert trainer.accelerator.scaler.get_scale() == INIT_SCALE / 4
+    AcceleratorState._reset_state(reset_partial_state=True)  # the resumed run builds its own Accelerator
+
+    config = load_config(tmp_path / "run.toml", {"training.max_iters": 6})
+    resumed = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt", hardware=Hardware("cpu", "fp16"),
+                      grad_scaler=cpu_scaler())
+    assert resumed.accelerator.scaler.get_scale() == INIT_SCALE / 4

@@ -363,9 +363,10 @@ def test_memory_does_not_grow_with_the_input(tmp_path):
     }
     assert len(json.loads((tmp_path / "large" / paths.META_NAME).read_text())["splits"]["train"]["files"]) == 4
     grown = (inputs["large"].stat().st_size - inputs["small"].stat().st_size) / 2**20  # 14 MiB more text
-    # Holding the text would add at least `grown`, its uint16 tokens twice that. Streaming adds only
-    # allocator noise (up to ~6 MiB when the machine is busy: threads get more malloc arenas).
-    assert peaks["large"] - peaks["small"] < 0.7 * grown, (peaks, grown)
+    # Holding the text would add at least `grown`, its uint16 tokens twice that: 3 x grown in all. Streaming
+    # adds only allocator noise: threads get more malloc arenas on a busy machine (9.8 MiB seen on 2 cores
+    # running other test processes beside this one, so the bound is `grown`, a third of the bug's cost).
+    assert peaks["large"] - peaks["small"] < grown, (peaks, grown)
 
 
 # --- one prepare per folder: nothing replaced unasked, nothing left behind --------------------------------------

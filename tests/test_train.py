@@ -186,7 +186,8 @@ def test_hub_repo_id_is_checked_before_training(prepared, tmp_path):
 
 def test_push_at_the_end_of_training_fails_cleanly_and_keeps_the_run(prepared, tmp_path):
     """The Hub is unreachable here (HF_ENDPOINT points at a closed local port): the push fails
-    with one line after training, and the checkpoints and the export folder are all there."""
+    with one line after training, and the checkpoints and the export folder are all there. A resumed
+    run replaces that export folder with its own (trainer: export(..., force=True))."""
     config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={"max_iters": 4})
     config.write_text(config.read_text() + '[hub]\nrepo_id = "someone/tiny"\n')
     env = {"HF_TOKEN": "hf_test_token_never_printed", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
@@ -195,3 +196,7 @@ def test_push_at_the_end_of_training_fails_cleanly_and_keeps_the_run(prepared, t
     assert "hf_test_token_never_printed" not in result.stdout + result.stderr
     assert {"ckpt_last.pt", "ckpt_best.pt", "train_log.json", "exported"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
     assert (tmp_path / "ckpt" / "exported" / "model.safetensors").is_file()
+    # Resumed, the run exports again over its own earlier export (then fails to reach the Hub again).
+    exported = (tmp_path / "ckpt" / "exported" / "model.safetensors").stat().st_mtime_ns
+    assert_clean_error(train(config, "--resume", "--max-iters", "6", check=False, env=env), "cannot reach the Hub")
+    assert (tmp_path / "ckpt" / "exported" / "model.safetensors").stat().st_mtime_ns != exported

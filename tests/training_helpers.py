@@ -58,7 +58,7 @@ def write_config(path: Path, processed_dir: Path, out_dir: Path, **sections) -> 
     config["data"]["processed_dir"] = str(processed_dir)
     config["training"]["out_dir"] = str(out_dir)
     for name, values in sections.items():
-        config[name].update(values)
+        config.setdefault(name, {}).update(values)
     return write_toml(path, config)
 
 

@@ -103,7 +103,9 @@ def model_from(payload: dict[str, Any]) -> GPT2LMHeadModel:
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
-        raise UserError(f"checkpoint weights do not match its model config: {str(exc).splitlines()[0]}") from None
+        # torch's first line only says "Error(s) in loading state_dict"; the second says which weight and how.
+        first_two = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        raise UserError(f"checkpoint weights do not match its model config: {first_two}") from None
     model.tie_weights()
     return model.eval()
 

@@ -15,13 +15,14 @@ def lr_at(step: int, training: TrainingConfig) -> float:
         return training.learning_rate * (step + 1) / (training.warmup_iters + 1)
     if step >= training.lr_decay_iters:
         return training.min_lr
-    progress = (step - training.warmup_iters) / max(1, training.lr_decay_iters - training.warmup_iters)
+    # Here warmup_iters <= step < lr_decay_iters, so the span is at least one step.
+    progress = (step - training.warmup_iters) / (training.lr_decay_iters - training.warmup_iters)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return training.min_lr + cosine * (training.learning_rate - training.min_lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig,
-                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig, *,
+                    start_step: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR following `lr_at`, at `start_step`. Step it once per optimizer step, on every process.
 
     It is deliberately not passed to `accelerator.prepare`: accelerate would step it

@@ -110,7 +110,6 @@ class Trainer:
             gradient_accumulation_steps=training.grad_accum_steps,
             log_with=None if training.tracker == "none" else training.tracker,
             project_dir=training.out_dir,
-            step_scheduler_with_optimizer=False,
         )
         if grad_scaler is not None:
             # accelerate's own switches for its fp16 path (scaler + autocast), which it
@@ -756,6 +755,6 @@ def _flat(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
-def train(config: Config, resume: str | Path | Loaded | None = None, overwrite: bool = False) -> dict:
+def train(config: Config, resume: str | Path | Loaded | None = None, *, overwrite: bool) -> dict:
     """Run training end to end; return the summary also written to train_log.json."""
     return Trainer(config, resume, overwrite=overwrite).fit()

@@ -1,0 +1,100 @@
+"""The checkpoint file on its own: what a failed write says, what a load refuses.
+
+Each test names the mutants of tests/mutation (module checkpoint) it was written to kill.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import shutil
+
+import pytest
+import torch
+
+from tinylm import checkpoint
+from tinylm.errors import UserError
+
+
+def test_a_write_that_stops_short_names_the_free_space_of_that_disk(tmp_path):
+    """torch.save stopped by the file-size limit (as by a full disk): the message gives the free space
+    of the checkpoint's disk in MiB, as shutil.disk_usage measures it, and no file is left behind.
+
+    Kills: `free / 2**20` -> `free * 2**20`, `2**20` -> `2**21` / `2**19`.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # Python ignores SIGXFSZ: writes just fail
+    try:
+        with pytest.raises(UserError) as caught:
+            checkpoint.save(tmp_path / "ckpt.pt", {"model": {"weight": torch.zeros(100_000)}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    reported = float(re.search(r"with ([0-9.]+) MiB free on that disk", str(caught.value))[1])
+    assert reported == pytest.approx(shutil.disk_usage(tmp_path).free / 2**20, rel=0.2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_the_documented_layout_version_1_loads(tmp_path):
+    """A file holding the documented version-1 layout, written with plain torch.save (as every tinylm
+    so far wrote it), loads; the same file with another version number is refused by name.
+
+    Kills: `VERSION = 1` -> 2 / 0 (save and load would then agree with each other, not with the files
+    users already have).
+    """
+    layout = {"format": "tinylm-checkpoint", "version": 1, "model": {}, "model_config": {}, "tokenizer": {},
+              "config": {}, "iter": 3}
+    torch.save(layout, tmp_path / "v1.pt")
+    assert checkpoint.load(tmp_path / "v1.pt")["iter"] == 3
+    torch.save({**layout, "version": 2}, tmp_path / "v2.pt")
+    with pytest.raises(UserError, match=r"has format version 2; this tinylm reads version 1"):
+        checkpoint.load(tmp_path / "v2.pt")
+
+
+@pytest.mark.parametrize("content", [{"weight": torch.zeros(2)}, [1, 2, 3]], ids=["dict", "list"])
+def test_a_torch_file_that_is_not_a_tinylm_checkpoint_is_named_as_such(tmp_path, content):
+    """A file torch.save wrote, but not tinylm (a bare state dict, a list): one line saying it lacks the
+    tinylm-checkpoint marker, not a complaint about its version or a KeyError.
+
+    Kills: `not isinstance(payload, dict) or ...` -> `and` (a bare dict would reach the version check).
+    """
+    torch.save(content, tmp_path / "weights.pt")
+    with pytest.raises(UserError, match=r"weights.pt is not a tinylm checkpoint \(no 'tinylm-checkpoint' marker\)"):
+        checkpoint.load(tmp_path / "weights.pt")
+
+
+def test_a_zip_archive_that_torch_cannot_read_is_one_line_with_torchs_reason(tmp_path):
+    """A zip file (so it passes the archive check) holding no torch data: torch.load's own reason (its
+    first line; the words are torch's and change between versions), in one UserError.
+
+    Kills: `splitlines()[0]` -> `[1]` (an IndexError traceback on a one-line reason); the reason replaced
+    by the exception's class name.
+    """
+    import zipfile
+
+    path = tmp_path / "notes.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+    with pytest.raises(UserError) as caught:
+        checkpoint.load(path)
+    with pytest.raises(Exception) as torch_says:
+        torch.load(path, weights_only=True)
+    assert str(caught.value) == f"cannot load checkpoint {path}: {str(torch_says.value).strip().splitlines()[0]}"
+
+
+def test_weights_that_do_not_fit_the_model_config_name_the_first_that_does_not(tmp_path):
+    """A checkpoint whose model_config says another vocabulary than its weights have: one line that
+    names torch's complaint and the first weight that does not fit, with both shapes.
+
+    Kills: the line of torch's message shown ([0] said only "Error(s) in loading state_dict").
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    weights = GPT2LMHeadModel(config).state_dict()
+    payload = {"model": weights, "model_config": {**config.to_dict(), "vocab_size": 24}}
+    with pytest.raises(UserError) as caught:
+        checkpoint.model_from(payload)
+    message = str(caught.value)
+    assert message.startswith("checkpoint weights do not match its model config: Error(s) in loading state_dict")
+    assert message.count("size mismatch") == 1 and "transformer.wte.weight" in message
+    assert "torch.Size([20, 16])" in message and "torch.Size([24, 16])" in message and "\n" not in message

@@ -1,0 +1,403 @@
+"""What an in-process Trainer checks and says before, around and after the loop: the folder it
+trains into, the data and settings a resume brings, the lines it prints.
+
+Expectations come from the files on disk (meta.json, the out_dir's contents) and from the
+documented rules, not from the trainer's own state. Each test names the mutants of
+tests/mutation (module trainer) it kills. Runs are a few steps of tests/training_helpers.TINY.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import WORDS, load_checkpoint, make_trainer, write_config
+
+from tinylm import prepare
+from tinylm.config import MAX_SEED, load_config
+from tinylm.errors import UserError
+from tinylm.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def prepared_text(folder: Path, text: str, *extra: str) -> Path:
+    corpus = folder.parent / f"{folder.name}.txt"
+    corpus.write_text(text)
+    assert not prepare.main(["--input", str(corpus), "--tokenizer", "char", "--out", str(folder), *extra])
+    return folder
+
+
+def play(chars: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(chars // 4))[:chars]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return prepared_text(tmp_path_factory.mktemp("trainer-checks") / "data", play(12_000))
+
+
+def test_a_new_run_uses_the_cpu_matmul_backend_its_config_names(data, tmp_path):
+    """training.cpu_matmul = "blas" on a new run: the steps run on blas, with no note about a resumed
+    run, and the checkpoint records blas (what a resumed "auto" run would keep).
+
+    Kills: the "keep the resumed run's backend" condition negated, which hands a new run the backend of
+    a checkpoint it does not have.
+    """
+    trainer = make_trainer(data, tmp_path, cpu_matmul="blas", max_iters=2, eval_interval=100)
+    assert (trainer.cpu_matmul.backend, trainer.cpu_matmul.note) == ("blas", "")
+    trainer.fit()
+    assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"] == "blas"
+
+
+def test_a_run_from_scratch_names_no_base_model(data, tmp_path):
+    """checkpoint.py's layout: base_model is None for a run from scratch (the model card then names none).
+
+    Kills: `init_from == SCRATCH` -> `!=` where the base model is decided (it would record "scratch").
+    """
+    make_trainer(data, tmp_path, max_iters=1, eval_interval=100).fit()
+    assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["base_model"] is None
+
+
+def test_each_batch_is_read_once_though_it_is_fetched_a_step_ahead(data, tmp_path, monkeypatch):
+    """Each step's micro-batches are read from the token files once: the previous step fetched them
+    ahead, and the step uses those (one extra fetch, for the step after the last, is the price).
+
+    Kills: the prefetched batches tagged with the wrong step (every step would read its batches twice).
+    """
+    from tinylm import data as data_module
+
+    calls = []
+    read = data_module.train_batch
+    monkeypatch.setattr(data_module, "train_batch", lambda *args, **kwargs: calls.append(kwargs["step"]) or
+                        read(*args, **kwargs))
+    make_trainer(data, tmp_path, max_iters=5, grad_accum_steps=2, eval_interval=100).fit()
+    assert calls == [step for step in range(6) for _ in range(2)]
+
+
+def test_what_a_dead_writer_left_is_removed_and_named_and_nothing_else(data, tmp_path, capsys):
+    """Temp files of the run's atomic writes (".<file>.<random>.tmp") in out_dir are litter of a
+    stopped run: a new run removes them and names them in one line; other files stay, and a clean
+    folder gets no such line.
+
+    Kills: `if stale:` negated (the line printed for a clean folder, not for a littered one).
+    """
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    litter = [out / ".ckpt_last.pt.k2j4x.tmp", out / ".train_log.json.a9b8.tmp"]
+    for path in [*litter, out / "notes.tmp", out / ".ckpt_last.pt.keep"]:
+        path.write_text("x")
+    make_trainer(data, tmp_path, max_iters=2)._lock.release()
+    said = capsys.readouterr().out
+    assert f"removed 2 unfinished file(s) a stopped run left in {out}: " in said
+    assert all(path.name in said and not path.exists() for path in litter)
+    assert (out / "notes.tmp").exists() and (out / ".ckpt_last.pt.keep").exists()
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    make_trainer(data, clean, max_iters=2)._lock.release()
+    assert "unfinished" not in capsys.readouterr().out
+
+
+def test_a_resume_on_data_prepared_again_names_what_changed(tmp_path):
+    """Data prepared again from another text (another vocabulary) under the run: the resume is refused,
+    and the message gives each meta.json field that changed, old -> new, as the two meta.json files say.
+
+    Kills: the changed-field filter `!=` -> `==` (it would list the fields that did not change).
+    """
+    folder = prepared_text(tmp_path / "data", play(12_000))
+    before = json.loads((folder / "meta.json").read_text())
+    make_trainer(folder, tmp_path, max_iters=2, eval_interval=100).fit()
+    prepared_text(folder, play(12_000) + " XYZ 0123", "--overwrite")
+    after = json.loads((folder / "meta.json").read_text())
+    assert before["vocab_size"] != after["vocab_size"] and before["tokenizer_kind"] == after["tokenizer_kind"]
+
+    with pytest.raises(UserError) as caught:
+        Trainer(load_config(tmp_path / "run.toml"), resume=tmp_path / "ckpt" / "ckpt_last.pt")
+    message = str(caught.value)
+    assert "prepared with another tokenizer than the checkpoint's" in message
+    assert f"vocab_size {before['vocab_size']!r} -> {after['vocab_size']!r}" in message
+    assert "tokenizer_kind" not in message  # the same before and after
+
+
+def test_an_out_dir_that_cannot_be_made_says_why_in_the_systems_words(data, tmp_path):
+    """An out_dir inside a file cannot be created: one line with the OS's reason (its strerror).
+
+    Kills: `exc.strerror or exc` -> `and` (the message would carry the exception's repr-like text).
+    """
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    out = blocker / "ckpt"
+    config = load_config(write_config(tmp_path / "run.toml", data, out))
+    with pytest.raises(UserError) as caught:
+        Trainer(config)
+    assert str(caught.value) == (f"cannot write to training.out_dir {out}: Not a directory; "
+                                 "choose a writable --out-dir")
+    assert blocker.read_text() == "keep me"
+
+
+def test_an_improvement_of_exactly_min_delta_counts(data, tmp_path):
+    """docs/training.md: an evaluation improves when val loss drops by *at least*
+    early_stopping_min_delta. A first run measures the drop between its first two evaluations; a second,
+    identical run with min_delta set to exactly that drop counts it as an improvement, and one with a
+    min_delta a hair larger does not.
+
+    Kills: the improvement test `>= min_delta` -> `> min_delta`.
+    """
+    def evaluations(folder: Path, min_delta: float) -> list[dict]:
+        folder.mkdir()
+        make_trainer(data, folder, max_iters=2, eval_interval=2, early_stopping_min_delta=min_delta).fit()
+        return json.loads((folder / "ckpt" / "train_log.json").read_text())["records"]
+
+    first, second = evaluations(tmp_path / "measure", 0.0)
+    drop = first["val_loss"] - second["val_loss"]
+    assert drop > 0
+    exact = evaluations(tmp_path / "exact", drop)
+    assert [r["val_loss"] for r in exact] == [first["val_loss"], second["val_loss"]]  # the same run
+    assert (tmp_path / "exact" / "ckpt" / "ckpt_best.pt").is_file()
+    best = load_checkpoint(tmp_path / "exact" / "ckpt" / "ckpt_best.pt")
+    assert best["iter"] == 2 and best["best_val_loss"] == second["val_loss"]
+    evaluations(tmp_path / "larger", math.nextafter(drop, math.inf))
+    assert load_checkpoint(tmp_path / "larger" / "ckpt" / "ckpt_best.pt")["iter"] == 0
+
+
+def test_an_out_dir_whose_parents_do_not_exist_yet_is_made(data, tmp_path):
+    """Kills: `out_dir.mkdir(parents=True, ...)` -> `parents=False`."""
+    out = tmp_path / "runs" / "2026" / "first"
+    config = load_config(write_config(tmp_path / "run.toml", data, out, training={"max_iters": 1}))
+    Trainer(config)._lock.release()
+    assert out.is_dir()
+
+
+def test_an_out_dir_that_is_a_file_is_refused_and_kept(data, tmp_path):
+    """Kills: the is-a-file check negated or dropped (mkdir would then fail with a traceback)."""
+    blocker = tmp_path / "ckpt"
+    blocker.write_text("keep me")
+    with pytest.raises(UserError, match=rf"training.out_dir {blocker} is a file, not a folder"):
+        make_trainer(data, tmp_path)
+    assert blocker.read_text() == "keep me"
+
+
+def test_a_folder_holding_another_run_is_refused_unless_overwrite_which_clears_it(data, tmp_path, capsys):
+    """A new run into a folder holding a run's files is refused and names them; with overwrite, the
+    old run's files (and its export and tracker folders) are gone before the new run's first write.
+
+    Kills: the other-run refusal dropped or inverted; `_clear_replaced_run` skipping its work or
+    joining paths wrongly.
+    """
+    out = tmp_path / "ckpt"
+    make_trainer(data, tmp_path, max_iters=2, eval_interval=100).fit()
+    (out / "exported").mkdir()
+    (out / "exported" / "model.safetensors").write_text("old")
+    old_log = (out / "train_log.json").read_text()
+    with pytest.raises(UserError, match=rf"{out} already holds a training run \(ckpt_best.pt, ckpt_last.pt, train_log.json\)"):
+        make_trainer(data, tmp_path, max_iters=2)
+
+    capsys.readouterr()
+    Trainer(load_config(tmp_path / "run.toml"), overwrite=True).fit()
+    assert f"--overwrite: removed the previous run's ckpt_best.pt, ckpt_last.pt, train_log.json, exported from {out}" \
+        in capsys.readouterr().out
+    assert not (out / "exported").exists() and (out / "train_log.json").read_text() != old_log
+
+
+def test_the_largest_seed_is_accepted_for_one_process(data, tmp_path):
+    """training.seed = MAX_SEED on one process: seed + rank is MAX_SEED, which is allowed.
+
+    Kills: the seed bound `>` -> `>=`.
+    """
+    trainer = make_trainer(data, tmp_path, seed=MAX_SEED, max_iters=1)
+    trainer._lock.release()
+    assert trainer.config.training.seed == MAX_SEED
+
+
+def test_the_closing_lines_point_at_the_best_checkpoint_or_else_the_last(data, tmp_path, capsys):
+    """The end-of-run lines: iterations and stop reason, the best val loss and its iter as train_log.json
+    records them, and a generate command on ckpt_best.pt; without a ckpt_best.pt (save_best off), on
+    ckpt_last.pt.
+
+    Kills: mutants of `_print_outputs` (the best/last choice, the best-loss text); the summary's
+    final losses taken from another record than the last; the other-format warning printed when there
+    is no other data (`newer is not None` -> `is None`); the summary's and the records' tokens_seen, the
+    summary's elapsed_s and the banner's parameter count computed wrongly; an empty speed note in the banner; " | best" on the
+    wrong evaluation lines.
+    """
+    trainer = make_trainer(data, tmp_path, max_iters=4, eval_interval=2)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    started = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - started
+    # Ctrl-C / SIGTERM are the loop's only while it runs: after it, what they did before.
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+    out = tmp_path / "ckpt"
+    log = json.loads((out / "train_log.json").read_text())
+    summary, last = log["summary"], log["records"][-1]
+    assert (summary["final_train_loss"], summary["final_val_loss"]) == (last["train_loss"], last["val_loss"])
+    assert last["iter"] == 4 and len(log["records"]) == 3  # evaluations at 0, 2 and 4
+    assert summary["tokens_seen"] == 4 * 4 * 16  # iters * batch_size * block_size (TINY, one process)
+    assert [record["tokens_seen"] for record in log["records"]] == [0, 2 * 4 * 16, 4 * 4 * 16]
+    assert 0 < summary["elapsed_s"] <= wall  # measured inside fit()
+    times = [record["elapsed_s"] for record in log["records"]]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= summary["elapsed_s"]
+    said = capsys.readouterr().out
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    parameters = sum(p.numel() for p in model.parameters())  # the tied embedding once
+    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    assert (f"model: {parameters / 1e6:.2f}M parameters (1 layers, 2 heads, 32 wide, block 16, vocab {vocab} "
+            "char)") in said.splitlines()  # the whole line: no "fine-tuned from" for a run from scratch
+    assert "warning" not in said  # nothing is wrong with this run (nor is there data of the other format)
+    assert "device: cpu | precision: fp32 | processes (world size): 1" in said.splitlines()  # no empty speed note
+    marked = [int(it) for it, best in re.findall(r"^eval iter (\d+): .*?( \| best)?$", said, re.M) if best]
+    improving, best = [], math.inf
+    for record in log["records"]:  # docs/training.md: an evaluation is "best" when it lowers the best val loss
+        if record["val_loss"] < best:
+            improving.append(record["iter"])
+            best = record["val_loss"]
+    assert marked == improving and marked
+    assert (f"done: 4 iters (max_iters), best val loss {summary['best_val_loss']:.4f} at iter "
+            f"{summary['best_iter']}. Checkpoints and train_log.json are in {out}") in said
+    assert f"sample from it: tinylm generate --checkpoint {out / 'ckpt_best.pt'}" in said
+
+    (tmp_path / "last").mkdir()
+    make_trainer(data, tmp_path / "last", max_iters=2, eval_interval=2, save_best=False).fit()
+    assert f"sample from it: tinylm generate --checkpoint {tmp_path / 'last' / 'ckpt' / 'ckpt_last.pt'}" \
+        in capsys.readouterr().out
+
+
+def test_a_run_that_pushes_without_a_license_is_warned_at_the_start(data, tmp_path, capsys, monkeypatch):
+    """[hub] repo_id without [hub] license: one warning before training that the card will state no
+    license; with a license, none. (Nothing is pushed: that happens only at the end of fit().)
+
+    Kills: `if not config.hub.license` negated.
+    """
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # the start-up check only needs one to exist
+    for license, warned in ((None, True), ("mit", False)):
+        folder = tmp_path / str(license)
+        folder.mkdir()
+        hub = {"repo_id": "someone/tiny"} | ({"license": license} if license else {})
+        config = load_config(write_config(folder / "run.toml", data, folder / "ckpt", hub=hub))
+        Trainer(config)._lock.release()
+        said = capsys.readouterr().out
+        assert ("warning: hub.license is not set, so the model card pushed to someone/tiny" in said) is warned
+
+
+
+def test_a_resumed_run_goes_on_counting_its_training_time(data, tmp_path):
+    """elapsed_s is the run's training time across interruptions: a resumed run starts from the time its
+    checkpoint recorded, so its summary reports at least that.
+
+    Kills: the clock restarted the wrong way on resume (`perf_counter() - elapsed_s` -> `+`).
+    """
+    make_trainer(data, tmp_path, max_iters=2, eval_interval=100).fit()
+    saved = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["run"]["elapsed_s"]
+    assert saved > 0
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = load_config(tmp_path / "run.toml", {"training.max_iters": 4})
+    summary = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt").fit()
+    assert summary["elapsed_s"] >= saved
+
+
+def test_early_stopping_says_why_it_stopped_and_a_run_that_goes_on_says_nothing(data, tmp_path, capsys):
+    """With early_stopping_min_delta 100 no evaluation after the first improves: with patience 1 the run
+    stops at the second evaluation, and says so with the numbers train_log.json records.
+
+    Kills: `if stop:` negated (the line printed at every evaluation but the one that stops).
+    """
+    make_trainer(data, tmp_path, max_iters=8, eval_interval=2, early_stopping=True, early_stopping_patience=1,
+                 early_stopping_min_delta=100.0).fit()
+    log = json.loads((tmp_path / "ckpt" / "train_log.json").read_text())
+    assert log["summary"]["stop_reason"] == "early_stopping" and log["summary"]["iters"] == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "early stopping" in line]
+    first = log["records"][0]
+    assert lines == [f"early stopping at iter 2: val loss has not improved by at least 100.0 for 1 evaluations "
+                     f"(best {first['val_loss']:.4f} at iter 0)"]
+
+
+def test_each_hardware_warning_is_printed(data, tmp_path, capsys):
+    """precision fp16 asked of a CPU: training falls back to fp32, and the run says so (docs/training.md).
+
+    Kills: the loop over the hardware warnings run zero times.
+    """
+    trainer = make_trainer(data, tmp_path, precision="fp16", max_iters=1)
+    trainer._lock.release()
+    assert trainer.hardware.precision == "fp32"
+    assert 'warning: precision "fp16" needs a CUDA GPU: training on CPU in fp32 instead' in capsys.readouterr().out
+
+
+def test_a_resume_refused_while_setting_up_leaves_the_folder_unlocked(data, tmp_path):
+    """A resume that fails after the folder was locked (here: nothing to train, found while setting up)
+    releases the lock at once, even while the failed Trainer is still referenced (as in a notebook).
+
+    Kills: the lock release on a failed set-up bypassed (`except BaseException` -> another exception).
+    """
+    from tinylm.locks import FolderLock
+
+    make_trainer(data, tmp_path, max_iters=2, eval_interval=100).fit()
+    config = load_config(tmp_path / "run.toml", {"training.max_iters": 2})
+    with pytest.raises(UserError, match=r"nothing to train: the checkpoint is at iter 2 and training.max_iters is 2")\
+            as refused:
+        Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
+    assert refused.traceback  # the failed Trainer's frames are still alive
+    with FolderLock(tmp_path / "ckpt", "test"):
+        pass
+
+
+def test_a_resume_trains_with_the_optimizer_settings_it_is_given(data, tmp_path):
+    """betas and weight_decay changed on resume: the restored optimizer uses the new ones (matrices
+    decay, biases and LayerNorm gains do not), not the checkpoint's.
+
+    Kills: `_apply_optimizer_settings` skipped (its loop run zero times).
+    """
+    make_trainer(data, tmp_path, max_iters=1, eval_interval=100).fit()
+    config = load_config(tmp_path / "run.toml", {"training.max_iters": 2, "training.beta2": 0.95,
+                                                 "training.weight_decay": 0.2})
+    trainer = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
+    trainer._lock.release()
+    groups = trainer.optimizer.param_groups
+    assert [group["betas"] for group in groups] == [(0.9, 0.95)] * 2
+    assert sorted(group["weight_decay"] for group in groups) == [0.0, 0.2]
+
+
+def test_evaluation_builds_no_autograd_graph(data, tmp_path):
+    """Every forward of an evaluation runs with autograd off (no graph kept: the memory of a training
+    step for nothing).
+
+    Kills: @torch.no_grad() removed from `evaluate`.
+    """
+    trainer = make_trainer(data, tmp_path, max_iters=1)
+    trainer._lock.release()
+    grad_enabled = []
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.register_forward_pre_hook(lambda module, args: grad_enabled.append(torch.is_grad_enabled()))
+    losses = trainer.evaluate()
+    assert set(losses) == {"train", "val"} and grad_enabled and not any(grad_enabled)
+
+
+def test_an_auto_cpu_matmul_run_picks_a_backend_and_records_it(data, tmp_path):
+    """cpu_matmul = "auto" on a new run: one of the two backends is measured and chosen, and the
+    checkpoint records which, for a resume to keep.
+
+    Kills: the probe's shape computed wrongly (`batch_size * block_size` -> `/`).
+    """
+    trainer = make_trainer(data, tmp_path, cpu_matmul="auto", max_iters=1, eval_interval=100)
+    assert trainer.cpu_matmul.backend in ("blas", "onednn")
+    trainer.fit()
+    saved = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"]
+    assert saved == trainer.cpu_matmul.backend
