@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -74,6 +75,8 @@ RULES: list[tuple[str, str, str]] = [
      "slow (torch.onnx.export); executed in tests/test_onnx.py::test_graph_has_past_key_values_and_dynamic_axes"),
     (r"^accelerate launch --config_file accelerate_config\.yaml ", "slow",
      "slow (accelerate's launcher); executed in tests/test_train.py::test_accelerate_launch_and_console_command"),
+    (r"tests/(mutants\.py|mutation/run\.py)", "slow",
+     "plants bugs and runs the tests once per bug (minutes to hours; by hand, docs/testing.md)"),
     (r"configs/accelerate/cpu-2proc\.yaml", "slow",
      ("slow (2 gloo processes); "
       "executed in tests/test_multiprocess.py::test_two_processes_train_stop_together_and_resume")),
@@ -335,6 +338,15 @@ def check_flags(command: Command) -> None:
         check_tinylm(argv[2], argv[3:], what)
     elif head == "python" and argv[1:2] == ["tinylm/train.py"]:
         check_script(argv[1:], what)
+    elif head == "python" and argv[1:2] in (["tests/mutants.py"], ["tests/mutation/run.py"]):
+        parser = runpy.run_path(str(REPO / argv[1]))["build_parser"]()  # the script's own parser
+        parser.allow_abbrev = False
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            try:
+                parser.parse_args(argv[2:])
+            except SystemExit:
+                raise AssertionError(f"{what}: {argv[1]} rejects it: {stderr.getvalue().strip()}") from None
     elif head == "accelerate" and argv[1:2] == ["launch"]:
         from accelerate.commands.config.config_args import load_config_from_file
         from accelerate.commands.launch import launch_command_parser
