@@ -417,3 +417,18 @@ def test_bad_settings(ckpt, capsys, flags, needle):
 def test_cuda_without_a_gpu(ckpt, capsys):
     code, _, err = run_main(capsys, "--checkpoint", str(ckpt), "--device", "cuda")
     assert code == 2 and "--device cpu" in err
+
+
+def test_a_prompt_with_many_unknown_characters_names_ten_and_counts_the_rest():
+    """A char tokenizer trained on lowercase text, a prompt with 13 characters it never saw: the error
+    names the first ten (sorted) with their code points and says how many more there are.
+
+    Kills (sampler): the count of the characters not shown off by one.
+    """
+    tokenizer = tok.wrap(tok.train_char(["the quick brown fox"]))
+    unseen = "ABCDEFGHIJKLM"  # 13 capitals
+    with pytest.raises(UserError) as caught:
+        sampler.encode_prompt(tokenizer, "the " + unseen)
+    message = str(caught.value)
+    shown = ", ".join(f"'{char}' (U+{ord(char):04X})" for char in unseen[:10])
+    assert f"never saw in training: {shown} and 3 more; " in message

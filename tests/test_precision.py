@@ -177,7 +177,8 @@ def test_an_fp16_resume_continues_with_the_loss_scale_it_had(prepared, tmp_path)
     """The loss scale an fp16 run backed off to (halved once per overflow) is in its checkpoint, and a
     resumed run starts from it, not from a fresh scaler's initial scale.
 
-    Kills (trainer): the scaler state not restored (`scaler is not None` -> `is None` in _restore).
+    Kills (trainer): the scaler state not restored (`scaler is not None` -> `is None` in _restore); a
+    scaler state restored into no scaler (`and` -> `or`) when an fp16 run is resumed in fp32.
     """
     trainer = make_trainer(prepared, tmp_path, "fp16", cpu_scaler(), max_iters=4, eval_interval=100)
     overflow_at(trainer, {1, 2})
@@ -189,3 +190,9 @@ def test_an_fp16_resume_continues_with_the_loss_scale_it_had(prepared, tmp_path)
     resumed = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt", hardware=Hardware("cpu", "fp16"),
                       grad_scaler=cpu_scaler())
     assert resumed.accelerator.scaler.get_scale() == INIT_SCALE / 4
+    resumed._lock.release()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    # Resumed in fp32 instead: no scaler, and the saved scale is simply not used.
+    in_fp32 = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt", hardware=Hardware("cpu", "fp32"))
+    in_fp32._lock.release()
+    assert in_fp32.accelerator.scaler is None

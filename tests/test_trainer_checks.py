@@ -66,6 +66,26 @@ def test_a_new_run_uses_the_cpu_matmul_backend_its_config_names(data, tmp_path):
     assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"] == "blas"
 
 
+def test_a_resume_keeps_the_started_backend_only_when_told_auto(data, tmp_path):
+    """A run started on oneDNN and resumed with cpu_matmul = "blas" named explicitly uses blas: only
+    "auto" keeps the backend the checkpoint records (docs/training.md).
+
+    Kills: `not` added to the "auto and recorded" condition (`not auto and recorded` would hand the
+    checkpoint's backend to a run that named another).
+    """
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN: every run is on blas")
+    make_trainer(data, tmp_path, cpu_matmul="onednn", max_iters=1, eval_interval=100).fit()
+    assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"] == "onednn"
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = load_config(tmp_path / "run.toml", {"training.max_iters": 2, "training.cpu_matmul": "blas"})
+    trainer = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
+    trainer._lock.release()
+    assert trainer.cpu_matmul.backend == "blas"
+
+
 def test_a_run_from_scratch_names_no_base_model(data, tmp_path):
     """checkpoint.py's layout: base_model is None for a run from scratch (the model card then names none).
 
@@ -401,3 +421,20 @@ def test_an_auto_cpu_matmul_run_picks_a_backend_and_records_it(data, tmp_path):
     trainer.fit()
     saved = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"]
     assert saved == trainer.cpu_matmul.backend
+
+
+def test_an_evaluation_that_only_equals_the_best_is_no_improvement(data, tmp_path):
+    """Every step's gradients are made inf, so every step is skipped and every evaluation gives the very
+    same val loss: with min_delta 0, an equal loss is not an improvement, so patience 1 stops the run
+    at the second evaluation.
+
+    Kills: `val_loss < best_val_loss` -> `<=` (equal losses would count as improvements forever).
+    """
+    trainer = make_trainer(data, tmp_path, max_iters=8, eval_interval=2, log_interval=8, early_stopping=True,
+                           early_stopping_patience=1)
+    weight = trainer.accelerator.unwrap_model(trainer.model).transformer.h[0].mlp.c_fc.weight
+    weight.register_hook(lambda grad: torch.full_like(grad, math.inf))
+    summary = trainer.fit()
+    records = json.loads((tmp_path / "ckpt" / "train_log.json").read_text())["records"]
+    assert [r["val_loss"] for r in records] == [records[0]["val_loss"]] * 2  # nothing trained: equal losses
+    assert (summary["stop_reason"], summary["iters"]) == ("early_stopping", 2)

@@ -296,10 +296,14 @@ class Trainer:
             self._push_to_hub()
         return summary
 
+    def _final_checkpoint(self) -> Path:
+        """The checkpoint a finished run hands on: ckpt_best.pt, or ckpt_last.pt when there is none."""
+        best = self.out_dir / BEST_NAME
+        return best if best.is_file() else self.out_dir / LAST_NAME
+
     def _print_outputs(self, summary: dict) -> None:
         """Where the run's files are, and how to use them."""
-        best = self.out_dir / BEST_NAME
-        model = best if best.is_file() else self.out_dir / LAST_NAME
+        model = self._final_checkpoint()
         best_text = (f", best val loss {summary['best_val_loss']:.4f} at iter {summary['best_iter']}"
                      if summary["best_val_loss"] is not None else "")
         self.print(f"done: {summary['iters']} iters ({summary['stop_reason']}){best_text}. Checkpoints and "
@@ -311,8 +315,7 @@ class Trainer:
         """Export the best (else the last) checkpoint to <out_dir>/exported and upload it."""
         from . import export, push  # only runs that push need the Hub client
 
-        best = self.out_dir / BEST_NAME
-        source = best if best.is_file() else self.out_dir / LAST_NAME
+        source = self._final_checkpoint()
         folder = export.export(source, self.out_dir / EXPORT_NAME, force=True)
         url = push.push_folder(folder, self.config.hub.repo_id, private=self.config.hub.private)
         self.print(f"pushed {source} (exported to {folder}) to {self.config.hub.repo_id}: {url}")
