@@ -155,13 +155,13 @@ def outcome(result: dict | None) -> str:
     return result["test_outcome"]
 
 
-def start_session(module: Module, repo: Path, config: Path, fresh: bool) -> Path:
+def start_session(module: Module, repo: Path, config: Path, fresh: bool, retry: bool) -> Path:
     """The session for the current source: the last one if the source is unchanged, else a new one
     that takes over the last one's verdicts on lines that did not change (see `carry_over`)."""
     source = repo / module.source
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     earlier = sessions(module)
-    if earlier and earlier[-1].stem.endswith(digest) and not fresh:
+    if earlier and earlier[-1].stem.endswith(digest) and not (fresh or retry):
         return earlier[-1]
     saved = saved_verdicts(module)
     # Sessions are numbered across machines: a clone carries on from the committed verdicts' number.
@@ -229,11 +229,11 @@ def save_verdicts(module: Module) -> None:
                                                   encoding="utf-8")
 
 
-def run_module(module: Module, fresh: bool, threads: int) -> None:
+def run_module(module: Module, fresh: bool, retry: bool, threads: int) -> None:
     module.folder.mkdir(parents=True, exist_ok=True)
     repo = copy_tree(module)
     config = write_config(module)
-    session = start_session(module, repo, config, fresh)
+    session = start_session(module, repo, config, fresh, retry)
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": str(threads)}
     if any(mutant.verdict == "pending" for mutant in mutants(session)):
         check_baseline(module, repo, env)
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"modules to mutate (default: all of {', '.join(load_modules())})")
     parser.add_argument("--jobs", type=int, default=1, help="modules mutated at once (each its own copy)")
     parser.add_argument("--fresh", action="store_true", help="run every mutant again, carrying nothing over")
+    parser.add_argument("--retry", action="store_true",
+                        help="a new session even if the source is unchanged: the survivors run again (after new tests)")
     parser.add_argument("--report", action="store_true", help="only write the report from the sessions so far")
     return parser
 
@@ -330,7 +332,7 @@ def main() -> int:
         chosen = [modules[name] for name in args.modules or modules]
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run_module, module, args.fresh, threads) for module in chosen]:
+            for future in [pool.submit(run_module, module, args.fresh, args.retry, threads) for module in chosen]:
                 future.result()
     write_report(modules)
     return 0
