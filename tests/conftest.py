@@ -26,6 +26,18 @@ def snapshot():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for tests that train tiny models in process: on a busy 2-core machine two
+    threads spent most of each step waiting for each other (a step took ~25x longer)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state (device, precision); reset it after a test that
     builds Trainers in process, so the next one can pick its own. accelerate's tests do the same."""

@@ -35,14 +35,7 @@ SEED, BLOCK, BATCH = TINY["training"]["seed"], TINY["model"]["block_size"], TINY
 RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "train_log.json")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the models are tiny, and on a busy 2-core machine two threads spent most of
-    each step waiting for each other (a step took ~25x longer)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def words(rng: random.Random, chars: int, case) -> str:

@@ -25,15 +25,7 @@ from tinylm.config import MAX_SEED, load_config
 from tinylm.errors import UserError
 from tinylm.trainer import Trainer
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "one_torch_thread")
 
 
 def prepared_text(folder: Path, text: str, *extra: str) -> Path:
