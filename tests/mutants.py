@@ -329,6 +329,9 @@ MUTANTS = [
      "                if self.accelerator.sync_gradients:\n                    self.scheduler.step()\n"
      "                    self._optimizer_step()\n            loss_sum += loss.detach()\n",
      ["tests/test_loop_guards.py", "-k", "nanogpts_learning_rate"]),
+    ("trainer: the process group left open at exit", "tinylm/trainer.py",
+     "        close_process_group_at_exit()\n", "",
+     ["tests/test_multiprocess.py", "-k", "stop_together"]),
 ]
 
 

@@ -28,6 +28,7 @@ from . import checkpoint, data, formats, locks, pretrained, rng
 from . import tokenizer as tok
 from .atomic import write_json
 from .checkpoint import Loaded
+from .compat import close_process_group_at_exit
 from .config import MAX_SEED, SCRATCH, Config
 from .errors import UserError, command_line
 from .hardware import (
@@ -115,6 +116,7 @@ class Trainer:
             # accelerate's own switches for its fp16 path (scaler + autocast), which it
             # turns on only for GPUs; set before prepare() so the optimizer gets the scaler.
             self.accelerator.scaler, self.accelerator.native_amp = grad_scaler, True
+        close_process_group_at_exit()
         configure_backends(hardware.device)
         self.is_main = self.accelerator.is_main_process
         self.out_dir = Path(training.out_dir)
@@ -290,8 +292,8 @@ class Trainer:
             self._save([], val_loss=None, summary=summary)
         if stop_reason != "interrupted":
             self._print_outputs(summary)
-        if training.tracker != "none":
-            self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # end_training() would also destroy the process group,
+            tracker.finish()                        # too early: see compat.close_process_group_at_exit
         if self.config.hub.repo_id and stop_reason != "interrupted" and self.is_main:
             self._push_to_hub()
         return summary
