@@ -432,3 +432,29 @@ def test_a_prompt_with_many_unknown_characters_names_ten_and_counts_the_rest():
     message = str(caught.value)
     shown = ", ".join(f"'{char}' (U+{ord(char):04X})" for char in unseen[:10])
     assert f"never saw in training: {shown} and 3 more; " in message
+
+
+def test_model_flag_takes_a_local_folder_and_refuses_a_revision_for_it(tmp_path, ckpt, capsys):
+    """`--model FOLDER` samples from a model folder as `--checkpoint` samples from the checkpoint it was
+    saved from; `--revision` names a Hub commit, so with a folder it is refused.
+
+    Kills (sampler): `if revision:` inverted in load_model (every folder refused, a revision ignored).
+    """
+    model, tokenizer = sampler.load(ckpt)
+    folder = save_exported(tmp_path / "exported", model, tokenizer)
+    flags = ["--prompt", "the ", "--max-new-tokens", "30", "--seed", "3"]
+    code, by_checkpoint, err = run_main(capsys, "--checkpoint", str(ckpt), *flags)
+    assert code == 0, err
+    code, by_model, err = run_main(capsys, "--model", str(folder), *flags)
+    assert code == 0 and by_model == by_checkpoint, err
+    code, _, err = run_main(capsys, "--model", str(folder), "--revision", "v1", *flags)
+    assert code == 2 and err == f"error: --revision applies to a Hub id; {folder} is a local folder: drop --revision\n"
+
+
+def test_the_window_keeps_half_the_context_and_at_least_one_token():
+    """The documented refill (docs/inference-and-demo.md): when the window overflows it keeps the newest
+    block_size // 2 tokens, never none.
+
+    Kills (sampler): refill_length's floor of one token changed (a 1-position model could not sample).
+    """
+    assert [sampler.refill_length(size) for size in (1, 2, 3, 4, 5, 16, 1024)] == [1, 1, 1, 2, 2, 8, 512]
