@@ -185,8 +185,9 @@ def test_token_stream_reads_across_shard_files(tmp_path):
         expected = starts[:, None] + np.arange(block_size + 1)
         assert np.array_equal(stream.blocks(starts, block_size).numpy(), expected)
         assert np.array_equal(stream.blocks(starts[::-1], block_size).numpy(), expected[::-1])
-    with pytest.raises(IndexError):
-        stream.blocks(np.array([75]), 10)
+    for outside in (-1, 75):  # -1 would wrap around to the stream's last token
+        with pytest.raises(IndexError, match=r"block starts must lie in \[0, 75\)"):
+            stream.blocks(np.array([0, outside]), 10)
 
 
 def test_token_stream_pickles_by_path_not_by_content(project):

@@ -419,19 +419,19 @@ def test_cuda_without_a_gpu(ckpt, capsys):
     assert code == 2 and "--device cpu" in err
 
 
-def test_a_prompt_with_many_unknown_characters_names_ten_and_counts_the_rest():
-    """A char tokenizer trained on lowercase text, a prompt with 13 characters it never saw: the error
-    names the first ten (sorted) with their code points and says how many more there are.
+@pytest.mark.parametrize("unseen, more", [("ABCDEFGHIJKLM", " and 3 more"), ("ABCDEFGHIJ", "")])
+def test_a_prompt_with_many_unknown_characters_names_ten_and_counts_the_rest(unseen, more):
+    """A char tokenizer trained on lowercase text, a prompt with 13 (or exactly 10) characters it never
+    saw: the error names the first ten (sorted) with their code points and says how many more there are.
 
-    Kills (sampler): the count of the characters not shown off by one.
+    Kills (sampler): the count of the characters not shown off by one; "and 0 more" for exactly ten.
     """
     tokenizer = tok.wrap(tok.train_char(["the quick brown fox"]))
-    unseen = "ABCDEFGHIJKLM"  # 13 capitals
     with pytest.raises(UserError) as caught:
         sampler.encode_prompt(tokenizer, "the " + unseen)
     message = str(caught.value)
     shown = ", ".join(f"'{char}' (U+{ord(char):04X})" for char in unseen[:10])
-    assert f"never saw in training: {shown} and 3 more; " in message
+    assert f"never saw in training: {shown}{more}; " in message
 
 
 def test_model_flag_takes_a_local_folder_and_refuses_a_revision_for_it(tmp_path, ckpt, capsys):
@@ -458,3 +458,30 @@ def test_the_window_keeps_half_the_context_and_at_least_one_token():
     Kills (sampler): refill_length's floor of one token changed (a 1-position model could not sample).
     """
     assert [sampler.refill_length(size) for size in (1, 2, 3, 4, 5, 16, 1024)] == [1, 1, 1, 2, 2, 8, 512]
+
+
+@pytest.mark.parametrize("keep", [0, BLOCK_SIZE + 1])
+def test_a_window_that_keeps_no_token_or_more_than_the_context_is_refused(untrained, keep):
+    """keep = 0 would refill the window with the whole text (`tokens[-0:]`), more than fits.
+
+    Kills (sampler): the lower bound of keep's check lowered to 0.
+    """
+    model, _ = untrained
+    with pytest.raises(ValueError, match=rf"^keep must be in \[1, {BLOCK_SIZE}\], got {keep}$"):
+        next(sampler.sample_tokens(model, [1, 2], GREEDY, keep=keep))
+
+
+def test_an_empty_prompt_starts_from_the_models_bos_token_when_the_tokenizer_names_none(scrambled):
+    """A tokenizer without a bos token (a bare `tokenizers` object wrapped as it is): an empty prompt
+    starts from the model config's bos_token_id, here 0 (<|endoftext|>).
+
+    Kills (sampler): stream_completion's fallback id changed (`bos_token_id or 1`: 0 is falsy).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    model, tokenizer = scrambled  # its text depends on the first token (the trained model's hardly does)
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    assert bare.bos_token_id is None and model.config.bos_token_id == 0
+    sampling = sampler.Sampling(stop_at_eos=False, max_new_tokens=40, temperature=1.0)
+    expected = bare.decode(list(sampler.sample_tokens(model, [0], sampling, sampler.make_generator("cpu", 5))))
+    assert "".join(sampler.stream_completion(model, bare, "", sampling, sampler.make_generator("cpu", 5))) == expected

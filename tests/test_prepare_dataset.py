@@ -330,6 +330,12 @@ def test_load_blocks_rows_are_the_memory_mapped_blocks(data_format, tmp_path):
     assert torch.equal(first["input_ids"], torch.from_numpy(expected[-2].astype(np.int64)))
     loader = torch.utils.data.DataLoader(torch_rows, batch_size=4, shuffle=False)
     assert torch.equal(next(iter(loader))["input_ids"], torch.from_numpy(expected[:4].astype(np.int64)))
+    # block_size 1: every token its own row; 0 is refused.
+    single = data.load_blocks(tmp_path / "out", block_size=1).with_format("numpy")
+    assert single.num_rows == sum(len(np.load(f, mmap_mode="r") if f.suffix == ".npy" else np.memmap(
+        f, dtype="<u2", mode="r")) for f in files) and single[0]["input_ids"].tolist() == [expected[0][0]]
+    with pytest.raises(ValueError, match="block_size must be at least 1, got 0"):
+        data.load_blocks(tmp_path / "out", block_size=0)
 
 
 def test_load_blocks_trains_a_model_with_the_transformers_trainer(tmp_path):

@@ -219,7 +219,7 @@ class TokenStream:
         self.lengths = [len(a) for a in arrays]
         self.ends = np.cumsum(self.lengths, dtype=np.int64)  # stream position where each file ends
         self.begins = self.ends - self.lengths  # ... and where it begins
-        self.num_tokens = int(self.ends[-1]) if self.files else 0
+        self.num_tokens = sum(self.lengths)
         self.handles = [open(f, "rb") for f in self.files]
         weakref.finalize(self, close_all, self.handles)
 
