@@ -54,12 +54,12 @@ MUTANTS = [
      "decoder.prefill(tokens[-keep:])", "decoder.prefill(tokens[-keep - 1:])",
      ["tests/test_generate.py", "-k", "cache_matches"]),
     ("trainer: fp16 overflow skips step() (and the scaler's update)", "tinylm/trainer.py",
-     "        if self.accelerator.scaler is None:\n            self.optimizer.optimizer.found_inf = nonfinite.float()\n"
+     "        if self.accelerator.scaler is None:\n            skip_next_step_where(self.optimizer, nonfinite)\n"
      "        self.optimizer.step()",
      "        if not bool(nonfinite):\n            self.optimizer.step()",
      ["tests/test_precision.py"]),
     ("trainer: non-finite fp32 steps applied", "tinylm/trainer.py",
-     "            self.optimizer.optimizer.found_inf = nonfinite.float()", "            pass",
+     "            skip_next_step_where(self.optimizer, nonfinite)", "            pass",
      ["tests/test_precision.py"]),
     ("trainer: skipped-step run never resets", "tinylm/trainer.py",
      "(self._skipped_run + 1) * nonfinite", "self._skipped_run + nonfinite",

@@ -28,7 +28,7 @@ from . import checkpoint, data, formats, locks, pretrained, rng
 from . import tokenizer as tok
 from .atomic import write_json
 from .checkpoint import Loaded
-from .compat import close_process_group_at_exit
+from .compat import close_process_group_at_exit, skip_next_step_where, use_loss_scaler
 from .config import MAX_SEED, SCRATCH, Config
 from .errors import UserError, command_line
 from .hardware import (
@@ -113,9 +113,7 @@ class Trainer:
             project_dir=training.out_dir,
         )
         if grad_scaler is not None:
-            # accelerate's own switches for its fp16 path (scaler + autocast), which it
-            # turns on only for GPUs; set before prepare() so the optimizer gets the scaler.
-            self.accelerator.scaler, self.accelerator.native_amp = grad_scaler, True
+            use_loss_scaler(self.accelerator, grad_scaler)
         close_process_group_at_exit()
         configure_backends(hardware.device)
         self.is_main = self.accelerator.is_main_process
@@ -379,7 +377,7 @@ class Trainer:
                                     device=self.accelerator.device)
         nonfinite = ~torch.isfinite(grad_norm)
         if self.accelerator.scaler is None:
-            self.optimizer.optimizer.found_inf = nonfinite.float()
+            skip_next_step_where(self.optimizer, nonfinite)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._count_nonfinite(nonfinite)

@@ -1,0 +1,74 @@
+"""tinylm/compat.py: each reliance on a library's internals, pinned to the behaviour tinylm needs.
+
+These run the real accelerate and torch on the CPU. When a release changes what compat relies on,
+the failure is here, by name, rather than a training run that quietly does something else.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from tinylm import compat
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # accelerate's state is per process
+
+
+@pytest.fixture
+def accelerator():
+    """An Accelerator as the Trainer makes one for a CPU fp16 run (accelerate leaves its scaler off there)."""
+    made = Accelerator(cpu=True, mixed_precision="fp16")
+    assert made.scaler is None, "accelerate now scales fp16 losses on the CPU itself: compat.use_loss_scaler can go"
+    return made
+
+
+def linear_and_batch():
+    """A one-layer model (a Linear inside, so a hook sees its output before accelerate casts it back to
+    fp32) and a batch for it."""
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(3, 4, generator=generator))
+        model[0].bias.zero_()
+    return model, torch.randn(5, 4, generator=generator)
+
+
+def test_use_loss_scaler_scales_the_backward_unscales_before_clipping_and_skips_overflow_steps(accelerator):
+    model, batch = linear_and_batch()
+    linear = model[0]
+    expected = torch.autograd.grad((model(batch) ** 2).sum(), linear.weight)[0]  # the true gradient, fp32
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    compat.use_loss_scaler(accelerator, scaler)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    dtypes = []
+    linear.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+
+    accelerator.backward((model(batch) ** 2).sum())
+    assert dtypes == [torch.float16], "the prepared forward no longer runs under fp16 autocast"
+    assert torch.allclose(linear.weight.grad, 1024 * expected, rtol=1e-2), "backward() no longer scales the loss"
+    accelerator.clip_grad_norm_(model.parameters(), max_norm=1e9)
+    assert torch.allclose(linear.weight.grad, expected, rtol=1e-2), "clip_grad_norm_ no longer unscales first"
+    optimizer.step()
+    optimizer.zero_grad()
+
+    weights = linear.weight.detach().clone()
+    accelerator.backward(model(batch).sum() * float("inf"))
+    accelerator.clip_grad_norm_(model.parameters(), max_norm=1.0)
+    optimizer.step()
+    assert torch.equal(linear.weight, weights), "a step with inf gradients was applied"
+    assert scaler.get_scale() == 512.0, "the scaler did not back off after the overflow"
+
+
+@pytest.mark.parametrize("nonfinite, moves", [(True, False), (False, True)])
+def test_skip_next_step_where_makes_fused_adamw_skip_on_the_device(nonfinite, moves):
+    accelerator = Accelerator(cpu=True)
+    model, batch = linear_and_batch()
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
+    accelerator.backward(model(batch).sum())
+    weight = model[0].weight
+    before = weight.detach().clone()
+    compat.skip_next_step_where(optimizer, torch.tensor(nonfinite))
+    optimizer.step()
+    assert (not torch.equal(weight, before)) == moves
+    assert (optimizer.optimizer.state[weight]["exp_avg"].abs().sum().item() > 0) == moves, "moments updated"
