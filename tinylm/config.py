@@ -29,6 +29,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DATA_FORMATS = ("txt", "bin")
 TOKENIZERS = ("char", "bpe", "pretrained")
 SCRATCH = "scratch"
+# The [model] keys that are GPT2Config keys too and fix the transformer's shape (a fine-tune keeps them).
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd")
 # accelerate's trackers (accelerate.utils.LoggerType, less "all"); tinylm/tracking.py checks each is installed.
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")

@@ -29,7 +29,7 @@ from . import tokenizer as tok
 from .atomic import write_json
 from .checkpoint import Loaded
 from .compat import close_process_group_at_exit, skip_next_step_where, use_loss_scaler
-from .config import MAX_SEED, SCRATCH, Config
+from .config import MAX_SEED, SCRATCH, SHAPE_KEYS, Config
 from .errors import UserError, command_line
 from .hardware import (
     CpuMatmul,
@@ -61,8 +61,8 @@ MAX_NONFINITE_STEPS = 10
 EXPORT_NAME = "exported"
 # The trackers' project name; tensorboard logs go to <out_dir>/<TRACKER_PROJECT>.
 TRACKER_PROJECT = "tinylm"
-# Shape keys that must match to resume from a checkpoint.
-SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+# The GPT2Config keys that fix every weight's shape: a checkpoint resumes only into a model that agrees.
+WEIGHT_SHAPE_KEYS = ("vocab_size", "n_positions", *SHAPE_KEYS)
 # What a run writes into its out_dir: what --overwrite clears, and what makes a folder "hold a run".
 RUN_FILES = (BEST_NAME, LAST_NAME, TRAIN_LOG_NAME)
 # Temp files of the run's atomic writes (atomic_path: ".<name>.XXXX.tmp"): a dead writer's are litter.
@@ -628,7 +628,7 @@ class Trainer:
 
     def _check_resumable(self, payload: dict, model_config) -> None:
         saved = payload["model_config"]
-        changed = [f"{key} {saved.get(key)} -> {getattr(model_config, key)}" for key in SHAPE_KEYS
+        changed = [f"{key} {saved.get(key)} -> {getattr(model_config, key)}" for key in WEIGHT_SHAPE_KEYS
                    if saved.get(key) != getattr(model_config, key)]
         if changed:
             raise UserError(
