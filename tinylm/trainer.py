@@ -52,6 +52,7 @@ from .model import (
 from .paths import BEST_NAME, LAST_NAME, TRAIN_LOG_NAME
 from .progress import Progress
 from .schedule import build_scheduler
+from .step_stats import Report, StepStats
 from .tracking import check_tracker_installed
 
 # Optimizer steps in a row whose gradients are inf/nan before we give up. Under fp16
@@ -184,13 +185,7 @@ class Trainer:
         # so a resumed run follows its own (possibly changed) learning-rate settings from there.
         self.scheduler = build_scheduler(optimizer, training, start_step=self.state.iter)
         self._prefetched: tuple[int | None, list[torch.Tensor]] = (None, [])
-        # The current and the longest run of skipped (non-finite) steps since the last check, on the device.
-        self._skipped_run = torch.tensor(self.state.nonfinite_steps, device=self.accelerator.device)
-        self._longest_skipped_run = self._skipped_run.clone()
-        # For train/grad_norm: the pre-clip gradient norms of the applied steps since the last report
-        # (summed) and how many there were, on the device.
-        self._grad_norm_sum = torch.zeros((), device=self.accelerator.device)
-        self._grad_norm_steps = torch.zeros((), device=self.accelerator.device)
+        self.stats = StepStats(self.accelerator.device, skipped_run=self.state.nonfinite_steps)
         self._flops_per_token = flops_per_token(model)
         # The peak of all processes together: tokens/s counts every process's tokens.
         peak = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision)
@@ -246,9 +241,6 @@ class Trainer:
         interrupts = _InterruptFlag()
         self._clear_replaced_run()
         started = time.perf_counter() - self.state.elapsed_s
-        # The losses since the last report, summed on the device: reading a loss makes the
-        # host wait for the device, so the loop does it only every log_interval steps.
-        loss_sum, losses_summed = torch.zeros((), device=self.accelerator.device), 0
         self.model.train()
         with interrupts, progress:
             while True:
@@ -261,20 +253,17 @@ class Trainer:
                     progress.restart_clock()
                 if step >= training.max_iters:
                     break
-                loss_sum += self.train_step(step)
-                losses_summed += 1
+                self.stats.add_loss(self.train_step(step))
                 self.state.iter = step + 1
                 progress.step()
                 if self.state.iter % training.log_interval and self.state.iter != training.max_iters:
                     continue
-                self._check_finite_steps()
-                loss, grad_norm = self._report_means(loss_sum, losses_summed)
+                report = self.stats.report(self.accelerator)
+                self._check_finite_steps(report)
                 lr = self.scheduler.get_last_lr()[0]
-                progress.log(loss, lr)
-                self._log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                progress.log(report.loss, lr)
+                self._log({"train/loss": report.loss, "train/lr": lr, "train/grad_norm": report.grad_norm,
                            "train/tokens_per_s": progress.tokens_per_s}, self.state.iter)
-                loss_sum.zero_()
-                losses_summed = 0
                 if interrupts.raised:
                     self.accelerator.set_trigger()
                 if self.accelerator.check_trigger():  # an all-reduce: every rank stops at the same step
@@ -380,39 +369,19 @@ class Trainer:
             skip_next_step_where(self.optimizer, nonfinite)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._count_nonfinite(nonfinite)
-        self._grad_norm_sum += torch.where(nonfinite, 0.0, grad_norm)  # a skipped step's inf/nan left out
-        self._grad_norm_steps += (~nonfinite).float()
-
-    def _count_nonfinite(self, nonfinite: torch.Tensor) -> None:
-        self._skipped_run = (self._skipped_run + 1) * nonfinite  # back to 0 after a good step
-        self._longest_skipped_run = torch.maximum(self._longest_skipped_run, self._skipped_run)
-
-    def _report_means(self, loss_sum: torch.Tensor, losses_summed: int) -> tuple[float, float]:
-        """The mean train loss since the last report over all processes (not rank 0's), and the mean
-        pre-clip gradient norm of the steps applied since then (nan if none): one all-reduce and one
-        host read, at log_interval only. Every process ran the same steps on equal batches, so the
-        mean over processes is their sum over num_processes; the gradient norm is the same on all."""
-        sums = self.accelerator.reduce(torch.stack([loss_sum, self._grad_norm_sum, self._grad_norm_steps]), "sum")
-        loss_total, grad_norm_total, grad_norm_steps = sums.tolist()
-        self._grad_norm_sum.zero_()
-        self._grad_norm_steps.zero_()
-        loss = loss_total / (losses_summed * self.accelerator.num_processes)
-        return loss, grad_norm_total / grad_norm_steps if grad_norm_steps else math.nan
+        self.stats.add_step(grad_norm, nonfinite)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         """Send metrics to training.tracker (accelerate logs on the main process only)."""
         if self.config.training.tracker != "none":
             self.accelerator.log(metrics, step=step)
 
-    def _check_finite_steps(self) -> None:
+    def _check_finite_steps(self, report: Report) -> None:
         """Stop when MAX_NONFINITE_STEPS optimizer steps in a row were skipped (read every log_interval)."""
-        self.state.nonfinite_steps = int(self._skipped_run)
-        longest = int(self._longest_skipped_run)
-        self._longest_skipped_run = self._skipped_run.clone()
-        if longest >= MAX_NONFINITE_STEPS:
+        self.state.nonfinite_steps = report.skipped_run
+        if report.longest_skipped_run >= MAX_NONFINITE_STEPS:
             raise UserError(
-                f"training diverged: {longest} optimizer steps in a row had inf/nan gradients "
+                f"training diverged: {report.longest_skipped_run} optimizer steps in a row had inf/nan gradients "
                 f"(by iter {self.state.iter}); lower training.learning_rate, or use precision = \"bf16\"/\"fp32\". "
                 f"The last good checkpoint in {self.out_dir} was kept"
             )
