@@ -111,6 +111,10 @@ def test_eval_dataset_is_fixed_evenly_spaced_and_clamped(project):
     most = data.eval_dataset(stream, block_size=BLOCK, num_blocks=10**6)
     assert len(most) == stream.num_tokens // (BLOCK + 1)
     assert np.diff(np.array(most.with_format(None)["start"])).min() >= BLOCK + 1
+    # eval_iters = 1 (the least config allows): the one block at the start; 0 is refused.
+    assert np.array(data.eval_dataset(stream, block_size=BLOCK, num_blocks=1).with_format(None)["start"]).tolist() == [0]
+    with pytest.raises(ValueError, match="num_blocks must be at least 1, got 0"):
+        data.eval_dataset(stream, block_size=BLOCK, num_blocks=0)
 
 
 def test_eval_dataset_works_in_a_dataloader(project):

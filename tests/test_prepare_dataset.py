@@ -379,3 +379,9 @@ def test_training_says_where_its_data_came_from_and_warns_of_newer_data_in_the_o
     assert (f"warning: {processed / paths.META_NAME} (txt data) was prepared after {tmp_path / paths.META_BIN}, "
             "which training reads") in out
     assert "pass --data-format txt" in out
+    # Data prepared at the same instant, to the nanosecond, is not newer: no warning.
+    (tmp_path / "same").mkdir()
+    trainer = make_trainer(processed, tmp_path / "same", max_iters=1)
+    read = trainer.data.meta_path.stat()
+    os.utime(processed / paths.META_NAME, ns=(read.st_atime_ns, read.st_mtime_ns))
+    assert data.newer_other_format(trainer.data, str(processed)) is None
