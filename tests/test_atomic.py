@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tinylm.atomic import atomic_open, write_json
+from tinylm.atomic import atomic_open, replace_folder, write_json
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), KeyboardInterrupt()])
@@ -19,3 +19,17 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
             raise failure
     assert json.loads(target.read_text()) == {"records": [1]}
     assert [path.name for path in tmp_path.iterdir()] == ["train_log.json"]
+
+
+def test_replace_folder_swaps_a_whole_folder_and_puts_the_old_one_back_on_failure(tmp_path):
+    out = tmp_path / "exported"
+    for version in ("one", "two"):
+        staging = tmp_path / f".staging-{version}"
+        staging.mkdir()
+        (staging / f"{version}.txt").write_text(version)
+        replace_folder(staging, out)
+        assert [p.name for p in out.iterdir()] == [f"{version}.txt"] and not staging.exists()
+    with pytest.raises(OSError):
+        replace_folder(tmp_path / "no-such-staging", out)
+    assert [p.name for p in out.iterdir()] == ["two.txt"], "the old folder is put back whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"], "nothing moved aside is left behind"

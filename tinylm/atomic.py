@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -83,3 +84,24 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Rename the folder `staging` to `out`: a reader sees the old folder or the new one, whole.
+
+    An existing `out` is moved aside first and deleted only once the new one is in; if the
+    rename fails, the old one is put back.
+    """
+    if not out.exists():
+        staging.rename(out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    out.rename(retired / out.name)
+    try:
+        staging.rename(out)
+    except OSError:
+        (retired / out.name).rename(out)
+        raise
+    finally:
+        if out.exists():
+            shutil.rmtree(retired, ignore_errors=True)

@@ -44,7 +44,7 @@ from transformers.utils import logging as hf_logging
 
 from . import checkpoint, onnx_export, paths, plot
 from . import tokenizer as tok
-from .atomic import DIR_MODE, FILE_MODE
+from .atomic import DIR_MODE, FILE_MODE, replace_folder
 from .config import SCRATCH, Sampling, check_card_field
 from .errors import UserError, run_cli
 from .model import count_parameters
@@ -647,28 +647,11 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     try:
         yield staging
         check_out_folder(out, force)  # again: something may have appeared there meanwhile
-        publish(staging, out)
+        replace_folder(staging, out)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}; nothing was replaced") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Rename `staging` to `out`. An existing `out` is moved aside first and deleted only once the new one is in."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    out.rename(retired / out.name)
-    try:
-        staging.rename(out)
-    except OSError:
-        (retired / out.name).rename(out)
-        raise
-    finally:
-        if out.exists():
-            shutil.rmtree(retired, ignore_errors=True)
 
 
 def format_size(size: int) -> str:
