@@ -24,7 +24,7 @@ import pytest
 from helpers_checkpoint import assert_one_line_error, tiny_checkpoint
 from huggingface_hub import ModelCard
 
-from tinylm import checkpoint, export
+from tinylm import checkpoint, export, model_card
 
 TOKEN = "hf_tinylmTestTokenNeverPrinted0123"
 
@@ -71,7 +71,7 @@ def test_dry_run_lists_every_file_with_its_size_and_sends_nothing(exported, tmp_
     files = sorted(path for path in exported.iterdir())
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert listed == [path.name for path in files]
-    card_size = len(str(export.card_for_repo(exported, "someone/tiny")).encode())  # the card as uploaded
+    card_size = len(str(model_card.card_for_repo(exported, "someone/tiny")).encode())  # the card as uploaded
     for path in files:
         size = card_size if path.name == "README.md" else path.stat().st_size
         assert any(line.split()[0] == path.name and export.format_size(size) in line
@@ -190,7 +190,7 @@ def test_push_creates_the_repo_and_uploads_every_file(exported, tmp_path, fake_h
     uploaded = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in commit[1:]}
     on_disk = {path.name: path.read_bytes() for path in exported.iterdir()}
     assert uploaded.keys() == on_disk.keys()
-    assert uploaded["README.md"] == str(export.card_for_repo(exported, "someone/tiny")).encode()
+    assert uploaded["README.md"] == str(model_card.card_for_repo(exported, "someone/tiny")).encode()
     assert {n: b for n, b in uploaded.items() if n != "README.md"} == {n: b for n, b in on_disk.items() if n != "README.md"}
 
 

@@ -5,7 +5,7 @@
 
 The folder must be a `tinylm export` folder, and it is loaded back with
 transformers before anything is sent. Its README.md is uploaded as rendered for
-the repo (`export.card_for_repo`: the title and the usage snippet name the repo
+the repo (`model_card.card_for_repo`: the title and the usage snippet name the repo
 id, and --base-model names the Hub model it was fine-tuned from); the folder
 itself is not changed. A card that states no license gets a warning, not a
 refusal. The token comes from `HF_TOKEN` or the stored login (`hf auth login`)
@@ -33,15 +33,8 @@ from huggingface_hub.utils import (
 from transformers.utils import logging as hf_logging
 
 from .errors import UserError, run_cli
-from .export import (
-    CARD_NAME,
-    REQUIRED_FILES,
-    add_base_model_argument,
-    card_for_repo,
-    check_loads,
-    format_size,
-    is_export_folder,
-)
+from .export import REQUIRED_FILES, add_base_model_argument, check_loads, format_size, is_export_folder
+from .model_card import CARD_NAME, card_for_repo
 
 # What each refusal from the Hub most likely means, and what to do about it.
 HTTP_HINTS = {
