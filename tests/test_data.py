@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -284,6 +285,20 @@ def test_bin_file_listed_in_meta_but_missing(project):
     (Path(paths.DATA_DIR) / "val.bin").rename(Path(paths.DATA_DIR) / "val.bin.bak")
     prepared = data.resolve(paths.PROCESSED_DIR, "bin", "char")
     with raises(r"data/val\.bin is missing \(listed in data/meta\.json\)", anchor=data.BINARY_SHARDS_NOT_FOUND):
+        prepared.split("val")
+
+
+def test_txt_tokens_listed_in_meta_but_missing_name_the_text_too_when_it_is_gone(project):
+    """txt data: a missing token file is named alone while its text is there (re-tokenizing would do),
+    and with its text when both are gone."""
+    prepared = data.resolve(paths.PROCESSED_DIR, "txt", "bpe")
+    entry = prepared.meta["splits"]["val"]["files"][0]
+    tokens, text = Path(paths.PROCESSED_DIR) / entry["tokens"], Path(paths.PROCESSED_DIR) / entry["text"]
+    tokens.unlink()
+    with raises(rf"^{re.escape(str(tokens))} is missing \(listed in data/processed/meta\.json\)"):
+        prepared.split("val")
+    text.unlink()
+    with raises(rf"^{re.escape(str(text))} and {re.escape(str(tokens))} are missing \(listed in"):
         prepared.split("val")
 
 

@@ -471,11 +471,12 @@ def test_a_window_that_keeps_no_token_or_more_than_the_context_is_refused(untrai
         next(sampler.sample_tokens(model, [1, 2], GREEDY, keep=keep))
 
 
-def test_an_empty_prompt_starts_from_the_models_bos_token_when_the_tokenizer_names_none(scrambled):
+@pytest.mark.parametrize("bos", [0, 5])
+def test_an_empty_prompt_starts_from_the_models_bos_token_when_the_tokenizer_names_none(scrambled, bos):
     """A tokenizer without a bos token (a bare `tokenizers` object wrapped as it is): an empty prompt
-    starts from the model config's bos_token_id, here 0 (<|endoftext|>).
+    starts from the model config's bos_token_id (0, <|endoftext|>, in tinylm's models; 5 stands for another).
 
-    Kills (sampler): stream_completion's fallback id changed (`bos_token_id or 1`: 0 is falsy).
+    Kills (sampler): stream_completion's fallback for the model's bos changed (`or 1`: 0 is falsy; `and`).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -483,5 +484,10 @@ def test_an_empty_prompt_starts_from_the_models_bos_token_when_the_tokenizer_nam
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     assert bare.bos_token_id is None and model.config.bos_token_id == 0
     sampling = sampler.Sampling(stop_at_eos=False, max_new_tokens=40, temperature=1.0)
-    expected = bare.decode(list(sampler.sample_tokens(model, [0], sampling, sampler.make_generator("cpu", 5))))
-    assert "".join(sampler.stream_completion(model, bare, "", sampling, sampler.make_generator("cpu", 5))) == expected
+    expected = bare.decode(list(sampler.sample_tokens(model, [bos], sampling, sampler.make_generator("cpu", 5))))
+    model.config.bos_token_id = bos
+    try:
+        sampled = "".join(sampler.stream_completion(model, bare, "", sampling, sampler.make_generator("cpu", 5)))
+    finally:
+        model.config.bos_token_id = 0  # the fixture is shared
+    assert sampled == expected
