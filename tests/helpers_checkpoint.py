@@ -34,7 +34,7 @@ def train_tiny_model(text: str = TEXT, block_size: int = BLOCK_SIZE, steps: int 
     for _ in range(steps):
         starts = torch.randint(0, len(data) - block_size - 1, (16,), generator=batches)
         blocks = torch.stack([data[start : start + block_size + 1] for start in starts])
-        loss = tinymodel.next_token_loss(model, blocks)
+        loss = tinymodel.per_block_loss(model, blocks).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

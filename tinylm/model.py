@@ -97,17 +97,13 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def next_token_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting `blocks[:, 1:]` from `blocks[:, :-1]` (nanoGPT's x/y split).
+def per_block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting `blocks[:, 1:]` from `blocks[:, :-1]` (nanoGPT's x/y split),
+    per block: shape (batch,).
 
     We compute the loss ourselves rather than passing `labels=`: transformers would
     shift inside the block and score only block_size - 1 positions.
     """
-    return per_block_loss(model, blocks).mean()
-
-
-def per_block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each block, shape (batch,)."""
     inputs, targets = blocks[:, :-1], blocks[:, 1:]
     # use_cache=False: by default (config.use_cache, kept on for generate) GPT-2 also builds a
     # KV cache, concatenating every layer's keys and values, which a loss never reads.

@@ -17,7 +17,6 @@ META_FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT = "checkpoints/ckpt_last.pt"
 CHECKPOINT_BEST = "checkpoints/ckpt_best.pt"
-TRAIN_LOG = "checkpoints/train_log.json"
 LAST_NAME = "ckpt_last.pt"
 BEST_NAME = "ckpt_best.pt"
 TRAIN_LOG_NAME = "train_log.json"
