@@ -329,6 +329,10 @@ MUTANTS = [
      "                if self.accelerator.sync_gradients:\n                    self.scheduler.step()\n"
      "                    self._optimizer_step()\n            loss_sum += loss.detach()\n",
      ["tests/test_loop_guards.py", "-k", "nanogpts_learning_rate"]),
+    ("train: the push at the end of a run skipped on the main process", "tinylm/train.py",
+     "if config.hub.repo_id and PartialState().is_main_process:",
+     "if config.hub.repo_id and not PartialState().is_main_process:",
+     ["tests/test_train.py", "-k", "push_at_the_end"]),
     ("trainer: the process group left open at exit", "tinylm/trainer.py",
      "        close_process_group_at_exit()\n", "",
      ["tests/test_multiprocess.py", "-k", "stop_together"]),

@@ -124,6 +124,27 @@ def require_token(token: str | None = None) -> str:
     return token
 
 
+def check_run_push(hub) -> str | None:
+    """Before a run that pushes at its end ([hub] repo_id): a malformed repo id or no token fails now,
+    not after hours of training. Returns a warning when the card will state no license."""
+    check_repo_id(hub.repo_id, name="hub.repo_id")
+    require_token()
+    if not hub.license:
+        return (f"warning: hub.license is not set, so the model card pushed to {hub.repo_id} at the end will "
+                "state no license; set [hub] license (e.g. \"mit\", \"apache-2.0\")")
+    return None
+
+
+def push_run(checkpoint_path: Path, export_dir: Path, hub) -> str:
+    """Export a finished run's `checkpoint_path` to `export_dir` (replacing an earlier export of the run)
+    and upload it to hub.repo_id; return what was done, as one line."""
+    from .export import export
+
+    folder = export(checkpoint_path, export_dir, force=True)
+    url = push_folder(folder, hub.repo_id, private=hub.private)
+    return f"pushed {checkpoint_path} (exported to {folder}) to {hub.repo_id}: {url}"
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,

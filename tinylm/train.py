@@ -76,12 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config, resumed = resume_config(args, overrides)
 
-    from tinylm.trainer import (
-        train,  # heavy imports (torch, transformers) only once flags are valid
-    )
+    # heavy imports (torch, transformers) only once flags are valid
+    from accelerate import PartialState
+
+    from tinylm.trainer import EXPORT_NAME, final_checkpoint, train
 
     summary = train(config, resume=resumed, overwrite=args.overwrite)
-    return 130 if summary["stop_reason"] == "interrupted" else 0
+    if summary["stop_reason"] == "interrupted":
+        return 130
+    if config.hub.repo_id and PartialState().is_main_process:
+        from tinylm import push  # only runs that push need the Hub client
+
+        out_dir = Path(config.training.out_dir)
+        print(push.push_run(final_checkpoint(out_dir), out_dir / EXPORT_NAME, config.hub), flush=True)
+    return 0
 
 
 def resume_config(args: argparse.Namespace, overrides: dict):

@@ -133,14 +133,12 @@ class Trainer:
                        f"reads (training.data_format = \"{training.data_format}\"): to train on the newer data, "
                        f"pass --data-format {other} (training.data_format = \"{other}\")")
 
-        if config.hub.repo_id:  # fail now, not after hours of training
+        if config.hub.repo_id:  # fail now, not after hours of training (the push itself is train.py's)
             from . import push
 
-            push.check_repo_id(config.hub.repo_id, name="hub.repo_id")
-            push.require_token()
-            if not config.hub.license:
-                self.print(f"warning: hub.license is not set, so the model card pushed to {config.hub.repo_id} at the "
-                           "end will state no license; set [hub] license (e.g. \"mit\", \"apache-2.0\")")
+            warning = push.check_run_push(config.hub)
+            if warning:
+                self.print(warning)
         if isinstance(resume, (str, Path)):
             resume = Loaded(Path(resume), checkpoint.load(resume, flag="--resume"))
         self._lock = locks.FolderLock(self.out_dir, "training run")
@@ -281,33 +279,17 @@ class Trainer:
             self._print_outputs(summary)
         for tracker in self.accelerator.trackers:  # end_training() would also destroy the process group,
             tracker.finish()                        # too early: see compat.close_process_group_at_exit
-        if self.config.hub.repo_id and stop_reason != "interrupted" and self.is_main:
-            self._push_to_hub()
         return summary
-
-    def _final_checkpoint(self) -> Path:
-        """The checkpoint a finished run hands on: ckpt_best.pt, or ckpt_last.pt when there is none."""
-        best = self.out_dir / BEST_NAME
-        return best if best.is_file() else self.out_dir / LAST_NAME
 
     def _print_outputs(self, summary: dict) -> None:
         """Where the run's files are, and how to use them."""
-        model = self._final_checkpoint()
+        model = final_checkpoint(self.out_dir)
         best_text = (f", best val loss {summary['best_val_loss']:.4f} at iter {summary['best_iter']}"
                      if summary["best_val_loss"] is not None else "")
         self.print(f"done: {summary['iters']} iters ({summary['stop_reason']}){best_text}. Checkpoints and "
                    f"{TRAIN_LOG_NAME} are in {self.out_dir}\n"
                    f"sample from it: {command_line('tinylm', 'generate', '--checkpoint', model)}\n"
                    f"train longer:   {command_line('tinylm', 'train', '--resume', self.out_dir / LAST_NAME)} --max-iters N")
-
-    def _push_to_hub(self) -> None:
-        """Export the best (else the last) checkpoint to <out_dir>/exported and upload it."""
-        from . import export, push  # only runs that push need the Hub client
-
-        source = self._final_checkpoint()
-        folder = export.export(source, self.out_dir / EXPORT_NAME, force=True)
-        url = push.push_folder(folder, self.config.hub.repo_id, private=self.config.hub.private)
-        self.print(f"pushed {source} (exported to {folder}) to {self.config.hub.repo_id}: {url}")
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss, on the device.
@@ -725,6 +707,12 @@ class _InterruptFlag:
 
 def _flat(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def final_checkpoint(out_dir: Path) -> Path:
+    """The checkpoint a finished run hands on: ckpt_best.pt, or ckpt_last.pt when there is none."""
+    best = out_dir / BEST_NAME
+    return best if best.is_file() else out_dir / LAST_NAME
 
 
 def train(config: Config, resume: str | Path | Loaded | None = None, *, overwrite: bool) -> dict:
