@@ -218,7 +218,8 @@ def raises(match: str, anchor: str | None = None):
 def test_split_shorter_than_one_block_names_the_file(project):
     stream = data.resolve(paths.DATA_DIR, "bin", "char").split("val")
     too_big = stream.num_tokens
-    with raises(r"data/val\.bin holds \d+ tokens, fewer than one block"):
+    with raises(rf"data/val\.bin holds {too_big} tokens, fewer than one block \(model\.block_size \+ 1 = "
+                rf"{too_big + 1}\): use a smaller model\.block_size"):
         data.train_batch(stream, block_size=too_big, batch_size=2, seed=0, step=0, slot=0)
     with raises(r"data/val\.bin holds \d+ tokens, fewer than one block"):
         data.eval_dataset(stream, block_size=too_big, num_blocks=2)
