@@ -419,10 +419,11 @@ def test_cuda_without_a_gpu(ckpt, capsys):
     assert code == 2 and "--device cpu" in err
 
 
-@pytest.mark.parametrize("unseen, more", [("ABCDEFGHIJKLM", " and 3 more"), ("ABCDEFGHIJ", "")])
+@pytest.mark.parametrize("unseen, more", [("ABCDEFGHIJKLM", " and 3 more"), ("ABCDEFGHIJK", " and 1 more"),
+                                          ("ABCDEFGHIJ", "")])
 def test_a_prompt_with_many_unknown_characters_names_ten_and_counts_the_rest(unseen, more):
-    """A char tokenizer trained on lowercase text, a prompt with 13 (or exactly 10) characters it never
-    saw: the error names the first ten (sorted) with their code points and says how many more there are.
+    """A char tokenizer trained on lowercase text, a prompt with 13, 11 or 10 characters it never saw:
+    the error names the first ten (sorted) with their code points and says how many more there are.
 
     Kills (sampler): the count of the characters not shown off by one; "and 0 more" for exactly ten.
     """
