@@ -315,10 +315,8 @@ def test_load_blocks_rows_are_the_memory_mapped_blocks(data_format, tmp_path):
     block = 48
     blocks = data.load_blocks(tmp_path / "out", block_size=block)
     files = [tmp_path / "out" / entry["tokens"] for entry in meta["splits"]["train"]["files"]]
-    expected = np.concatenate([
-        (arr := np.load(f, mmap_mode="r") if f.suffix == ".npy" else np.memmap(f, dtype="<u2", mode="r"))
-        [: len(arr) // block * block].reshape(-1, block) for f in files
-    ])
+    tokens = [np.load(f, mmap_mode="r") if f.suffix == ".npy" else np.memmap(f, dtype="<u2", mode="r") for f in files]
+    expected = np.concatenate([arr[: len(arr) // block * block].reshape(-1, block) for arr in tokens])
     assert blocks.num_rows == len(expected) and blocks.column_names == ["input_ids", "labels"]
     numpy_rows = blocks.with_format("numpy")
     for index in [0, 1, len(expected) // 2, len(expected) - 1]:
@@ -332,8 +330,7 @@ def test_load_blocks_rows_are_the_memory_mapped_blocks(data_format, tmp_path):
     assert torch.equal(next(iter(loader))["input_ids"], torch.from_numpy(expected[:4].astype(np.int64)))
     # block_size 1: every token its own row; 0 is refused.
     single = data.load_blocks(tmp_path / "out", block_size=1).with_format("numpy")
-    assert single.num_rows == sum(len(np.load(f, mmap_mode="r") if f.suffix == ".npy" else np.memmap(
-        f, dtype="<u2", mode="r")) for f in files) and single[0]["input_ids"].tolist() == [expected[0][0]]
+    assert single.num_rows == sum(map(len, tokens)) and single[0]["input_ids"].tolist() == [expected[0][0]]
     with pytest.raises(ValueError, match="block_size must be at least 1, got 0"):
         data.load_blocks(tmp_path / "out", block_size=0)
 
