@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -492,3 +493,25 @@ def test_an_empty_prompt_starts_from_the_models_bos_token_when_the_tokenizer_nam
     finally:
         model.config.bos_token_id = 0  # the fixture is shared
     assert sampled == expected
+
+
+def test_a_model_with_fewer_embeddings_than_its_tokenizer_has_tokens_is_refused_everywhere(tmp_path, trained):
+    """A checkpoint, a model folder and an export of a model whose vocabulary is one token short of
+    its tokenizer's: each is refused by name (an id past the embeddings would crash mid-sample).
+
+    Kills: the check negated or its bound loosened in sampler.load, sampler.load_model, export.export.
+    """
+    from tinylm import export, model as tinymodel
+    from tinylm.config import ModelConfig
+
+    _, tokenizer = trained
+    small = tinymodel.build_model(tinymodel.gpt2_config(
+        ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=BLOCK_SIZE), vocab_size=len(tokenizer) - 1))
+    ckpt = save_checkpoint(tmp_path / "ckpt_best.pt", small, small.config, tokenizer)
+    folder = save_exported(tmp_path / "folder", small, tokenizer)
+    message = rf"the tokenizer has {len(tokenizer)} tokens but the model only {len(tokenizer) - 1}; the model and"
+    for load, source in ((sampler.load, ckpt), (sampler.load_model, folder),
+                         (lambda path: export.export(path, tmp_path / "exported"), ckpt)):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(source))}: {message}"):
+            load(source if load is not sampler.load_model else str(source))
+    assert not (tmp_path / "exported").exists()

@@ -109,11 +109,7 @@ def export(
     payload = checkpoint.load(checkpoint_path)
     model = checkpoint.model_from(payload)
     tokenizer = tokenizer_of(payload, checkpoint_path)
-    if len(tokenizer) > model.config.vocab_size:
-        raise UserError(
-            f"{checkpoint_path}: its tokenizer has {len(tokenizer)} tokens but the model only "
-            f"{model.config.vocab_size}; the model and tokenizer do not belong together"
-        )
+    tok.check_fits(tokenizer, model.config.vocab_size, checkpoint_path)
     log_records = train_log_records(checkpoint_path)
     base_model = base_model_of(payload, base_model, checkpoint_path)
 

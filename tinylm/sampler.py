@@ -48,6 +48,7 @@ from transformers import (
 )
 
 from . import checkpoint, paths
+from . import tokenizer as tok
 from .config import DEVICES, Sampling
 from .errors import UserError
 
@@ -86,11 +87,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu"):
     else:
         payload = checkpoint.load(path)
         model, tokenizer = checkpoint.model_from(payload), checkpoint.tokenizer_from(payload)
-    if len(tokenizer) > model.config.vocab_size:
-        raise UserError(
-            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
-            "the model and tokenizer do not belong together"
-        )
+    tok.check_fits(tokenizer, model.config.vocab_size, path)
     return model.to(device).eval(), tokenizer
 
 
@@ -104,11 +101,7 @@ def load_model(name: str, revision: str | None = None, device: torch.device | st
         model, tokenizer = _load_exported(Path(name).expanduser())
     else:
         model, tokenizer = pretrained.causal_lm(name, revision), pretrained.tokenizer(name, revision)
-    if len(tokenizer) > model.config.vocab_size:
-        raise UserError(
-            f"{name}: the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
-            "the model and tokenizer do not belong together"
-        )
+    tok.check_fits(tokenizer, model.config.vocab_size, name)
     return model.to(device).eval(), tokenizer
 
 

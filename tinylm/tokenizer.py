@@ -131,3 +131,13 @@ def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
+
+
+def check_fits(tokenizer, vocab_size: int, source: object) -> None:
+    """Refuse a tokenizer with more tokens than the model has embeddings (`vocab_size`): its extra ids
+    would index past them. `source` names where the pair came from."""
+    if len(tokenizer) > vocab_size:
+        raise UserError(
+            f"{source}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size}; "
+            "the model and tokenizer do not belong together"
+        )
