@@ -23,7 +23,7 @@ class Report:
 class StepStats:
     """Train losses, gradient norms and runs of skipped (non-finite) steps, summed on the device."""
 
-    def __init__(self, device: torch.device, skipped_run: int = 0):
+    def __init__(self, device: torch.device, skipped_run: int):
         self.loss_sum = torch.zeros((), device=device)
         self.losses = 0
         self.grad_norm_sum = torch.zeros((), device=device)
