@@ -363,3 +363,13 @@ def test_vocab_beyond_uint16_is_stored_as_uint32(tmp_path):
     block = train.blocks(np.array([69_990]), 20)[0]
     assert int(block.max()) > 65_535
     assert prepared.tokenizer().decode(block.tolist()) == text[69_990:70_011]
+
+
+def test_the_suggested_prepare_command_leaves_out_only_the_default_out():
+    """prepare writes bin data to data/ and txt data to data/processed by default: the command an error
+    suggests names --out exactly when the folder is not that default (bin is found in either)."""
+    assert data.prepare_command("bin", Path("data")) == "tinylm prepare --format bin"
+    assert data.prepare_command("bin", Path("data/processed")) == "tinylm prepare --format bin"
+    assert data.prepare_command("txt", Path("data/processed")) == "tinylm prepare --format txt"
+    assert data.prepare_command("txt", Path("data")) == "tinylm prepare --format txt --out data"
+    assert data.prepare_command("bin", Path("mine")) == "tinylm prepare --format bin --out mine"
