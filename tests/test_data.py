@@ -373,3 +373,16 @@ def test_the_suggested_prepare_command_leaves_out_only_the_default_out():
     assert data.prepare_command("txt", Path("data/processed")) == "tinylm prepare --format txt"
     assert data.prepare_command("txt", Path("data")) == "tinylm prepare --format txt --out data"
     assert data.prepare_command("bin", Path("mine")) == "tinylm prepare --format bin --out mine"
+
+
+def test_a_token_stream_closes_the_files_it_holds_when_it_is_dropped(project):
+    """A stream holds its files open (so it keeps reading the files it checked); once it is dropped they
+    are closed by the stream itself, not left to whenever the file objects are collected."""
+    import gc
+
+    stream = data.resolve(paths.DATA_DIR, "bin", "char").split("train")
+    handles = stream.handles  # kept: only an explicit close can close them now
+    assert handles and not any(handle.closed for handle in handles)
+    del stream
+    gc.collect()
+    assert all(handle.closed for handle in handles)
