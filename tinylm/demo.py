@@ -44,7 +44,7 @@ def build_app(gr, model, tokenizer, title: str):
         sampling = sampler.Sampling(int(max_new_tokens), float(temperature), int(top_k), float(top_p))
         try:
             sampling.check()
-            prompt_ids = sampler.encode_prompt(tokenizer, prompt, model.config.bos_token_id or 0)
+            prompt_ids = sampler.model_prompt_ids(model, tokenizer, prompt)
         except UserError as exc:
             raise gr.Error(str(exc)) from None
         if len(prompt_ids) > block_size:

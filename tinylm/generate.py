@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = sampler.pick_device(args.device)
     model, tokenizer = load_chosen_model(args, device)
-    prompt_ids = sampler.encode_prompt(tokenizer, prompt, model.config.bos_token_id or 0)
+    prompt_ids = sampler.model_prompt_ids(model, tokenizer, prompt)
     block_size = sampler.context_length(model)
     if len(prompt_ids) > block_size:
         print(f"note: the prompt is {len(prompt_ids)} tokens, longer than the model's context; "

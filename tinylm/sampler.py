@@ -150,6 +150,11 @@ def encode_prompt(tokenizer, prompt: str, bos_token_id: int = 0) -> list[int]:
     return ids
 
 
+def model_prompt_ids(model, tokenizer, prompt: str) -> list[int]:
+    """`encode_prompt` for `model`: an empty prompt falls back to the model's bos id (0 if it has none)."""
+    return encode_prompt(tokenizer, prompt, model.config.bos_token_id or 0)
+
+
 def choose(logits: torch.Tensor, sampling: Sampling, warpers: LogitsProcessorList, generator) -> int:
     """Draw the next token id from a (1, vocab) row of logits."""
     if sampling.temperature == 0:
@@ -384,7 +389,7 @@ def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
 
 def stream_completion(model, tokenizer, prompt: str, sampling: Sampling, generator) -> Iterator[str]:
     """The continuation of `prompt` (the prompt itself not included), as text pieces while it is sampled."""
-    prompt_ids = encode_prompt(tokenizer, prompt, model.config.bos_token_id or 0)
+    prompt_ids = model_prompt_ids(model, tokenizer, prompt)
     return decode_stream(tokenizer, sample_tokens(model, prompt_ids, sampling, generator))
 
 
