@@ -1,12 +1,15 @@
 """The TOML config loader: presets load, bad keys and values get clear errors, flags override."""
 
+import ast
 import math
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinylm.config import Config, apply_overrides, from_dict, load_config
+from tinylm.config import Config, Sampling, apply_overrides, from_dict, load_config
 from tinylm.errors import UserError
 
 PRESETS = ["base", "baby", "rtx4060", "gpt2-124m", "finetune-gpt2", "finetune-cpu"]
@@ -43,6 +46,52 @@ def test_page_defaults():
     assert training.early_stopping is False
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def documented_defaults(page: str) -> dict[str, str]:
+    """{key: default as written} from `page`'s tables of keys or flags and their defaults
+    ("| `a`, `b` | `1`, `2` |", "| `--flag N` | 5 |") and from its "`key` (`value`)" lists."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    found = {}
+    for names, values in re.findall(r"^\| ((?:`[^`]+`(?:, | / )?)+) \| ([^|]+?) \|", text, re.MULTILINE):
+        keys = re.findall(r"`--?([a-z-]+)|`([a-z_0-9]+)`", names)
+        literals = [value.strip().strip("`") for value in values.split(",")]
+        for (flag, key), literal in zip(keys, literals):
+            found[(flag or key).replace("-", "_")] = literal
+    for key, literal in re.findall(r"`([a-z_]+)` \(`?([^`),:]*)`?[),:]", text):
+        found.setdefault(key, literal)
+    return found
+
+
+def as_value(literal: str):
+    """A documented default as Python: `true`/`on`, `false`, numbers and quoted strings; else the text."""
+    if literal in ("true", "on", "false"):
+        return literal != "false"
+    try:
+        return ast.literal_eval(literal)
+    except (ValueError, SyntaxError):
+        return literal
+
+
+def test_every_default_is_the_one_the_docs_state():
+    """Each [model], [data], [training] and [hub] default is the one docs/training.md states, and each
+    sampling default the one docs/inference-and-demo.md's flag table states."""
+    config = Config()
+    training_page = documented_defaults("training.md")
+    checked = 0
+    for section in ("model", "data", "training", "hub"):
+        for key, default in config.to_dict()[section].items():
+            if key in training_page:
+                assert as_value(training_page[key]) == default, f"{section}.{key}"
+                checked += 1
+    sampling_page = documented_defaults("inference-and-demo.md")
+    for key, default in vars(Sampling()).items():
+        assert as_value(sampling_page[key]) == default, f"--{key.replace('_', '-')}"
+        checked += 1
+    assert checked >= 40
+
+
 def test_baby_preset_matches_nanogpt():
     config = load_config("configs/baby.toml")
     m, t = config.model, config.training
@@ -52,8 +101,10 @@ def test_baby_preset_matches_nanogpt():
 
 
 def test_rtx4060_preset_is_the_page_example():
-    t = load_config("configs/rtx4060.toml").training
+    config = load_config("configs/rtx4060.toml")
+    t = config.training
     assert (t.batch_size, t.grad_accum_steps, t.precision) == (8, 4, "fp16")
+    assert config.effective_batch_size == 32  # batch_size * grad_accum_steps, as the page writes it
 
 
 @pytest.mark.parametrize(
