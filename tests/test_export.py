@@ -78,12 +78,19 @@ def test_folder_holds_the_files_transformers_expects(exported):
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "README.md"} <= names
     assert not [name for name in names if name.startswith(".")]
+    assert "model.onnx" not in names  # only with --onnx (tests/test_onnx.py)
     # transformers writes model.safetensors owner-only (0600); every file gets the umask-based mode.
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in exported.iterdir()} == {n: oct(FILE_MODE) for n in names}
     with safe_open(exported / "model.safetensors", framework="pt") as weights:
         keys = set(weights.keys())
     # The output projection is the input embedding: stored once, tied again on load.
     assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+
+
+@pytest.mark.parametrize("size, shown", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (12_345, "12.3 kB"),
+                                         (4_500_000, "4.5 MB"), (1_234_567_890, "1.2 GB"), (2 * 10**12, "2000.0 GB")])
+def test_file_sizes_are_shown_in_decimal_units(size, shown):
+    assert export.format_size(size) == shown
 
 
 def test_exported_logits_equal_the_checkpoint_models(exported, ckpt):
