@@ -107,6 +107,40 @@ def test_rtx4060_preset_is_the_page_example():
     assert config.effective_batch_size == 32  # batch_size * grad_accum_steps, as the page writes it
 
 
+@pytest.mark.parametrize("key", ["model.dropout", "training.beta1", "training.beta2"])
+def test_rates_are_at_least_0_and_below_1(key):
+    section, name = key.split(".")
+    for value in (0.0, 0.999):
+        assert getattr(getattr(from_dict({section: {name: value}}), section), name) == value
+    for value in (1.0, -0.001):
+        with pytest.raises(UserError, match=rf"{key} must be in \[0\.0, 1\.0\), got {value}"):
+            from_dict({section: {name: value}})
+
+
+def test_the_largest_seed_is_numpys():
+    assert from_dict({"training": {"seed": 2**32 - 1}}).training.seed == 2**32 - 1
+    with pytest.raises(UserError, match=f"training.seed must be at most {2**32 - 1}, got {2**32}"):
+        from_dict({"training": {"seed": 2**32}})
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({}, None), ({"temperature": 0.0}, None), ({"top_p": 1.0, "top_k": 0, "max_new_tokens": 1}, None),
+    ({"max_new_tokens": 0}, "--max-new-tokens must be 1 or more, got 0"),
+    ({"temperature": -0.1}, "--temperature must be 0 (greedy) or more, got -0.1"),
+    ({"temperature": math.inf}, "--temperature must be 0 (greedy) or more, got inf"),
+    ({"top_k": -1}, "--top-k must be 0 (off) or more, got -1"),
+    ({"top_p": 0.0}, "--top-p must be in (0, 1] (1 is off), got 0.0"),
+    ({"top_p": 1.01}, "--top-p must be in (0, 1] (1 is off), got 1.01"),
+])
+def test_sampling_settings_at_their_bounds(settings, message):
+    if message is None:
+        Sampling(**settings).check()
+    else:
+        with pytest.raises(UserError) as caught:
+            Sampling(**settings).check()
+        assert str(caught.value) == message
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [

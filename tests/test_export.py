@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from tinylm import checkpoint, export, model as tinymodel, sampler, tokenizer as tok
 from tinylm.atomic import FILE_MODE
 from tinylm.config import Config, ModelConfig
+from tinylm.errors import UserError
 
 GPT2_DEFAULT_SPECIAL_ID = 50256
 META = {
@@ -427,8 +428,24 @@ def test_tokenizer_json_beside_a_checkpoint_without_one_inside_is_used(tmp_path,
 
 # --- the command line: writing, replacing, refusing -------------------------------------------------
 
+def test_export_replaces_a_folder_only_when_told_to(exported, ckpt, snapshot):
+    before = snapshot(exported)
+    with pytest.raises(UserError, match="is not empty; pass --force"):
+        export.export(ckpt, exported)
+    assert snapshot(exported) == before
+
+
+def test_a_folder_transformers_cannot_load_is_named_with_its_reason(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(OSError) as raised:
+        AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    with pytest.raises(UserError) as refused:
+        export.check_loads(tmp_path)
+    assert str(refused.value) == f"{tmp_path} does not load with transformers: {raised.value}"
+
+
 def test_cli_refuses_a_non_empty_out_and_force_replaces_an_earlier_export(tmp_path, ckpt, snapshot):
-    out = tmp_path / "exported" / "model"
+    out = tmp_path / "exported" / "runs" / "model"  # two folders to create
     first = run_export("--checkpoint", ckpt, "--out", out)
     assert first.returncode == 0, first.stderr
     assert "model.safetensors" in first.stdout and "Traceback" not in first.stderr
