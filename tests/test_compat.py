@@ -1,4 +1,5 @@
-"""tinylm/compat.py: each reliance on a library's internals, pinned to the behaviour tinylm needs.
+"""tinylm/compat.py (and the tests' own use_loss_scaler): each reliance on a library's internals, pinned
+to the behaviour tinylm needs.
 
 These run the real accelerate and torch on the CPU. When a release changes what compat relies on,
 the failure is here, by name, rather than a training run that quietly does something else.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
+from huggingface_hub import scan_cache_dir
+from training_helpers import use_loss_scaler
 
 from tinylm import compat
 
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # accelerate's s
 def accelerator():
     """An Accelerator as the Trainer makes one for a CPU fp16 run (accelerate leaves its scaler off there)."""
     made = Accelerator(cpu=True, mixed_precision="fp16")
-    assert made.scaler is None, "accelerate now scales fp16 losses on the CPU itself: compat.use_loss_scaler can go"
+    assert made.scaler is None, "accelerate now scales fp16 losses on the CPU itself: use_loss_scaler can go"
     return made
 
 
@@ -39,7 +42,7 @@ def test_use_loss_scaler_scales_the_backward_unscales_before_clipping_and_skips_
     linear = model[0]
     expected = torch.autograd.grad((model(batch) ** 2).sum(), linear.weight)[0]  # the true gradient, fp32
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    compat.use_loss_scaler(accelerator, scaler)
+    use_loss_scaler(accelerator, scaler)
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     dtypes = []
     linear.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
@@ -72,3 +75,31 @@ def test_skip_next_step_where_makes_fused_adamw_skip_on_the_device(nonfinite, mo
     optimizer.step()
     assert (not torch.equal(weight, before)) == moves
     assert (optimizer.optimizer.state[weight]["exp_avg"].abs().sum().item() > 0) == moves, "moments updated"
+
+
+@pytest.mark.parametrize("repo_type", ["model", "dataset"])
+def test_hub_cache_folder_is_where_huggingface_hub_finds_the_repo(tmp_path, monkeypatch, repo_type):
+    """huggingface_hub's own cache scanner reads a repo in the folder compat names for it (hub_names.in_hub_cache
+    tells a Hub id from a local folder by it)."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    folder = compat.hub_cache_folder("someone/tiny", repo_type)
+    assert folder.parent == tmp_path
+    commit = "a" * 40
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "snapshots" / commit / "config.json").write_text("{}")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    found = [(repo.repo_id, repo.repo_type) for repo in scan_cache_dir(tmp_path).repos]
+    assert found == [("someone/tiny", repo_type)]
+
+
+def test_dataset_over_table_copies_nothing():
+    import numpy as np
+    import pyarrow as pa
+
+    tokens = np.arange(12, dtype=np.uint16)
+    column = pa.Array.from_buffers(pa.uint16(), 12, [None, pa.py_buffer(tokens)])
+    dataset = compat.dataset_over_table(pa.table({"x": column}), fingerprint_of=["sha", 4])
+    served = dataset.data.column("x").chunk(0)
+    assert served.buffers()[1].address == tokens.ctypes.data, "the dataset's column is the array itself"
+    assert dataset["x"] == list(range(12))

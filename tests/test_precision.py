@@ -1,7 +1,8 @@
 """The GPU-only branches of the training loop, driven on CPU with the real torch components.
 
-fp16: accelerate makes its GradScaler (and fp16 autocast) only on GPUs, so these tests hand the
-Trainer a real `torch.amp.GradScaler("cpu")`; accelerate then runs its whole fp16 path
+fp16: accelerate makes its GradScaler (and fp16 autocast) only on GPUs, so these tests train with a
+Trainer that gives accelerate a real `torch.amp.GradScaler("cpu")` (training_helpers.cpu_trainer);
+accelerate then runs its whole fp16 path
 (autocast, scaled backward, unscale before clipping, scaler.step/update). Overflows are injected
 as inf gradients from a hook on one weight, at chosen iterations of the real `fit()` loop.
 bf16: accelerate autocasts to bf16 on CPU by itself once the Trainer is told to use it.
@@ -15,10 +16,10 @@ import pytest
 import torch
 import training_helpers
 from accelerate.state import AcceleratorState
+from training_helpers import cpu_trainer
 
 from tinylm.config import load_config
 from tinylm.errors import UserError
-from tinylm.hardware import Hardware
 from tinylm.trainer import Trainer
 
 INIT_SCALE = 2.0**10
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def make_trainer(prepared, tmp_path, precision: str, grad_scaler=None, **training) -> Trainer:
-    return training_helpers.make_trainer(prepared, tmp_path, hardware=Hardware("cpu", precision),
-                                         grad_scaler=grad_scaler, **training)
+    return training_helpers.make_trainer(prepared, tmp_path, trainer_class=cpu_trainer(precision, grad_scaler),
+                                         **training)
 
 
 def cpu_scaler() -> torch.amp.GradScaler:
@@ -140,11 +141,6 @@ def test_bf16_autocasts_on_cpu_and_scores_the_loss_in_fp32(prepared, tmp_path):
     assert trainer.train_step(12).dtype == torch.float32
 
 
-def test_a_grad_scaler_needs_fp16(prepared, tmp_path):
-    with pytest.raises(ValueError, match="fp16"):
-        make_trainer(prepared, tmp_path, "bf16", cpu_scaler())
-
-
 def test_the_logged_grad_norm_is_the_mean_pre_clip_norm_of_the_applied_steps(prepared, tmp_path):
     """train/grad_norm, sent to the tracker every log_interval, is the mean of the pre-clip gradient
     norms (as accelerate's clip_grad_norm_ returns them) of the steps applied since the last report:
@@ -187,12 +183,11 @@ def test_an_fp16_resume_continues_with_the_loss_scale_it_had(prepared, tmp_path)
     AcceleratorState._reset_state(reset_partial_state=True)  # the resumed run builds its own Accelerator
 
     config = load_config(tmp_path / "run.toml", {"training.max_iters": 6})
-    resumed = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt", hardware=Hardware("cpu", "fp16"),
-                      grad_scaler=cpu_scaler())
+    resumed = cpu_trainer("fp16", cpu_scaler())(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
     assert resumed.accelerator.scaler.get_scale() == INIT_SCALE / 4
-    resumed._lock.release()
+    resumed.close()
     AcceleratorState._reset_state(reset_partial_state=True)
     # Resumed in fp32 instead: no scaler, and the saved scale is simply not used.
-    in_fp32 = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt", hardware=Hardware("cpu", "fp32"))
-    in_fp32._lock.release()
+    in_fp32 = cpu_trainer("fp32")(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
+    in_fp32.close()
     assert in_fp32.accelerator.scaler is None

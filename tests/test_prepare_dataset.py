@@ -269,6 +269,7 @@ BAD = [
      r"--val-split and --val-fraction both say where validation comes from"),
     (["--dataset", "docs.parquet", "--config-name", "small"], r"--config-name small: docs\.parquet is a single dataset"),
     (["--dataset", "./missing.jsonl"], r"--dataset \./missing\.jsonl does not exist"),
+    (["--dataset", "missing.txt"], r"--dataset missing\.txt does not exist"),  # a file name, never a Hub id
     (["--dataset", "nobody/no-such-corpus"],
      r"dataset nobody/no-such-corpus is not a local file or folder and cannot be fetched from the Hub"),
     (["--input", "docs.jsonl"], r"input docs\.jsonl is a JSON Lines file, not plain text: read it with --dataset docs\.jsonl"),

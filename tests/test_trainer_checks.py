@@ -74,7 +74,7 @@ def test_a_resume_keeps_the_started_backend_only_when_told_auto(data, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     config = load_config(tmp_path / "run.toml", {"training.max_iters": 2, "training.cpu_matmul": "blas"})
     trainer = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
-    trainer._lock.release()
+    trainer.close()
     assert trainer.cpu_matmul.backend == "blas"
 
 
@@ -115,7 +115,7 @@ def test_what_a_dead_writer_left_is_removed_and_named_and_nothing_else(data, tmp
     litter = [out / ".ckpt_last.pt.k2j4x.tmp", out / ".train_log.json.a9b8.tmp"]
     for path in [*litter, out / "notes.tmp", out / ".ckpt_last.pt.keep"]:
         path.write_text("x")
-    make_trainer(data, tmp_path, max_iters=2)._lock.release()
+    make_trainer(data, tmp_path, max_iters=2).close()
     said = capsys.readouterr().out
     assert f"removed 2 unfinished file(s) a stopped run left in {out}: " in said
     assert all(path.name in said and not path.exists() for path in litter)
@@ -123,7 +123,7 @@ def test_what_a_dead_writer_left_is_removed_and_named_and_nothing_else(data, tmp
 
     clean = tmp_path / "clean"
     clean.mkdir()
-    make_trainer(data, clean, max_iters=2)._lock.release()
+    make_trainer(data, clean, max_iters=2).close()
     assert "unfinished" not in capsys.readouterr().out
 
 
@@ -193,7 +193,7 @@ def test_an_out_dir_whose_parents_do_not_exist_yet_is_made(data, tmp_path):
     """Kills: `out_dir.mkdir(parents=True, ...)` -> `parents=False`."""
     out = tmp_path / "runs" / "2026" / "first"
     config = load_config(write_config(tmp_path / "run.toml", data, out, training={"max_iters": 1}))
-    Trainer(config)._lock.release()
+    Trainer(config).close()
     assert out.is_dir()
 
 
@@ -234,7 +234,7 @@ def test_the_largest_seed_is_accepted_for_one_process(data, tmp_path):
     Kills: the seed bound `>` -> `>=`.
     """
     trainer = make_trainer(data, tmp_path, seed=MAX_SEED, max_iters=1)
-    trainer._lock.release()
+    trainer.close()
     assert trainer.config.training.seed == MAX_SEED
 
 
@@ -303,7 +303,7 @@ def test_a_run_that_pushes_without_a_license_is_warned_at_the_start(data, tmp_pa
         folder.mkdir()
         hub = {"repo_id": "someone/tiny"} | ({"license": license} if license else {})
         config = load_config(write_config(folder / "run.toml", data, folder / "ckpt", hub=hub))
-        Trainer(config)._lock.release()
+        Trainer(config).close()
         said = capsys.readouterr().out
         assert ("warning: hub.license is not set, so the model card pushed to someone/tiny" in said) is warned
 
@@ -348,7 +348,7 @@ def test_each_hardware_warning_is_printed(data, tmp_path, capsys):
     Kills: the loop over the hardware warnings run zero times.
     """
     trainer = make_trainer(data, tmp_path, precision="fp16", max_iters=1)
-    trainer._lock.release()
+    trainer.close()
     assert trainer.hardware.precision == "fp32"
     assert 'warning: precision "fp16" needs a CUDA GPU: training on CPU in fp32 instead' in capsys.readouterr().out
 
@@ -381,7 +381,7 @@ def test_a_resume_trains_with_the_optimizer_settings_it_is_given(data, tmp_path)
     config = load_config(tmp_path / "run.toml", {"training.max_iters": 2, "training.beta2": 0.95,
                                                  "training.weight_decay": 0.2})
     trainer = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
-    trainer._lock.release()
+    trainer.close()
     groups = trainer.optimizer.param_groups
     assert [group["betas"] for group in groups] == [(0.9, 0.95)] * 2
     assert sorted(group["weight_decay"] for group in groups) == [0.0, 0.2]
@@ -394,7 +394,7 @@ def test_evaluation_builds_no_autograd_graph(data, tmp_path):
     Kills: @torch.no_grad() removed from `evaluate`.
     """
     trainer = make_trainer(data, tmp_path, max_iters=1)
-    trainer._lock.release()
+    trainer.close()
     grad_enabled = []
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.register_forward_pre_hook(lambda module, args: grad_enabled.append(torch.is_grad_enabled()))

@@ -148,8 +148,8 @@ def start_slow(config: Path, step_delay: float, slow_save_from: int = 0, *flags:
     )
 
 
-def make_trainer(prepared: Path, folder: Path, *, hardware=None, grad_scaler=None, **training):
-    """An in-process Trainer on TINY (plus `training` keys), checkpoints in folder/ckpt.
+def make_trainer(prepared: Path, folder: Path, *, trainer_class=None, **training):
+    """An in-process Trainer (or `trainer_class`) on TINY (plus `training` keys), checkpoints in folder/ckpt.
 
     Use with the `fresh_accelerate_state` fixture: accelerate's state is per process.
     """
@@ -157,4 +157,39 @@ def make_trainer(prepared: Path, folder: Path, *, hardware=None, grad_scaler=Non
     from tinylm.trainer import Trainer
 
     config = load_config(write_config(folder / "run.toml", prepared, folder / "ckpt", training=training))
-    return Trainer(config, hardware=hardware, grad_scaler=grad_scaler)
+    return (trainer_class or Trainer)(config)
+
+
+def use_loss_scaler(accelerator, scaler) -> None:
+    """Run accelerate's fp16 path with `scaler` on any device, the CPU included: the GPU-only branch
+    of the training loop (scaled backward, unscale before clipping, overflow steps skipped by the
+    scaler), driven on the CPU with the real torch and accelerate components.
+
+    accelerate turns that path on only for GPUs; these are its own switches (accelerate 1.x, pinned
+    by tests/test_compat.py): `scaler` makes prepare() hand the optimizer the scaler and backward()
+    scale the loss, `native_amp` makes autocast() and clip_grad_norm_ (which unscales first) take
+    the fp16 path. Call before prepare().
+    """
+    accelerator.scaler, accelerator.native_amp = scaler, True
+
+
+def cpu_trainer(precision: str, grad_scaler=None):
+    """A Trainer class that trains on the CPU at `precision` (which the CPU otherwise falls back from
+    to fp32), with `grad_scaler` as its fp16 loss scaler."""
+    from tinylm.hardware import Hardware
+    from tinylm.trainer import Trainer
+
+    if grad_scaler is not None and precision != "fp16":
+        raise ValueError(f"a grad_scaler needs precision fp16, not {precision}")
+
+    class CpuTrainer(Trainer):
+        def choose_hardware(self):
+            return Hardware("cpu", precision)
+
+        def make_accelerator(self):
+            accelerator = super().make_accelerator()
+            if grad_scaler is not None:
+                use_loss_scaler(accelerator, grad_scaler)
+            return accelerator
+
+    return CpuTrainer

@@ -15,16 +15,23 @@ runs code from it. Layout (version 1):
     iter              optimizer steps completed
     best_val_loss     best validation loss so far (inf if none)
     val_loss          validation loss at this checkpoint (or None)
-    train_state       what resuming needs: optimizer, scaler, RNG states, ... (dict); the learning-rate
-                      schedule is a function of `iter` and the config, so it is not stored
+    train_state       what resuming needs (dict): optimizer, scaler, rng (one RNG state per process),
+                      world_size, cpu_matmul, run (a `RunState`); the learning-rate schedule is a
+                      function of `iter` and the config, so it is not stored
+
+`run_payload` builds it from a run; `train_state`, `run_state` and the `check_*` functions read it
+back for a resume and refuse, with what changed, a resume that would not continue the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import shutil
 import textwrap
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,11 +41,39 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from . import paths
 from . import tokenizer as tok
 from .atomic import atomic_path
+from .config import SHAPE_KEYS
 from .errors import UserError
 
 FORMAT = "tinylm-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "iter")
+# The GPT2Config keys that fix every weight's shape: a checkpoint resumes only into a model that agrees.
+WEIGHT_SHAPE_KEYS = ("vocab_size", "n_positions", *SHAPE_KEYS)
+
+
+@dataclass
+class RunState:
+    """Everything about the run's progress that a checkpoint must carry to resume it."""
+
+    iter: int = 0
+    best_val_loss: float = math.inf
+    best_iter: int = -1
+    evals_without_improvement: int = 0
+    nonfinite_steps: int = 0
+    elapsed_s: float = 0.0
+    records: list[dict] = field(default_factory=list)
+
+    def logged(self, step: int) -> bool:
+        return any(record["iter"] == step for record in self.records)
+
+    def note_eval(self, step: int, val_loss: float, min_delta: float) -> bool:
+        """Count an evaluation; return whether it improved on the best by at least `min_delta`."""
+        improved = val_loss < self.best_val_loss and self.best_val_loss - val_loss >= min_delta
+        if improved:
+            self.best_val_loss, self.best_iter, self.evals_without_improvement = val_loss, step, 0
+        else:
+            self.evals_without_improvement += 1
+        return improved
 
 
 class Loaded(NamedTuple):
@@ -113,3 +148,84 @@ def model_from(payload: dict[str, Any]) -> GPT2LMHeadModel:
 def tokenizer_from(payload: dict[str, Any]):
     """The tokenizer stored in a loaded checkpoint (a PreTrainedTokenizerFast)."""
     return tok.from_json(payload["tokenizer"]["json"])
+
+
+def run_payload(*, weights: dict, model: GPT2LMHeadModel, tokenizer, data, config, base_model: str | None,
+                state: RunState, val_loss: float | None, optimizer, scaler, rng_states: list, world_size: int,
+                cpu_matmul: str) -> dict[str, Any]:
+    """A training run's checkpoint (the layout above); `data` is the run's `data.PreparedData`."""
+    return {
+        "model": {k: v.detach().to("cpu") for k, v in weights.items()},
+        "model_config": model.config.to_dict(),
+        "tokenizer": {"kind": data.tokenizer_kind, "path": str(data.tokenizer_path), "json": tok.to_json(tokenizer)},
+        "config": config.to_dict(),
+        "meta": data.meta,
+        "base_model": base_model,
+        "iter": state.iter,
+        "best_val_loss": state.best_val_loss,
+        "val_loss": val_loss,
+        "train_state": {
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_states,
+            "world_size": world_size,
+            "cpu_matmul": cpu_matmul,
+            "run": dataclasses.asdict(state),
+        },
+    }
+
+
+def train_state(payload: dict[str, Any]) -> dict[str, Any]:
+    """What resuming needs; refuses a checkpoint without optimizer state."""
+    state = payload.get("train_state") or {}
+    if "optimizer" not in state:
+        raise UserError("cannot resume: the checkpoint has no optimizer state (was it written by tinylm export?)")
+    return state
+
+
+def run_state(payload: dict[str, Any]) -> RunState:
+    run = dict(train_state(payload)["run"])
+    return RunState(**run)
+
+
+def started_cpu_matmul(payload: dict[str, Any] | None) -> str | None:
+    """The CPU matmul backend the checkpoint's run trained with (None if it did not record one)."""
+    return ((payload or {}).get("train_state") or {}).get("cpu_matmul")
+
+
+def check_same_origin(payload: dict[str, Any], model_section, data, tokenizer) -> None:
+    """Refuse a resume whose starting model or data (`data.PreparedData`) is not the checkpoint's: say what changed."""
+    saved_model = payload["config"]["model"]
+    for key in ("init_from", "init_revision"):
+        if saved_model.get(key, "") != getattr(model_section, key):
+            raise UserError(f"cannot resume: model.{key} {saved_model.get(key)!r} -> {getattr(model_section, key)!r}; "
+                            "a run keeps the model it started from. Start a new run (another --out-dir) to "
+                            "train from another")
+    saved_meta, meta = payload.get("meta") or {}, data.meta
+    if payload["tokenizer"]["json"] != tok.to_json(tokenizer):
+        changes = [f"{key} {saved_meta.get(key)!r} -> {meta.get(key)!r}"
+                   for key in ("tokenizer_kind", "vocab_size", "source", "created")
+                   if saved_meta.get(key) != meta.get(key)]
+        raise UserError(
+            f"cannot resume: the data in {data.meta_path} was prepared with another tokenizer than the "
+            f"checkpoint's ({', '.join(changes) or 'same size, other tokens'}): it was prepared again, or "
+            "data.processed_dir points elsewhere. Resume on the data the run was trained on (prepare it "
+            "again from the same text, or pass --processed-dir), or start a new run in another --out-dir"
+        )
+
+
+def check_resumable(payload: dict[str, Any], model_config: GPT2Config, max_iters: int) -> None:
+    """Refuse a resume into a model of another shape, or one with no steps left to train."""
+    saved = payload["model_config"]
+    changed = [f"{key} {saved.get(key)} -> {getattr(model_config, key)}" for key in WEIGHT_SHAPE_KEYS
+               if saved.get(key) != getattr(model_config, key)]
+    if changed:
+        raise UserError(
+            f"cannot resume: the config changes the model shape ({', '.join(changed)}); "
+            "resume with the config the checkpoint was trained with, or start a new run in another out_dir"
+        )
+    if payload["iter"] >= max_iters:
+        raise UserError(
+            f"nothing to train: the checkpoint is at iter {payload['iter']} and training.max_iters is "
+            f"{max_iters}; pass a larger --max-iters to train longer"
+        )

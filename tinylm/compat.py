@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import atexit
 import gc
+from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
+from huggingface_hub import constants
+from huggingface_hub.file_download import repo_folder_name
 
 
 def close_process_group_at_exit() -> None:
@@ -30,17 +33,6 @@ def _close_process_group() -> None:
         PartialState().destroy_process_group()
 
 
-def use_loss_scaler(accelerator: Accelerator, scaler: torch.amp.GradScaler) -> None:
-    """Run accelerate's fp16 path with `scaler` on any device, the CPU included.
-
-    accelerate turns that path on only for GPUs; these are its own switches (accelerate 1.x):
-    `scaler` makes prepare() hand the optimizer the scaler and backward() scale the loss,
-    `native_amp` makes autocast() and clip_grad_norm_ (which unscales first) take the fp16 path.
-    Call before prepare().
-    """
-    accelerator.scaler, accelerator.native_amp = scaler, True
-
-
 def skip_next_step_where(optimizer, nonfinite: torch.Tensor) -> None:
     """Make a fused torch optimizer (as accelerate wraps it) skip its next step where `nonfinite` is true.
 
@@ -48,3 +40,26 @@ def skip_next_step_where(optimizer, nonfinite: torch.Tensor) -> None:
     weights and moments alone where it is 1: the skip is decided on the device, with no host sync.
     """
     optimizer.optimizer.found_inf = nonfinite.float()
+
+
+def hub_cache_folder(repo_id: str, repo_type: str) -> Path:
+    """The folder of the Hugging Face cache that holds Hub repo `repo_id` ("model" or "dataset") once read.
+
+    huggingface_hub documents the layout (`models--owner--name` under HF_HUB_CACHE) but exports
+    the function that names the folder only from its `file_download` module.
+    """
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+
+
+def dataset_over_table(table, fingerprint_of: list):
+    """A `datasets.Dataset` over the pyarrow `table` as it is (no copy, nothing written to the cache).
+
+    `datasets.Dataset(table)` is the constructor datasets itself uses; wrapping the table in its
+    `InMemoryTable` says so rather than leaning on the constructor's backward-compatible
+    acceptance of a bare pyarrow table. The fingerprint is made from `fingerprint_of` (e.g. the
+    files' checksums): left to itself, datasets would hash the whole table to make one.
+    """
+    import datasets  # here, not at the top: only load_blocks needs it, and it is slow to import
+
+    fingerprint = datasets.fingerprint.Hasher.hash(fingerprint_of)
+    return datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint)

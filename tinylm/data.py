@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerFast
 
 from . import formats, paths
 from . import tokenizer as tok
+from .compat import dataset_over_table
 from .config import DATA_FORMATS
 from .errors import (
     BINARY_SHARDS_NOT_FOUND,
@@ -341,6 +342,18 @@ def newer_other_format(prepared: PreparedData, processed_dir: str) -> Path | Non
     return meta_path if newer and meta_path.resolve() != prepared.meta_path.resolve() else None
 
 
+def newer_data_warning(prepared: PreparedData, processed_dir: str) -> str | None:
+    """What to tell a run about to train on `prepared` when the other format's data is newer (else None)."""
+    newer = newer_other_format(prepared, processed_dir)
+    if newer is None:
+        return None
+    used = prepared.meta["data_format"]
+    other = "txt" if used == "bin" else "bin"
+    return (f"{newer} ({other} data) was prepared after {prepared.meta_path}, which training reads "
+            f"(training.data_format = \"{used}\"): to train on the newer data, pass --data-format {other} "
+            f"(training.data_format = \"{other}\")")
+
+
 def load_blocks(folder: str | Path = paths.DATA_DIR, *, block_size: int, split: str = "train") -> datasets.Dataset:
     """A prepared split as a `datasets.Dataset` of non-overlapping `block_size`-token blocks, copying nothing.
 
@@ -369,8 +382,6 @@ def load_blocks(folder: str | Path = paths.DATA_DIR, *, block_size: int, split: 
         raise UserError(f"no file of the {split} split ({', '.join(map(str, stream.files))}) holds a whole block "
                         f"of {block_size} tokens: use a smaller block_size")
     blocks = pa.chunked_array(chunks)
-    table = datasets.table.InMemoryTable(pa.table({"input_ids": blocks, "labels": blocks}))
-    # A fingerprint of our own: datasets would otherwise hash the whole table to make one.
     entries = prepared.meta["splits"][split]["files"]
-    fingerprint = datasets.fingerprint.Hasher.hash([entry["sha256"] for entry in entries] + [block_size])
-    return datasets.Dataset(table, fingerprint=fingerprint)
+    return dataset_over_table(pa.table({"input_ids": blocks, "labels": blocks}),
+                              fingerprint_of=[entry["sha256"] for entry in entries] + [block_size])

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from . import paths
 from .errors import UserError
+from .hub_names import reads_as_hub_id
 
 BUILDERS = {suffix: builder for suffix, (builder, _) in paths.DATASET_FILES.items()}
 MAP_BATCH = 1000  # rows per `map` call
@@ -132,7 +133,7 @@ def load(spec: str, config_name: str | None, streaming: bool) -> dict:
                 raise UserError(f"--dataset {spec} is a {path.suffix or 'suffix-less'} file; datasets are read from "
                                 f"{', '.join(BUILDERS)} files or folders: for plain text use --input {spec}")
             return datasets.load_dataset(builder, data_files=str(path), streaming=streaming)
-        if not path.is_dir() and looks_like_a_path(spec):
+        if not path.is_dir() and not reads_as_hub_id(spec):
             raise UserError(f"--dataset {spec} does not exist: pass a dataset file or folder, or a Hub id such as "
                             "roneneldan/TinyStories")
         return datasets.load_dataset(str(path) if path.is_dir() else spec, name=config_name, streaming=streaming)
@@ -144,11 +145,6 @@ def load(spec: str, config_name: str | None, streaming: bool) -> dict:
         ) from None
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetGenerationError, pa.ArrowException) as exc:
         raise UserError(f"cannot load dataset {spec}: {reason(exc)}") from None
-
-
-def looks_like_a_path(spec: str) -> bool:
-    """Whether a missing `spec` was meant as a local path rather than a Hub id (`owner/name` or `name`)."""
-    return spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in BUILDERS or spec.count("/") > 1
 
 
 def reason(exc: BaseException) -> str:

@@ -127,6 +127,16 @@ class CpuMatmul:
             torch.backends.mkldnn.matmul.fp32_precision = previous
 
 
+def cpu_matmul_for_run(setting: str, device: str, width: int, rows: int, started_with: str | None) -> CpuMatmul:
+    """The CPU matmul backend of a run; a resumed "auto" run keeps the one it `started_with`, so its
+    losses stay bit-identical to an uninterrupted run's (the choice involves a timing)."""
+    if device != "cpu":
+        return CpuMatmul("blas")
+    if setting == "auto" and started_with in ("blas", "onednn"):
+        return CpuMatmul(started_with, f"{started_with} matmuls, as the run being resumed")
+    return choose_cpu_matmul(setting, width, rows)
+
+
 def choose_cpu_matmul(setting: str, width: int, rows: int) -> CpuMatmul:
     """Resolve `training.cpu_matmul` ("auto", "blas", "onednn") by measuring this CPU.
 

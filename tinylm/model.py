@@ -7,8 +7,10 @@ import dataclasses
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .config import SHAPE_KEYS, Config, ModelConfig
-from .errors import UserError
+from . import pretrained
+from .config import SCRATCH, SHAPE_KEYS, Config, ModelConfig
+from .errors import UserError, command_line
+from .hub_names import is_local
 
 
 def gpt2_config(model: ModelConfig, vocab_size: int, eos_token_id: int = 0) -> GPT2Config:
@@ -66,6 +68,38 @@ def fit_to_pretrained(config: Config, model: GPT2LMHeadModel) -> Config:
         crop_positions(model, block_size)
     shape = {key: getattr(pretrained, key) for key in SHAPE_KEYS}
     return dataclasses.replace(config, model=dataclasses.replace(config.model, block_size=block_size, **shape))
+
+
+def run_model(config: Config, data, tokenizer, resumed: dict | None) -> tuple[GPT2LMHeadModel, Config, str | None]:
+    """The model a run trains, the run's config fitted to it, and the Hub model it fine-tunes.
+
+    A new GPT-2 of the config's shape, or the pretrained one `model.init_from` names (whose
+    tokenizer must be the one `data`, a `data.PreparedData`, was prepared with); a resumed
+    fine-tune rebuilds its own shape, and its weights come from the checkpoint. The Hub id is
+    for the model card: a local folder is never named as one, and a resumed run keeps what its
+    start saw (from another working folder a relative path is not found).
+    """
+    init_from = config.model.init_from
+    base_model = (resumed["base_model"] if resumed and "base_model" in resumed else
+                  None if init_from == SCRATCH or is_local(init_from) else init_from)
+    if init_from == SCRATCH:
+        return build_model(gpt2_config(config.model, data.vocab_size, tokenizer.eos_token_id)), config, base_model
+    if resumed:
+        dropout = config.model.dropout  # the run's own rate, which the command may have changed
+        model = build_model(GPT2Config.from_dict({**resumed["model_config"], "resid_pdrop": dropout,
+                                                  "embd_pdrop": dropout, "attn_pdrop": dropout}))
+        return model, fit_to_pretrained(config, model), base_model
+    model = pretrained.gpt2(init_from, config.model.init_revision, config.model.dropout)
+    own = pretrained.tokenizer(init_from, config.model.init_revision)
+    if own.get_vocab() != tokenizer.get_vocab():
+        prepare_again = command_line("tinylm", "prepare", "--tokenizer", "pretrained", "--from",
+                                     init_from, "--out", data.folder, "--overwrite")
+        raise UserError(
+            f"{data.meta_path} was prepared with another tokenizer than {init_from}'s: "
+            f"run `{prepare_again}` (with your --input or --dataset) so the model reads the text the way it "
+            "was trained to"
+        )
+    return model, fit_to_pretrained(config, model), base_model
 
 
 def crop_positions(model: GPT2LMHeadModel, block_size: int) -> None:

@@ -17,16 +17,14 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
-from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import HFValidationError, validate_repo_id
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import paths, plot
 from . import tokenizer as tok
 from .config import SCRATCH
 from .errors import UserError
+from .hub_names import hub_id, in_hub_cache
 from .model import count_parameters
 
 CARD_NAME = "README.md"
@@ -38,9 +36,6 @@ USAGE_HEADING = "## How to use"
 # The card's parts that name the base model: `card_for_repo` rewrites them for a --base-model given to push.
 ORIGIN_INTRO = re.compile(r"(fine-tuned from ).*?( with tinylm)")
 ORIGIN_ROW = re.compile(r"^\| fine-tuned from \| .* \|$", re.MULTILINE)
-# A dataset "spec" ending like this is a data file, never a Hub id (Hub ids may contain dots).
-DATA_FILE_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow",
-                      ".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
 def train_log_records(checkpoint_path: Path) -> list[dict]:
@@ -238,30 +233,6 @@ def replace_section(text: str, heading: str, section: str) -> str:
     end = re.compile(r"^## ", re.MULTILINE).search(text, start.end())
     stop = end.start() if end else len(text)
     return text[: start.start()] + section.rstrip("\n") + "\n\n" + text[stop:]
-
-
-def hub_id(name: Any, local_ok: bool = False) -> str | None:
-    """`name` when it reads as a Hub repo id (`name` or `owner/name`) and (unless `local_ok`) no file or folder
-    of that name is here."""
-    if not isinstance(name, str) or not name or name.count("/") > 1 or name.startswith((".", "/", "~")):
-        return None
-    if name.lower().endswith(DATA_FILE_SUFFIXES) or (not local_ok and Path(name).exists()):
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
-def in_hub_cache(repo_id: str, repo_type: str) -> bool:
-    """Whether this machine's Hugging Face cache holds the Hub repo `repo_id`.
-
-    Reading a model or dataset by Hub id puts it there and a local folder never does, so this tells
-    a Hub id from a relative path that reads like one (`tiny`, `data/saved`) wherever export runs:
-    whether such a folder exists depends on the folder export runs from.
-    """
-    return (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)).is_dir()
 
 
 def local_name(path: str) -> str:

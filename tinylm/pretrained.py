@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from pathlib import Path
 
 from huggingface_hub import constants, get_session
 from huggingface_hub.errors import HTTPError  # the base class of huggingface_hub's HTTP client's errors
@@ -25,6 +24,7 @@ from transformers import (
 )
 
 from .errors import UserError
+from .hub_names import is_local
 
 # How long the reachability check waits for the Hub, unless HF_HUB_ETAG_TIMEOUT says otherwise.
 REACH_TIMEOUT_S = 5
@@ -33,10 +33,6 @@ REACH_TIMEOUT_S = 5
 def describe(source: str, revision: str | None = None) -> str:
     """`source`, or `source@revision`: how messages name what was asked for."""
     return f"{source}@{revision}" if revision else source
-
-
-def is_local(source: str) -> bool:
-    return Path(source).expanduser().exists()
 
 
 @functools.cache

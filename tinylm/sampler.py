@@ -94,8 +94,9 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu"):
 def load_model(name: str, revision: str | None = None, device: torch.device | str = "cpu"):
     """(model, tokenizer) of a model folder or a Hub id (at `revision`), in eval mode on `device`."""
     from . import pretrained
+    from .hub_names import is_local
 
-    if Path(name).expanduser().is_dir():
+    if is_local(name):
         if revision:
             raise UserError(f"--revision applies to a Hub id; {name} is a local folder: drop --revision")
         model, tokenizer = _load_exported(Path(name).expanduser())
@@ -107,8 +108,9 @@ def load_model(name: str, revision: str | None = None, device: torch.device | st
 
 def _load_exported(folder: Path):
     if not (folder / "config.json").is_file():
+        what = "a folder without config.json" if folder.is_dir() else "a file, not a model folder"
         raise UserError(
-            f"{folder} is a folder without config.json: pass a checkpoint file "
+            f"{folder} is {what}: pass a checkpoint file "
             f"(e.g. {paths.CHECKPOINT_BEST}) or a folder written by `tinylm export`"
         )
     try:

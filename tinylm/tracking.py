@@ -45,3 +45,8 @@ def check_tracker_installed(tracker: str) -> None:
     if not available():
         raise UserError(f'training.tracker = "{tracker}" needs a package that is not installed: '
                         f'pip install {package} (or set training.tracker = "none")')
+
+
+def flat_config(config: dict) -> dict:
+    """A run's Config.to_dict() as one level of "section.key" names: what trackers show as hyperparameters."""
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     # heavy imports (torch, transformers) only once flags are valid
     from accelerate import PartialState
 
-    from tinylm.trainer import EXPORT_NAME, final_checkpoint, train
+    from tinylm.run_folder import EXPORT_NAME, final_checkpoint
+    from tinylm.trainer import train
 
     summary = train(config, resume=resumed, overwrite=args.overwrite)
     if summary["stop_reason"] == "interrupted":

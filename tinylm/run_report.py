@@ -1,0 +1,59 @@
+"""What a training run tells its user: the banner before the first step, and at the end the
+summary (also the `summary` of train_log.json) and where the outputs are, with the commands that use them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import formats, pretrained
+from .checkpoint import RunState
+from .config import SCRATCH, Config
+from .errors import command_line
+from .model import count_parameters
+from .paths import LAST_NAME, TRAIN_LOG_NAME
+from .run_folder import final_checkpoint
+
+
+def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, device: str, precision: str,
+           world_size: int, speed: list[str]) -> str:
+    """The model, the data, the hardware and the batch arithmetic of a run about to start."""
+    training, shape = config.training, config.model
+    global_batch = config.effective_batch_size * world_size
+    return "\n".join([
+        f"model: {count_parameters(model) / 1e6:.2f}M parameters ({shape.n_layer} layers, {shape.n_head} heads, "
+        f"{shape.n_embd} wide, block {shape.block_size}, vocab {data.vocab_size} {data.tokenizer_kind})"
+        + ("" if shape.init_from == SCRATCH else f", fine-tuned from {pretrained.describe(shape.init_from, shape.init_revision)}"),
+        f"data: {train_tokens:,} train / {val_tokens:,} val tokens from {data.meta_path}",
+        f"      source: {formats.describe_source(data.meta)}",
+        " | ".join([f"device: {device}", f"precision: {precision}", f"processes (world size): {world_size}", *speed]),
+        f"effective_batch_size = batch_size * grad_accum_steps = {training.batch_size} * "
+        f"{training.grad_accum_steps} = {config.effective_batch_size} | "
+        f"global batch = {global_batch} | tokens per optimizer step = {global_batch * shape.block_size:,}",
+    ])
+
+
+def summary(state: RunState, stop_reason: str, *, tokens_per_step: int, world_size: int) -> dict:
+    last = state.records[-1] if state.records else {}
+    return {
+        "stop_reason": stop_reason,
+        "iters": state.iter,
+        "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+        "best_iter": state.best_iter,
+        "final_train_loss": last.get("train_loss"),
+        "final_val_loss": last.get("val_loss"),
+        "tokens_seen": state.iter * tokens_per_step,
+        "elapsed_s": round(state.elapsed_s, 3),
+        "world_size": world_size,
+    }
+
+
+def outputs(summary: dict, out_dir: Path) -> str:
+    """Where a finished run's files are, and how to use them."""
+    model = final_checkpoint(out_dir)
+    best_text = (f", best val loss {summary['best_val_loss']:.4f} at iter {summary['best_iter']}"
+                 if summary["best_val_loss"] is not None else "")
+    return (f"done: {summary['iters']} iters ({summary['stop_reason']}){best_text}. Checkpoints and "
+            f"{TRAIN_LOG_NAME} are in {out_dir}\n"
+            f"sample from it: {command_line('tinylm', 'generate', '--checkpoint', model)}\n"
+            f"train longer:   {command_line('tinylm', 'train', '--resume', out_dir / LAST_NAME)} --max-iters N")
