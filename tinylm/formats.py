@@ -1,6 +1,6 @@
 """Prepared data on disk: the two formats, their token files and meta.json.
 
-This module alone knows the layout. `tinylm.prepare` writes through it, `tinylm.data`
+This module alone knows the layout. `tinylm.encoding` writes through it, `tinylm.data`
 reads through it:
 
 - bin: nanoGPT's flat little-endian token files, `train.bin` / `val.bin`, or shards
