@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tinylm import config as cfg
-from tinylm.config_reference import reference_markdown
+from tinylm.config_reference import KEY_HELP, reference_markdown
 from tinylm.train import OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_reference_names_every_key_with_its_default_and_choices():
             if dotted in cfg.UNIT_INTERVAL:
                 low, high = cfg.UNIT_INTERVAL[dotted]
                 assert f"at least {low} and less than {high}" in cells[3], dotted
-            assert cells[3].startswith(cfg.KEY_HELP[dotted].replace("|", "\\|")), dotted
+            assert cells[3].startswith(KEY_HELP[dotted].replace("|", "\\|")), dotted
             flag = [f"--{flag.replace('_', '-')}" for flag, key in OVERRIDES.items() if key == dotted]
             assert (f"<br>`{flag[0]}`" in cells[0]) if flag else cells[0] == f"`{field.name}`", dotted
     assert str(cfg.MAX_SEED) in section_rows(markdown, "training")["seed"]
@@ -133,8 +133,8 @@ def test_reference_names_every_key_with_its_default_and_choices():
 
 def test_every_key_has_a_meaning_and_every_meaning_a_key():
     keys = {f"{name}.{f.name}" for name, section in cfg.SECTIONS.items() for f in dataclasses.fields(section)}
-    assert set(cfg.KEY_HELP) == keys
-    assert all(help.strip() for help in cfg.KEY_HELP.values())
+    assert set(KEY_HELP) == keys
+    assert all(help.strip() for help in KEY_HELP.values())
 
 
 def test_home_page_commands_are_the_readmes():

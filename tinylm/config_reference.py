@@ -3,7 +3,7 @@
 `reference_markdown()` returns docs/configuration.md's Markdown: every section of `SECTIONS`, every
 key with its TOML type, default, allowed values (from `CHOICES`, `POSITIVE`, `NON_NEGATIVE`,
 `UNIT_INTERVAL`, `MAX_SEED`, `HUB_CARD_PATTERNS`: what `tinylm.config` validates against) and
-meaning (`KEY_HELP`), and the `tinylm train` flag that overrides it. The site build calls it from
+meaning (`KEY_HELP`, here), and the `tinylm train` flag that overrides it. The site build calls it from
 docs/hooks/config_reference.py; nobody has to remember to regenerate the page.
 """
 
@@ -16,6 +16,68 @@ import json
 from . import config as cfg
 
 TOML_TYPES = {bool: "boolean", int: "integer", float: "float", str: "string"}
+
+# What each key means, in Markdown: the page renders it with the type, default and allowed values read
+# from tinylm.config, and tests/test_docs_site.py checks that every field of every section has an entry.
+# Links are relative to docs/.
+KEY_HELP = {
+    "model.n_layer": "transformer blocks",
+    "model.n_head": "attention heads per block; `n_embd` must be divisible by it",
+    "model.n_embd": "embedding width (the size of every token's vector)",
+    "model.block_size": "context length in tokens. Fine-tuning: the model's own context unless set here; "
+                        "a smaller one crops the learned position table, a larger one is an error",
+    "model.dropout": "dropout probability (also when fine-tuning: nanoGPT's override of GPT-2's 0.1)",
+    "model.init_from": '`"scratch"`, or a Hub id (`"gpt2"`, `"user/model"`) or local folder of a GPT-2 to '
+                       "fine-tune, which needs `data.tokenizer = \"pretrained\"`: see "
+                       "[Fine-tuning a pretrained GPT-2](training.md#fine-tuning-a-pretrained-gpt-2). "
+                       "The fine-tuned model's shape is its own: `n_layer`, `n_head` and `n_embd` given here "
+                       "must agree with it",
+    "model.init_revision": "a branch, tag or commit of `init_from`'s Hub repo; `\"\"`: the default branch. "
+                           "Only with `init_from`",
+    "data.processed_dir": "where the prepared data lives (`tinylm prepare`'s output); for binary data in "
+                          '`"data/processed"`, training also looks in `data/`: see '
+                          "[data_format and Metadata Mapping](training.md#data_format-and-metadata-mapping)",
+    "data.tokenizer": 'the tokenizer the data was prepared with; `"pretrained"`: a model\'s own '
+                      "(`tinylm prepare --tokenizer pretrained --from MODEL`), to fine-tune it",
+    "training.data_format": "the prepared data's layout, `tinylm prepare --format`'s: see "
+                            "[data_format and Metadata Mapping](training.md#data_format-and-metadata-mapping)",
+    "training.device": '`"auto"` picks CUDA when available, else the CPU',
+    "training.precision": "mixed precision on CUDA (fp16 with loss scaling); the CPU trains in fp32: see "
+                          "[Precision and Gradient Accumulation](training.md#precision-and-gradient-accumulation)",
+    "training.batch_size": "sequences per micro-batch, per process",
+    "training.grad_accum_steps": "micro-batches per optimizer step",
+    "training.max_iters": "optimizer steps",
+    "training.learning_rate": "peak learning rate, reached after `warmup_iters`",
+    "training.min_lr": "final learning rate, reached at `lr_decay_iters`; at most `learning_rate`",
+    "training.warmup_iters": "steps of linear warmup",
+    "training.lr_decay_iters": "the step where the cosine decay reaches `min_lr`",
+    "training.weight_decay": "AdamW weight decay, applied to weight matrices only (not biases or LayerNorm)",
+    "training.beta1": "AdamW beta1",
+    "training.beta2": "AdamW beta2",
+    "training.grad_clip": "clip the gradient norm (0 disables)",
+    "training.eval_interval": "evaluate every N steps (and at iteration 0 and the last)",
+    "training.eval_iters": "each evaluation scores `eval_iters` x `batch_size` fixed blocks of each split",
+    "training.log_interval": "steps between progress reports (loss, lr, tokens/s; MFU on GPUs): the only points "
+                             "where the loop waits for the device",
+    "training.seed": "everything random derives from it (per process)",
+    "training.out_dir": "where checkpoints and `train_log.json` go",
+    "training.save_best": "write `ckpt_best.pt` on improvement",
+    "training.early_stopping": "stop when validation stops improving: see "
+                               "[Best Checkpoint & Early Stopping](training.md#best-checkpoint-early-stopping)",
+    "training.early_stopping_patience": "evaluations without sufficient improvement before stopping",
+    "training.early_stopping_min_delta": "minimum `val_loss` improvement that counts",
+    "training.tracker": "log metrics through one of `accelerate`'s trackers; its package must be installed "
+                        "(`pip install 'tinylm[tracking]'` brings tensorboard): see [Tracking](training.md#tracking)",
+    "training.compile": '`torch.compile` the model: `"auto"` compiles on CUDA only: see [Speed](training.md#speed)',
+    "training.cpu_matmul": 'CPU matrix-multiply library: `"auto"` measures at start, `"blas"` is PyTorch\'s '
+                           'default, `"onednn"`: see [Speed](training.md#speed)',
+    "hub.repo_id": '`"user/name"`: when training ends, export the best checkpoint and push it to this Hub repo; '
+                   '`""`: don\'t push. See [Export & Deployment](export-and-deployment.md)',
+    "hub.private": "create the Hub repo private",
+    "hub.license": 'the model card\'s license; `""`: the card says none is stated. See '
+                   "[The model card](export-and-deployment.md#the-model-card)",
+    "hub.language": 'the model card\'s language, the training text\'s; `""`: the card names none',
+}
 
 
 def toml_literal(value) -> str:
@@ -87,7 +149,7 @@ def reference_markdown() -> str:
             dotted = f"{name}.{field.name}"
             value = getattr(defaults, field.name)
             key = f"`{field.name}`" + (f"<br>`{flags[dotted]}`" if dotted in flags else "")
-            meaning = cfg.KEY_HELP[dotted]
+            meaning = KEY_HELP[dotted]
             if allowed(dotted):
                 meaning += f"<br>**Allowed:** {allowed(dotted)}"
             cells = [key, TOML_TYPES[type(value)], f"`{toml_literal(value)}`", meaning]
