@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from tinylm.atomic import atomic_open, replace_folder, write_json
+from tinylm.atomic import atomic_open, atomic_path, replace_folder, write_json
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), KeyboardInterrupt()])
@@ -33,3 +34,15 @@ def test_replace_folder_swaps_a_whole_folder_and_puts_the_old_one_back_on_failur
         replace_folder(tmp_path / "no-such-staging", out)
     assert [p.name for p in out.iterdir()] == ["two.txt"], "the old folder is put back whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"], "nothing moved aside is left behind"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_files_get_the_mode_of_the_current_umask_which_is_left_as_it_was(tmp_path, mask):
+    previous = os.umask(mask)
+    try:
+        with atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("{}")
+        assert os.umask(mask) == mask, "the umask is unchanged"
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~mask

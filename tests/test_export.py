@@ -19,7 +19,6 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from tinylm import checkpoint, export, model as tinymodel, sampler, tokenizer as tok
-from tinylm.atomic import FILE_MODE
 from tinylm.config import Config, ModelConfig
 from tinylm.errors import UserError
 
@@ -60,6 +59,12 @@ def exported(tmp_path_factory, ckpt) -> Path:
     return export.export(ckpt, tmp_path_factory.mktemp("exported") / "tiny-char")
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def run_export(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tinylm.export", *map(str, args)], capture_output=True,
                           text=True, timeout=300, env=env)
@@ -81,7 +86,7 @@ def test_folder_holds_the_files_transformers_expects(exported):
     assert not [name for name in names if name.startswith(".")]
     assert "model.onnx" not in names  # only with --onnx (tests/test_onnx.py)
     # transformers writes model.safetensors owner-only (0600); every file gets the umask-based mode.
-    assert {p.name: oct(p.stat().st_mode & 0o777) for p in exported.iterdir()} == {n: oct(FILE_MODE) for n in names}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in exported.iterdir()} == {n: oct(0o666 & ~current_umask()) for n in names}
     with safe_open(exported / "model.safetensors", framework="pt") as weights:
         keys = set(weights.keys())
     # The output projection is the input embedding: stored once, tied again on load.

@@ -16,11 +16,24 @@ from typing import IO, Any, Iterator
 
 from .errors import UserError
 
-# mkstemp creates files readable by the owner only; give ours the usual umask-based mode.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
-DIR_MODE = 0o777 & ~_UMASK
+
+
+def umask() -> int:
+    """The process umask, read by creating a file rather than with os.umask, which can only read it by
+    setting it (for a moment every thread of the process would create files with the wrong mode)."""
+    with tempfile.TemporaryDirectory() as folder:
+        probe = os.path.join(folder, "probe")
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o777))
+        return 0o777 & ~os.stat(probe).st_mode
+
+
+def file_mode() -> int:
+    """The mode `open` gives a new file: mkstemp makes ours owner-only, and they should be ordinary files."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~umask()
 
 
 @contextlib.contextmanager
@@ -40,7 +53,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         ) from None
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, FILE_MODE)
+    os.chmod(tmp, file_mode())
     try:
         yield tmp
         _fsync(tmp)

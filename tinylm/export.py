@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from . import checkpoint, onnx_export, paths
 from . import tokenizer as tok
-from .atomic import DIR_MODE, FILE_MODE, replace_folder
+from .atomic import dir_mode, file_mode, replace_folder
 from .config import Sampling, check_card_field
 from .errors import UserError, run_cli
 from .model_card import (CARD_NAME, LOSS_CURVE_NAME, base_model_of, check_base_model, draw_loss_curve, model_card,
@@ -176,7 +176,7 @@ def normalise_modes(folder: Path) -> None:
     """Give every file the umask-based mode (transformers writes model.safetensors owner-only, 0600)."""
     for path in folder.rglob("*"):
         if path.is_file():
-            os.chmod(path, FILE_MODE)
+            os.chmod(path, file_mode())
 
 
 def check_loads(folder: Path) -> None:
@@ -243,7 +243,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        staging.chmod(DIR_MODE)  # mkdtemp makes it private (0700); an export is an ordinary folder
+        staging.chmod(dir_mode())  # mkdtemp makes it private (0700); an export is an ordinary folder
     except OSError as exc:
         raise UserError(f"cannot write into {out.parent}: {exc.strerror or exc}; choose a writable --out") from None
     try:
