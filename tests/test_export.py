@@ -86,7 +86,8 @@ def test_folder_holds_the_files_transformers_expects(exported):
     assert not [name for name in names if name.startswith(".")]
     assert "model.onnx" not in names  # only with --onnx (tests/test_onnx.py)
     # transformers writes model.safetensors owner-only (0600); every file gets the umask-based mode.
-    assert {p.name: oct(p.stat().st_mode & 0o777) for p in exported.iterdir()} == {n: oct(0o666 & ~current_umask()) for n in names}
+    usual = oct(0o666 & ~current_umask())
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in exported.iterdir()} == {n: usual for n in names}
     with safe_open(exported / "model.safetensors", framework="pt") as weights:
         keys = set(weights.keys())
     # The output projection is the input embedding: stored once, tied again on load.
