@@ -1,6 +1,19 @@
 """Where tinylm relies on a library's internals or works around its bugs: each in one place, with
 its reason, and pinned by tests/test_compat.py to the behaviour it relies on, so a new release that
-changes it fails there, by name, rather than somewhere in a training run."""
+changes it fails there, by name, rather than somewhere in a training run.
+
+Two more stay where they are used, each pinned by its own tests:
+- `sampler.GPT2Decoder` runs a GPT-2's submodules by hand (`ln_1`, `attn.c_attn` and its
+  `split_size` and `scaling`, `attn.c_proj`, `mlp`) on a preallocated cache: one step costs about
+  40% less than a call through transformers' forward with its `DynamicCache`.
+  tests/test_generate.py::test_lean_gpt2_decoder_gives_the_full_models_logits pins it to the
+  full model's logits.
+- `sampler.cache_keyword` asks `forward`'s signature whether transformers calls the cache `cache`
+  or `past_key_values` (renamed during v5);
+  tests/test_generate.py::test_cached_decoding_uses_the_installed_transformers_api_and_still_matches_recompute.
+The tests' own `use_loss_scaler` (tests/training_helpers.py), which runs accelerate's fp16 path on
+the CPU, is pinned in tests/test_compat.py too.
+"""
 
 from __future__ import annotations
 
