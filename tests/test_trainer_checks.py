@@ -243,7 +243,10 @@ def test_the_closing_lines_point_at_the_best_checkpoint_or_else_the_last(data, t
     records them, and a generate command on ckpt_best.pt; without a ckpt_best.pt (save_best off), on
     ckpt_last.pt.
 
-    Kills: mutants of `_print_outputs` (the best/last choice, the best-loss text); the summary's
+    The banner states the schedule and where the run stops on it; the closing line, how long the run
+    took and its mean tokens/s.
+
+    Kills: mutants of `run_report.outputs` (the best/last choice, the best-loss text); the summary's
     final losses taken from another record than the last; the other-format warning printed when there
     is no other data (`newer is not None` -> `is None`); the summary's and the records' tokens_seen, the
     summary's elapsed_s and the banner's parameter count computed wrongly; an empty speed note in the banner; " | best" on the
@@ -281,8 +284,17 @@ def test_the_closing_lines_point_at_the_best_checkpoint_or_else_the_last(data, t
             improving.append(record["iter"])
             best = record["val_loss"]
     assert marked == improving and marked
-    assert (f"done: 4 iters (max_iters), best val loss {summary['best_val_loss']:.4f} at iter "
-            f"{summary['best_iter']}. Checkpoints and train_log.json are in {out}") in said
+    # TINY's schedule by hand: the last step (3) is 1/10 into the cosine from 1e-2 to 1e-3 over steps 2..12.
+    last_lr = 1e-3 + 0.5 * (1 + math.cos(math.pi * 0.1)) * (1e-2 - 1e-3)
+    assert f"{last_lr:.2e}" == "9.78e-03"
+    assert ("schedule: warmup to 1e-2 over 2 steps, cosine to min_lr 1e-3 at step 12; this run stops at step 4, "
+            "its last step at lr 9.78e-3 (98% of the peak)") in said.splitlines()
+    done = re.search(r"^done: 4 iters \(max_iters\) in ([\d.]+) s \(([\d,]+) tokens/s\), best val loss (\S+) at iter "
+                     rf"(\d+)\. Checkpoints and train_log.json are in {re.escape(str(out))}$", said, re.M)
+    assert done, said
+    assert float(done[1]) == round(summary["elapsed_s"], 1)
+    assert int(done[2].replace(",", "")) == round(summary["tokens_seen"] / summary["elapsed_s"])
+    assert (done[3], int(done[4])) == (f"{summary['best_val_loss']:.4f}", summary["best_iter"])
     assert f"sample from it: tinylm generate --checkpoint {out / 'ckpt_best.pt'}" in said
 
     (tmp_path / "last").mkdir()
@@ -430,3 +442,40 @@ def test_an_evaluation_that_only_equals_the_best_is_no_improvement(data, tmp_pat
     records = json.loads((tmp_path / "ckpt" / "train_log.json").read_text())["records"]
     assert [r["val_loss"] for r in records] == [records[0]["val_loss"]] * 2  # nothing trained: equal losses
     assert (summary["stop_reason"], summary["iters"]) == ("early_stopping", 2)
+
+
+def test_each_evaluation_shows_a_seeded_sample_of_the_model_it_evaluated(data, tmp_path, capsys):
+    """The sample under the last evaluation line is what `tinylm generate` draws from the checkpoint saved
+    at that evaluation, with the run's seed; it is kept in train_log.json; and sampling leaves training
+    alone (with dropout on, so a disturbed random state or a model left in eval mode would show): a run
+    without samples has the same losses, bit for bit."""
+    from tinylm import checkpoint, sampler
+    from tinylm.config import Sampling
+
+    def fit(folder: Path, **training) -> Trainer:
+        config = write_config(folder / "run.toml", data, folder / "ckpt", model={"dropout": 0.1},
+                              training={"max_iters": 4, "eval_interval": 2, **training})
+        trainer = Trainer(load_config(config))
+        trainer.fit()
+        return trainer
+
+    (tmp_path / "sampled").mkdir()
+    fit(tmp_path / "sampled", eval_sample_tokens=24, eval_sample_prompt="the king")
+    said = capsys.readouterr().out
+    out = tmp_path / "sampled" / "ckpt"
+    records = json.loads((out / "train_log.json").read_text())["records"]
+    payload = checkpoint.load(out / "ckpt_last.pt")  # saved at the last evaluation, iter 4
+    expected = "the king" + sampler.complete(checkpoint.model_from(payload), checkpoint.tokenizer_from(payload),
+                                             "the king", Sampling(max_new_tokens=24), seed=7)
+    assert len(expected) == len("the king") + 24
+    assert [record["iter"] for record in records] == [0, 2, 4]
+    assert records[-1]["sample"] == expected
+    assert records[0]["sample"] != expected  # the untrained model at iter 0 writes something else
+    shown = "\n".join(f"  > {line}" for line in expected.split("\n"))
+    assert re.search(r"^eval iter 4: .*\n" + re.escape(shown) + "$", said, re.M), said
+
+    (tmp_path / "plain").mkdir()
+    plain = fit(tmp_path / "plain")
+    assert "sample" not in plain.state.records[-1] and "  > " not in capsys.readouterr().out
+    assert [(r["train_loss"], r["val_loss"]) for r in plain.state.records] == \
+        [(r["train_loss"], r["val_loss"]) for r in records]

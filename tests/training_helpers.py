@@ -23,7 +23,7 @@ TINY = {
     "training": {
         "device": "cpu", "batch_size": 4, "max_iters": 12, "eval_interval": 4, "eval_iters": 2,
         "log_interval": 4, "learning_rate": 1e-2, "min_lr": 1e-3, "warmup_iters": 2,
-        "lr_decay_iters": 12, "seed": 7,
+        "lr_decay_iters": 12, "seed": 7, "eval_sample_tokens": 0,  # samples: tests/test_trainer_checks.py
         # "auto" times both matmul backends at start: on a busy machine (tests run in parallel) two
         # runs a test compares could pick differently and differ in the last digits.
         "cpu_matmul": "blas",

@@ -82,6 +82,10 @@ class TrainingConfig:
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_iters: int = 20
+    # Each evaluation prints (and logs) a sample of this many new tokens from eval_sample_prompt,
+    # seeded by `seed`, so successive samples show what the model learned in between; 0: none.
+    eval_sample_tokens: int = 100
+    eval_sample_prompt: str = ""
     log_interval: int = 10
     seed: int = 1337
     out_dir: str = paths.CHECKPOINT_DIR
@@ -192,7 +196,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "training.min_lr", "training.warmup_iters", "training.weight_decay", "training.grad_clip",
-    "training.early_stopping_min_delta", "training.seed",
+    "training.early_stopping_min_delta", "training.seed", "training.eval_sample_tokens",
 }
 # numpy's seeds (accelerate's set_seed seeds numpy too) are 32-bit.
 MAX_SEED = 2**32 - 1
@@ -325,6 +329,12 @@ def _check_consistency(config: Config, source: str) -> None:
         raise UserError(
             f"{source}: training.min_lr ({training.min_lr}) must not exceed "
             f"training.learning_rate ({training.learning_rate})"
+        )
+    if training.warmup_iters > training.lr_decay_iters:
+        raise UserError(
+            f"{source}: training.warmup_iters ({training.warmup_iters}) is longer than training.lr_decay_iters "
+            f"({training.lr_decay_iters}), where the decay to min_lr ends: the learning rate would drop from the "
+            "peak straight to min_lr. Make warmup_iters at most lr_decay_iters (--warmup-iters, --lr-decay-iters)"
         )
 
 

@@ -69,6 +69,10 @@ KEY_HELP = {
     "training.tracker": "log metrics through one of `accelerate`'s trackers; its package must be installed "
                         "(`pip install 'tinylm[tracking]'` brings tensorboard): see [Tracking](training.md#tracking)",
     "training.compile": '`torch.compile` the model: `"auto"` compiles on CUDA only: see [Speed](training.md#speed)',
+    "training.eval_sample_tokens": "each evaluation prints a sample of this many new tokens under its line, keeps it "
+                                   "in `train_log.json` and sends it to the tracker as text; `0`: no samples",
+    "training.eval_sample_prompt": 'the text the samples continue (the same at every evaluation, seeded by `seed`, so '
+                                   'they show what the model learned in between); `""`: from `<|endoftext|>`',
     "training.cpu_matmul": 'CPU matrix-multiply library: `"auto"` measures at start, `"blas"` is PyTorch\'s '
                            'default, `"onednn"`: see [Speed](training.md#speed)',
     "hub.repo_id": '`"user/name"`: when training ends, export the best checkpoint and push it to this Hub repo; '

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import formats, pretrained
+from . import formats, pretrained, schedule
 from .checkpoint import RunState
 from .config import SCRATCH, Config
 from .errors import command_line
@@ -30,6 +30,7 @@ def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, d
         f"effective_batch_size = batch_size * grad_accum_steps = {training.batch_size} * "
         f"{training.grad_accum_steps} = {config.effective_batch_size} | "
         f"global batch = {global_batch} | tokens per optimizer step = {global_batch * shape.block_size:,}",
+        f"schedule: {schedule.describe(training)}",
     ])
 
 
@@ -48,12 +49,22 @@ def summary(state: RunState, stop_reason: str, *, tokens_per_step: int, world_si
     }
 
 
-def outputs(summary: dict, out_dir: Path) -> str:
+def speed(summary: dict, flops_per_token: float, peak_flops: float | None) -> str:
+    """How long the whole run took (resumed parts included) and its mean speed: tokens/s, and MFU on a known GPU."""
+    seconds = summary["elapsed_s"]
+    if not seconds:
+        return ""
+    tokens_per_s = summary["tokens_seen"] / seconds
+    mfu = f", MFU {tokens_per_s * flops_per_token / peak_flops:.1%}" if peak_flops else ""
+    return f" in {seconds:.1f} s ({tokens_per_s:,.0f} tokens/s{mfu})"
+
+
+def outputs(summary: dict, out_dir: Path, speed_text: str = "") -> str:
     """Where a finished run's files are, and how to use them."""
     model = final_checkpoint(out_dir)
     best_text = (f", best val loss {summary['best_val_loss']:.4f} at iter {summary['best_iter']}"
                  if summary["best_val_loss"] is not None else "")
-    return (f"done: {summary['iters']} iters ({summary['stop_reason']}){best_text}. Checkpoints and "
+    return (f"done: {summary['iters']} iters ({summary['stop_reason']}){speed_text}{best_text}. Checkpoints and "
             f"{TRAIN_LOG_NAME} are in {out_dir}\n"
             f"sample from it: {command_line('tinylm', 'generate', '--checkpoint', model)}\n"
             f"train longer:   {command_line('tinylm', 'train', '--resume', out_dir / LAST_NAME)} --max-iters N")

@@ -21,6 +21,29 @@ def lr_at(step: int, training: TrainingConfig) -> float:
     return training.min_lr + cosine * (training.learning_rate - training.min_lr)
 
 
+def describe(training: TrainingConfig) -> str:
+    """The schedule in one line, and where this run stops on it (its last step's learning rate)."""
+    peak, last = training.learning_rate, lr_at(training.max_iters - 1, training)
+    start = f"warmup to {rate(peak)} over {training.warmup_iters} steps" if training.warmup_iters else rate(peak)
+    return (f"{start}, cosine to min_lr {rate(training.min_lr)} at step {training.lr_decay_iters}; this run stops "
+            f"at step {training.max_iters}, its last step at lr {rate(last)} ({last / peak:.0%} of the peak)")
+
+
+def rate(value: float) -> str:
+    """A learning rate as people write them: 6e-4, 5.88e-4."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def warning(training: TrainingConfig) -> str | None:
+    """What to tell a run that stops before its warmup ends: it never trains at learning_rate."""
+    if training.max_iters > training.warmup_iters:
+        return None
+    return (f"this run stops at step {training.max_iters}, before its warmup ends at step {training.warmup_iters}: "
+            "the learning rate never reaches training.learning_rate; pass a larger --max-iters or a shorter "
+            "--warmup-iters")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig, *,
                     start_step: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR following `lr_at`, at `start_step`. Step it once per optimizer step, on every process.

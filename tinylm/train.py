@@ -29,6 +29,9 @@ OVERRIDES = {
     "batch_size": "training.batch_size",
     "grad_accum_steps": "training.grad_accum_steps",
     "learning_rate": "training.learning_rate",
+    "min_lr": "training.min_lr",
+    "warmup_iters": "training.warmup_iters",
+    "lr_decay_iters": "training.lr_decay_iters",
     "eval_interval": "training.eval_interval",
     "eval_iters": "training.eval_iters",
     "log_interval": "training.log_interval",
@@ -59,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     overrides.add_argument("--processed-dir", help="data.processed_dir")
     overrides.add_argument("--batch-size", type=int, help="training.batch_size")
     overrides.add_argument("--grad-accum-steps", type=int, help="training.grad_accum_steps")
-    overrides.add_argument("--learning-rate", type=float, help="training.learning_rate")
+    overrides.add_argument("--learning-rate", type=float, help="training.learning_rate (the peak)")
+    overrides.add_argument("--min-lr", type=float, help="training.min_lr (where the cosine decay ends)")
+    overrides.add_argument("--warmup-iters", type=int, help="training.warmup_iters (linear warmup to the peak)")
+    overrides.add_argument("--lr-decay-iters", type=int, help="training.lr_decay_iters (the step the decay ends)")
     overrides.add_argument("--eval-interval", type=int, help="training.eval_interval")
     overrides.add_argument("--eval-iters", type=int, help="training.eval_iters")
     overrides.add_argument("--log-interval", type=int, help="training.log_interval")

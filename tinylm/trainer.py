@@ -19,11 +19,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, data, rng, run_folder, run_report
+from . import checkpoint, data, rng, run_folder, run_report, sampler
 from .atomic import write_json
 from .checkpoint import Loaded, RunState
 from .compat import close_process_group_at_exit, skip_next_step_where
-from .config import MAX_SEED, Config
+from .config import MAX_SEED, Config, Sampling
 from .errors import UserError, command_line
 from .hardware import (
     Hardware,
@@ -38,6 +38,7 @@ from .paths import BEST_NAME, LAST_NAME, TRAIN_LOG_NAME
 from .progress import Progress
 from .run_folder import TRACKER_PROJECT
 from .schedule import build_scheduler
+from .schedule import warning as schedule_warning
 from .step_stats import Report, StepStats
 from .tracking import check_tracker_installed, flat_config
 
@@ -169,6 +170,9 @@ class Trainer:
                                      self.val_tokens.num_tokens, device=str(self.accelerator.device),
                                      precision=self.hardware.precision,
                                      world_size=self.accelerator.num_processes, speed=speed))
+        short_of_the_peak = schedule_warning(training)
+        if short_of_the_peak:
+            self.print(f"warning: {short_of_the_peak}")
         if training.tracker != "none":
             self.accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(self.config.to_dict()))
         stop_reason = "max_iters"
@@ -215,7 +219,8 @@ class Trainer:
         else:
             self._save([], val_loss=None, summary=summary)
         if stop_reason != "interrupted":
-            self.print(run_report.outputs(summary, self.out_dir))
+            self.print(run_report.outputs(summary, self.out_dir,
+                                          run_report.speed(summary, self._flops_per_token, self._peak_flops)))
         for tracker in self.accelerator.trackers:  # end_training() would also destroy the process group,
             tracker.finish()                        # too early: see compat.close_process_group_at_exit
         return summary
@@ -347,6 +352,11 @@ class Trainer:
         )
         self._log({"train/eval_loss": record["train_loss"], "train/eval_ppl": record["train_ppl"],
                    "val/loss": val_loss, "val/ppl": record["val_ppl"]}, step)
+        sample = self._sample()
+        if sample is not None:
+            record["sample"] = sample
+            progress.write("\n".join(f"  > {line}" for line in sample.split("\n")))
+            self._log({"eval/sample": sample}, step)
         self._save([LAST_NAME, BEST_NAME] if improved and training.save_best else [LAST_NAME], val_loss)
         stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
         if stop:
@@ -356,6 +366,24 @@ class Trainer:
                 f"(best {state.best_val_loss:.4f} at iter {state.best_iter})"
             )
         return stop
+
+    def _sample(self) -> str | None:
+        """The evaluation's sample (main process): the prompt and what the model writes after it, seeded.
+
+        Its own random generator leaves training's untouched, so a run with samples trains
+        exactly like one without. Not under FSDP, where no process holds the whole model.
+        """
+        training = self.config.training
+        if (not training.eval_sample_tokens or not self.is_main
+                or self.accelerator.distributed_type == DistributedType.FSDP):
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        with self.cpu_matmul.active():
+            written = sampler.complete(model, self.tokenizer, training.eval_sample_prompt,
+                                       Sampling(max_new_tokens=training.eval_sample_tokens), seed=training.seed)
+        model.train()
+        return training.eval_sample_prompt + written
 
     def _save(self, names: list[str], val_loss: float | None, summary: dict | None = None) -> None:
         """Write one checkpoint under each of `names`, then train_log.json (main process).
