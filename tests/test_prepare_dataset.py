@@ -361,7 +361,7 @@ def test_training_says_where_its_data_came_from_and_warns_of_newer_data_in_the_o
     processed = tmp_path / "data" / "processed"
     assert run_prepare("--dataset", source, "--out", tmp_path / "data") == 0  # bin, found from data/processed
     capsys.readouterr()
-    make_trainer(processed, tmp_path, max_iters=1).fit()
+    make_trainer(processed, tmp_path, max_iters=1, warmup_iters=0).fit()  # one step: no warmup to warn of
     out = capsys.readouterr().out
     counts = {split: len(texts) for split, texts in expected_split(DOCS, 10).items()}
     assert (f"source: dataset {source}, split train, column 'text'; {counts['train']} train / {counts['val']} val "
