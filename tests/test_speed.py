@@ -100,6 +100,7 @@ def test_flops_per_token_is_six_n_plus_attention():
 ])
 def test_peak_flops_come_from_the_device_name_and_precision(name, precision, peak):
     assert peak_flops(name, precision) == peak
+    assert peak_flops(name, precision, 4) == (None if peak is None else 4 * peak)  # four GPUs, four peaks
 
 
 def test_a_resumed_auto_run_keeps_the_matmul_backend_it_started_with(prepared, tmp_path):

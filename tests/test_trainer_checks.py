@@ -479,3 +479,41 @@ def test_each_evaluation_shows_a_seeded_sample_of_the_model_it_evaluated(data, t
     assert "sample" not in plain.state.records[-1] and "  > " not in capsys.readouterr().out
     assert [(r["train_loss"], r["val_loss"]) for r in plain.state.records] == \
         [(r["train_loss"], r["val_loss"]) for r in records]
+
+
+def test_the_banner_counts_every_process_in_the_global_batch(data):
+    """Kills: the global batch divided by the processes instead of multiplied (one process cannot tell)."""
+    from tinylm import run_report
+    from tinylm.data import resolve
+    from tinylm.model import build_model, gpt2_config
+
+    config = load_config(write_config(data / "run.toml", data, data / "unused"))
+    prepared = resolve(str(data), "bin", "char")
+    model = build_model(gpt2_config(config.model, prepared.vocab_size))
+    text = run_report.banner(config, model, prepared, 1000, 100, device="cpu", precision="fp32", world_size=2,
+                             speed=[])
+    # TINY: batch_size 4, no accumulation, block 16; two processes.
+    assert "effective_batch_size = batch_size * grad_accum_steps = 4 * 1 = 4 | global batch = 8 | " \
+           "tokens per optimizer step = 128" in text.splitlines()
+    assert "processes (world size): 2" in text
+
+
+def test_the_closing_speed_is_tokens_over_seconds_and_mfu_over_the_peak():
+    from tinylm import run_report
+
+    summary = {"elapsed_s": 2.0, "tokens_seen": 1000}
+    assert run_report.speed(summary, 1e6, None) == " in 2.0 s (500 tokens/s)"
+    assert run_report.speed(summary, 1e6, 2e9) == " in 2.0 s (500 tokens/s, MFU 25.0%)"  # 5e8 of 2e9 FLOP/s
+    assert run_report.speed({"elapsed_s": 0.0, "tokens_seen": 0}, 1e6, None) == ""
+
+
+@pytest.mark.parametrize("tokens, is_main, engine, wanted", [
+    (100, True, "NO", True), (100, True, "MULTI_CPU", True), (100, False, "MULTI_CPU", False),
+    (0, True, "NO", False), (100, True, "FSDP", False),
+])
+def test_samples_are_drawn_by_the_main_process_only_and_never_under_fsdp(tokens, is_main, engine, wanted):
+    from accelerate.utils import DistributedType
+
+    from tinylm import run_report
+
+    assert run_report.samples_here(tokens, is_main, DistributedType[engine]) is wanted

@@ -93,11 +93,12 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops(device_name: str, precision: str) -> float | None:
-    """The GPU's peak FLOP/s for `precision` ("fp32", "fp16", "bf16"), or None when it is not in PEAK_FLOPS."""
+def peak_flops(device_name: str, precision: str, processes: int = 1) -> float | None:
+    """The peak FLOP/s for `precision` ("fp32", "fp16", "bf16") of `processes` GPUs of this name (tokens/s
+    counts every process's tokens), or None when it is not in PEAK_FLOPS."""
     for name, (half, single) in PEAK_FLOPS.items():
         if re.search(rf"\b{re.escape(name)}\b", device_name):
-            return single if precision == "fp32" else half
+            return (single if precision == "fp32" else half) * processes
     return None
 
 

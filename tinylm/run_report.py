@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from accelerate.utils import DistributedType
+
 from . import formats, pretrained, schedule
 from .checkpoint import RunState
 from .config import SCRATCH, Config
@@ -32,6 +34,12 @@ def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, d
         f"global batch = {global_batch} | tokens per optimizer step = {global_batch * shape.block_size:,}",
         f"schedule: {schedule.describe(training)}",
     ])
+
+
+def samples_here(sample_tokens: int, is_main: bool, distributed_type: DistributedType) -> bool:
+    """Whether this process draws the evaluations' samples: the main one, asked to, and not under FSDP
+    (where no process holds the whole model)."""
+    return bool(sample_tokens) and is_main and distributed_type != DistributedType.FSDP
 
 
 def summary(state: RunState, stop_reason: str, *, tokens_per_step: int, world_size: int) -> dict:

@@ -144,10 +144,9 @@ class Trainer:
         self._prefetched: tuple[int | None, list[torch.Tensor]] = (None, [])
         self.stats = StepStats(self.accelerator.device, skipped_run=self.state.nonfinite_steps)
         self._flops_per_token = flops_per_token(model)
-        # The peak of all processes together: tokens/s counts every process's tokens.
-        peak = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision)
-                if self.accelerator.device.type == "cuda" else None)
-        self._peak_flops = peak * self.accelerator.num_processes if peak else None
+        self._peak_flops = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision,
+                                       self.accelerator.num_processes)
+                            if self.accelerator.device.type == "cuda" else None)
 
     # ----------------------------------------------------------------- the loop
 
@@ -374,8 +373,7 @@ class Trainer:
         exactly like one without. Not under FSDP, where no process holds the whole model.
         """
         training = self.config.training
-        if (not training.eval_sample_tokens or not self.is_main
-                or self.accelerator.distributed_type == DistributedType.FSDP):
+        if not run_report.samples_here(training.eval_sample_tokens, self.is_main, self.accelerator.distributed_type):
             return None
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
