@@ -86,6 +86,8 @@ def test_tensorboard_logs_train_metrics_every_log_interval_and_eval_metrics(
             step0 = step0_loss_and_grad_norm(trainer)
         capsys.readouterr()
         trainer.fit()
+        # The run finishes its tracker: tensorboard's writer is closed (wandb would mark its run finished).
+        assert trainer.accelerator.get_tracker("tensorboard").writer.all_writers is None
         runs[log_interval] = scalars(tmp_path / str(log_interval) / "ckpt" / "tinylm")
     every, logged = runs[1], runs[3]
     printed = capsys.readouterr().out
