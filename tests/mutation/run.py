@@ -236,7 +236,11 @@ def run_module(module: Module, fresh: bool, retry: bool, threads: int) -> None:
     session = start_session(module, repo, config, fresh, retry)
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": str(threads)}
     if any(mutant.verdict == "pending" for mutant in mutants(session)):
-        check_baseline(module, repo, env)
+        try:
+            check_baseline(module, repo, env)
+        except SystemExit as refused:  # said now: the pool would raise it only when its turn came
+            print(refused, file=sys.stderr, flush=True)
+            raise
     print(f"{module.name}: running {session.name}", flush=True)
     subprocess.run([BIN / "cosmic-ray", "exec", config, session], cwd=repo, env=env, check=True)
     save_verdicts(module)
