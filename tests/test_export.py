@@ -434,6 +434,23 @@ def test_tokenizer_json_beside_a_checkpoint_without_one_inside_is_used(tmp_path,
 
 # --- the command line: writing, replacing, refusing -------------------------------------------------
 
+def test_a_language_the_hub_would_refuse_is_refused_before_any_work(tmp_path, ckpt):
+    with pytest.raises(UserError, match="--language must be an ISO 639 language code"):
+        export.export(ckpt, tmp_path / "out", language="English")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_export_needs_no_onnx_packages(tmp_path, ckpt):
+    """Without the onnx extra (its packages hidden from import), an export without --onnx works."""
+    hide = ("import sys; from tinylm import onnx_export; "
+            "sys.modules.update(dict.fromkeys(onnx_export.REQUIRED_PACKAGES)); "
+            "from tinylm.export import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", hide, "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_export_replaces_a_folder_only_when_told_to(exported, ckpt, snapshot):
     before = snapshot(exported)
     with pytest.raises(UserError, match="is not empty; pass --force"):
