@@ -174,9 +174,10 @@ def save_tokenizer(tokenizer, n_positions: int, folder: Path) -> None:
 
 def normalise_modes(folder: Path) -> None:
     """Give every file the umask-based mode (transformers writes model.safetensors owner-only, 0600)."""
+    mode = file_mode()  # read once: each read creates a probe file
     for path in folder.rglob("*"):
         if path.is_file():
-            os.chmod(path, file_mode())
+            os.chmod(path, mode)
 
 
 def check_loads(folder: Path) -> None:
