@@ -432,6 +432,17 @@ def test_tokenizer_json_beside_a_checkpoint_without_one_inside_is_used(tmp_path,
     assert loaded("the fox")["input_ids"] == tokenizer("the fox")["input_ids"]
 
 
+def test_the_tokenizer_json_a_checkpoint_names_is_used(tmp_path, trained):
+    """A checkpoint without a tokenizer inside, naming one in another folder (none beside it)."""
+    model, config, tokenizer = trained
+    path = save_checkpoint(tmp_path / "checkpoints" / "ckpt_best.pt", model, config, tokenizer)
+    named = tok.save(tokenizer.backend_tokenizer, tmp_path / "data")
+    checkpoint.save(path, {**checkpoint.load(path), "tokenizer": {"kind": "char", "path": str(named), "json": ""}})
+    folder = export.export(path, tmp_path / "out")
+    loaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert loaded("the fox")["input_ids"] == tokenizer("the fox")["input_ids"]
+
+
 # --- the command line: writing, replacing, refusing -------------------------------------------------
 
 def test_a_language_the_hub_would_refuse_is_refused_before_any_work(tmp_path, ckpt):
@@ -501,10 +512,10 @@ def write_not_a_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-def write_checkpoint_without_tokenizer(tmp_path: Path) -> Path:
+def write_checkpoint_with_tokenizer(tmp_path: Path, stored: dict) -> Path:
     model, config, tokenizer = train_tiny_model(steps=0)
     path = save_checkpoint(tmp_path / "ckpt_best.pt", model, config, tokenizer)
-    checkpoint.save(path, {**checkpoint.load(path), "tokenizer": {"kind": "char", "path": "", "json": ""}})
+    checkpoint.save(path, {**checkpoint.load(path), "tokenizer": stored})
     return path
 
 
@@ -512,8 +523,10 @@ def write_checkpoint_without_tokenizer(tmp_path: Path) -> Path:
     (lambda tmp: tmp / "missing.pt", "does not exist"),
     (lambda tmp: tmp, "is a folder"),
     (write_not_a_checkpoint, "is not a checkpoint"),
-    (write_checkpoint_without_tokenizer, "holds no tokenizer"),
-], ids=["missing", "folder", "not-a-checkpoint", "no-tokenizer"])
+    (lambda tmp: write_checkpoint_with_tokenizer(tmp, {"kind": "char", "path": "", "json": ""}), "holds no tokenizer"),
+    (lambda tmp: write_checkpoint_with_tokenizer(tmp, {"kind": "char", "path": "", "json": "{not json"}),
+     "holds a tokenizer that does not parse"),
+], ids=["missing", "folder", "not-a-checkpoint", "no-tokenizer", "tokenizer-does-not-parse"])
 def test_bad_checkpoints_give_one_line_and_write_nothing(tmp_path, make_checkpoint, needle):
     path = make_checkpoint(tmp_path)
     out = tmp_path / "exported" / "model"
@@ -535,3 +548,25 @@ def test_out_that_is_a_file_is_refused(tmp_path, ckpt):
     out.write_text("keep me")
     assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out), "is a file")
     assert out.read_text() == "keep me"
+
+
+def test_out_is_required(ckpt):
+    result = run_export("--checkpoint", ckpt)
+    assert result.returncode == 2
+    assert "the following arguments are required: --out" in result.stderr
+
+
+def test_an_out_inside_a_file_is_one_line(tmp_path, ckpt):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", tmp_path / "notes.txt" / "model"),
+                          f"cannot write into {tmp_path / 'notes.txt'}")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_write_into_the_staging_folder_replaces_nothing(exported, snapshot):
+    before = snapshot(exported)
+    with pytest.raises(UserError, match=f"cannot write {exported}: .*nothing was replaced"):
+        with export.staged_folder(exported, force=True) as staging:
+            (staging / "missing" / "config.json").write_text("{}")  # a real OSError: no such folder
+    assert snapshot(exported) == before
+    assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]  # the staging folder is gone

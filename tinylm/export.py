@@ -225,7 +225,7 @@ def is_export_folder(folder: Path) -> bool:
 
 def check_out_folder(out: Path, force: bool) -> None:
     """Refuse an --out that is a file, a non-empty folder without --force, or (with --force) not an export."""
-    if out.is_file() or (out.exists() and not out.is_dir()):
+    if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: pass a folder path, e.g. exported/my-model")
     if not out.is_dir() or not any(out.iterdir()):
         return
