@@ -98,3 +98,52 @@ def test_weights_that_do_not_fit_the_model_config_name_the_first_that_does_not(t
     assert message.startswith("checkpoint weights do not match its model config: Error(s) in loading state_dict")
     assert message.count("size mismatch") == 1 and "transformer.wte.weight" in message
     assert "torch.Size([20, 16])" in message and "torch.Size([24, 16])" in message and "\n" not in message
+
+
+def saved_run(optimizer, rng_states: list) -> dict:
+    """A payload holding `optimizer`'s state, a run at iter 3 and `rng_states` (one per process)."""
+    from dataclasses import asdict
+
+    return {"train_state": {"optimizer": optimizer.state_dict(), "scaler": None, "rng": rng_states,
+                            "run": asdict(checkpoint.RunState(iter=3, best_val_loss=1.5))}}
+
+
+def test_a_restore_puts_back_the_moments_with_this_runs_settings_and_this_processs_random_state():
+    """The saved moments come back, with the settings given for this run (not the saved ones); each
+    process draws on from its own saved random state; another process count keeps the generators
+    as they are and says so.
+
+    Kills: the settings loop skipped; `process_index` ignored; the count check inverted.
+    """
+    from tinylm import rng
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    saved_optimizer = torch.optim.AdamW([weight], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    weight.grad = torch.full((4,), 0.5)
+    saved_optimizer.step()
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(rng.capture())
+    draws = []
+    for state in states:
+        rng.restore(state)
+        draws.append(torch.rand(3))
+    payload = saved_run(saved_optimizer, states)
+
+    optimizer = torch.optim.AdamW([weight], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    run, warning = checkpoint.restore_training(payload, optimizer=optimizer, scaler=None, process_index=1,
+                                               num_processes=2,
+                                               group_settings=[{"weight_decay": 0.0, "betas": (0.8, 0.99)}])
+    assert warning is None and (run.iter, run.best_val_loss) == (3, 1.5)
+    assert torch.equal(torch.rand(3), draws[1])
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.99) and optimizer.param_groups[0]["weight_decay"] == 0.0
+    saved_moments = saved_optimizer.state_dict()["state"][0]
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved_moments["exp_avg"])
+
+    torch.manual_seed(7)
+    untouched = rng.capture()
+    run, warning = checkpoint.restore_training(payload, optimizer=optimizer, scaler=None, process_index=0,
+                                               num_processes=3, group_settings=[{}])
+    assert warning.startswith("checkpoint was written by 2 processes, now 3: random state (dropout) is reseeded")
+    assert torch.equal(torch.get_rng_state(), untouched["torch"])

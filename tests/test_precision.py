@@ -107,7 +107,7 @@ def test_the_divergence_guard_counts_skipped_steps_with_and_without_a_scaler(pre
     """Every step from `first_skipped` on has inf gradients: the run stops at the first check (every
     log_interval = 4 steps) that sees ten or more in a row, and says how many and by which iter.
 
-    Kills (trainer): MAX_NONFINITE_STEPS 10 -> 9 / 11; the skipped-run count starting at 1, or
+    Kills (step_stats): MAX_NONFINITE_STEPS 10 -> 9 / 11; the skipped-run count starting at 1, or
     counting 2 per step.
     """
     scaler = cpu_scaler() if precision == "fp16" else None
@@ -173,7 +173,7 @@ def test_an_fp16_resume_continues_with_the_loss_scale_it_had(prepared, tmp_path)
     """The loss scale an fp16 run backed off to (halved once per overflow) is in its checkpoint, and a
     resumed run starts from it, not from a fresh scaler's initial scale.
 
-    Kills (trainer): the scaler state not restored (`scaler is not None` -> `is None` in _restore); a
+    Kills (checkpoint): the scaler state not restored (`scaler is not None` -> `is None` in restore_training); a
     scaler state restored into no scaler (`and` -> `or`) when an fp16 run is resumed in fp32.
     """
     trainer = make_trainer(prepared, tmp_path, "fp16", cpu_scaler(), max_iters=4, eval_interval=100)

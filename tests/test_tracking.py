@@ -124,3 +124,18 @@ def test_tensorboard_logs_train_metrics_every_log_interval_and_eval_metrics(
         assert [value for _, value in logged[f"{prefix}ppl"]] == pytest.approx(
             [math.exp(value) for _, value in logged[f"{prefix}loss"]], rel=1e-5)
     assert logged["val/loss"][-1][1] < logged["val/loss"][0][1], "the model did not learn"
+
+
+def test_overwrite_clears_the_old_runs_tensorboard_logs_and_keeps_the_new_ones(prepared, tmp_path,
+                                                                                fresh_accelerate_state):
+    """--overwrite removes the replaced run's logs before the new run's tracker opens its own files."""
+    pytest.importorskip("tensorboard", reason="pip install -e '.[tracking]'")
+    from tinylm.trainer import Trainer
+
+    keys = {"tracker": "tensorboard", "cpu_matmul": "blas", "log_interval": 1}
+    make_trainer(prepared, tmp_path, max_iters=3, **keys).fit()
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={"max_iters": 5, **keys})
+    Trainer(load_config(config), overwrite=True).fit()
+    logged = scalars(tmp_path / "ckpt" / "tinylm")
+    assert [step for step, _ in logged["train/loss"]] == [1, 2, 3, 4, 5]
+    assert [step for step, _ in logged["val/loss"]] == [0, 4, 5]

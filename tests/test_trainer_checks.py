@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import WORDS, load_checkpoint, make_trainer, write_config
+from training_helpers import WORDS, load_checkpoint, make_trainer, train_error_in_process, write_config
 
 from tinylm import prepare
 from tinylm.config import MAX_SEED, load_config
@@ -210,7 +210,7 @@ def test_a_folder_holding_another_run_is_refused_unless_overwrite_which_clears_i
     """A new run into a folder holding a run's files is refused and names them; with overwrite, the
     old run's files (and its export and tracker folders) are gone before the new run's first write.
 
-    Kills: the other-run refusal dropped or inverted; `_clear_replaced_run` skipping its work or
+    Kills: the other-run refusal dropped or inverted (run_folder.claim); `clear_replaced_run` skipping its work or
     joining paths wrongly.
     """
     out = tmp_path / "ckpt"
@@ -304,21 +304,22 @@ def test_the_closing_lines_point_at_the_best_checkpoint_or_else_the_last(data, t
 
 
 def test_a_run_that_pushes_without_a_license_is_warned_at_the_start(data, tmp_path, capsys, monkeypatch):
-    """[hub] repo_id without [hub] license: one warning before training that the card will state no
-    license; with a license, none. (Nothing is pushed: that happens only at the end of fit().)
+    """[hub] repo_id without [hub] license: `tinylm train` warns, before anything else, that the card
+    will state no license; with a license, it does not. (Each run then stops before training: its
+    out_dir holds another run. Nothing is pushed: that happens only after training.)
 
-    Kills: `if not config.hub.license` negated.
+    Kills: `if not config.hub.license` negated; the warning not printed.
     """
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # the start-up check only needs one to exist
     for license, warned in ((None, True), ("mit", False)):
         folder = tmp_path / str(license)
-        folder.mkdir()
+        (folder / "ckpt").mkdir(parents=True)
+        (folder / "ckpt" / "train_log.json").write_text("{}")
         hub = {"repo_id": "someone/tiny"} | ({"license": license} if license else {})
-        config = load_config(write_config(folder / "run.toml", data, folder / "ckpt", hub=hub))
-        Trainer(config).close()
-        said = capsys.readouterr().out
-        assert ("warning: hub.license is not set, so the model card pushed to someone/tiny" in said) is warned
-
+        result = train_error_in_process(write_config(folder / "run.toml", data, folder / "ckpt", hub=hub),
+                                        capsys=capsys)
+        assert result.returncode == 2 and "already holds a training run" in result.stderr
+        assert ("warning: hub.license is not set, so the model card pushed to someone/tiny" in result.stdout) is warned
 
 
 def test_a_resumed_run_goes_on_counting_its_training_time(data, tmp_path):
@@ -387,7 +388,7 @@ def test_a_resume_trains_with_the_optimizer_settings_it_is_given(data, tmp_path)
     """betas and weight_decay changed on resume: the restored optimizer uses the new ones (matrices
     decay, biases and LayerNorm gains do not), not the checkpoint's.
 
-    Kills: `_apply_optimizer_settings` skipped (its loop run zero times).
+    Kills: this run's settings not applied in `checkpoint.restore_training` (its loop run zero times).
     """
     make_trainer(data, tmp_path, max_iters=1, eval_interval=100).fit()
     config = load_config(tmp_path / "run.toml", {"training.max_iters": 2, "training.beta2": 0.95,

@@ -19,8 +19,8 @@ runs code from it. Layout (version 1):
                       world_size, cpu_matmul, run (a `RunState`); the learning-rate schedule is a
                       function of `iter` and the config, so it is not stored
 
-`run_payload` builds it from a run; `train_state`, `run_state` and the `check_*` functions read it
-back for a resume and refuse, with what changed, a resume that would not continue the same run.
+`run_payload` builds it from a run; `restore_training` puts it back for a resume, and the `check_*`
+functions refuse, with what changed, a resume that would not continue the same run.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from . import paths
+from . import paths, rng
 from . import tokenizer as tok
 from .atomic import atomic_path
 from .config import SHAPE_KEYS
@@ -186,6 +186,28 @@ def train_state(payload: dict[str, Any]) -> dict[str, Any]:
 def run_state(payload: dict[str, Any]) -> RunState:
     run = dict(train_state(payload)["run"])
     return RunState(**run)
+
+
+def restore_training(payload: dict[str, Any], *, optimizer, scaler, group_settings: list[dict], process_index: int,
+                     num_processes: int) -> tuple[RunState, str | None]:
+    """Put a run's saved training state back into `optimizer`, `scaler` and this process's random
+    generators; return the run's `RunState`, and a warning when the random state cannot be restored."""
+    saved = train_state(payload)
+    optimizer.load_state_dict(saved["optimizer"])
+    # load_state_dict brings back the saved run's hyperparameters with its moments: a resume that
+    # changes them must train with this run's (`group_settings`, one dict per param group), as its
+    # start-up diff says. (The learning rate is the schedule's, set when the scheduler is built.)
+    for group, settings in zip(optimizer.param_groups, group_settings):
+        group.update(settings)
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    states = saved["rng"]
+    if len(states) != num_processes:
+        return run_state(payload), (
+            f"checkpoint was written by {len(states)} processes, now {num_processes}: random state (dropout) is "
+            "reseeded, so the run will not match an uninterrupted one exactly")
+    rng.restore(states[process_index])
+    return run_state(payload), None
 
 
 def started_cpu_matmul(payload: dict[str, Any] | None) -> str | None:

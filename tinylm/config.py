@@ -203,6 +203,13 @@ MAX_SEED = 2**32 - 1
 UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "training.beta1": (0.0, 1.0), "training.beta2": (0.0, 1.0)}
 
 
+def check_seed_fits(seed: int, num_processes: int) -> None:
+    """Each process seeds with seed + rank: refuse a seed that leaves the last rank's past MAX_SEED."""
+    if seed + num_processes - 1 > MAX_SEED:
+        raise UserError(f"training.seed {seed} is too large for {num_processes} processes (each uses seed + rank, "
+                        f"at most {MAX_SEED}); choose a smaller --seed")
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, *,
                 base: dict[str, Any] | None = None, base_source: str = "") -> Config:
     """Read a TOML preset (the built-in defaults when `path` is None), apply flag overrides, validate once.

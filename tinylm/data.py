@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 from . import formats, paths
@@ -300,6 +301,41 @@ def train_batch(stream: TokenStream, *, block_size: int, batch_size: int, seed: 
     return stream.blocks(starts[slot * batch_size :], block_size)
 
 
+class TrainBatches:
+    """This process's micro-batches of each optimizer step (`train_batch`), fetched a step ahead.
+
+    `prefetch(step)`, called once a step's work is queued, reads the next step's blocks (and on a
+    GPU starts their copies to the device) while the device still runs the step; `take(step)`
+    hands them over, or reads them now when none were fetched for that step.
+    """
+
+    def __init__(self, stream: TokenStream, *, block_size: int, batch_size: int, seed: int, grad_accum_steps: int,
+                 process_index: int, device: torch.device):
+        self.stream, self.block_size, self.batch_size, self.seed = stream, block_size, batch_size, seed
+        self.grad_accum_steps, self.process_index, self.device = grad_accum_steps, process_index, device
+        self._ahead: tuple[int | None, list[torch.Tensor]] = (None, [])
+
+    def fetch(self, step: int) -> list[torch.Tensor]:
+        """The micro-batches of optimizer step `step`, on their way to the device."""
+        batches = []
+        for micro_step in range(self.grad_accum_steps):
+            blocks = train_batch(self.stream, block_size=self.block_size, batch_size=self.batch_size, seed=self.seed,
+                                 step=step, slot=self.process_index * self.grad_accum_steps + micro_step)
+            if self.device.type == "cuda":
+                # From page-locked memory the copy is asynchronous: it overlaps the running step.
+                blocks = blocks.pin_memory().to(self.device, non_blocking=True)
+            batches.append(blocks)
+        return batches
+
+    def prefetch(self, step: int) -> None:
+        self._ahead = (step, self.fetch(step))
+
+    def take(self, step: int) -> list[torch.Tensor]:
+        ahead_step, batches = self._ahead
+        self._ahead = (None, [])
+        return batches if ahead_step == step else self.fetch(step)
+
+
 def eval_starts(num_tokens: int, block_size: int, num_blocks: int) -> np.ndarray:
     """`num_blocks` evenly spaced block offsets, never overlapping (fewer if the split is short)."""
     if num_blocks < 1:
@@ -319,6 +355,12 @@ def eval_dataset(stream: TokenStream, *, block_size: int, num_blocks: int) -> da
     starts = eval_starts(stream.num_tokens, block_size, num_blocks)
     offsets = datasets.Dataset.from_dict({"start": starts})
     return offsets.with_transform(functools.partial(slice_blocks, stream=stream, block_size=block_size))
+
+
+def eval_loader(stream: TokenStream, *, block_size: int, num_blocks: int, batch_size: int) -> DataLoader:
+    """The `eval_dataset` blocks in batches, always in the same order."""
+    return DataLoader(eval_dataset(stream, block_size=block_size, num_blocks=num_blocks), batch_size=batch_size,
+                      shuffle=False)
 
 
 def slice_blocks(batch: dict, *, stream: TokenStream, block_size: int) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from . import locks
 from .errors import UserError, command_line
@@ -29,6 +30,24 @@ TRACKER_PROJECT = "tinylm"
 
 def lock(out_dir: Path) -> locks.FolderLock:
     return locks.FolderLock(out_dir, "training run")
+
+
+def claim(out_dir: Path, folder_lock: locks.FolderLock, *, is_main: bool, resumed_from: Path | None, overwrite: bool,
+          say: Callable[[str], None]) -> list[str]:
+    """Before any work: check out_dir is writable (on every process, so all of them stop together), take
+    its lock and remove what a dead writer left (main process), and refuse it when it holds another run,
+    unless `overwrite`. Return that run's files, which `clear_replaced_run` removes before the first write."""
+    check_writable(out_dir)
+    if is_main:
+        folder_lock.acquire()
+        stale = remove_stale(out_dir)
+        if stale:
+            say(f"removed {len(stale)} unfinished file(s) a stopped run left in {out_dir}: "
+                + ", ".join(path.name for path in stale))
+    found = other_run(out_dir, resumed_from)
+    if found and not overwrite:
+        refuse_other_run(out_dir, found)
+    return found
 
 
 def check_writable(out_dir: Path) -> None:

@@ -36,6 +36,32 @@ def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, d
     ])
 
 
+def eval_record(step: int, losses: dict[str, float], *, lr: float, tokens_seen: int, elapsed_s: float,
+                tokens_per_s: float) -> dict:
+    """One evaluation as train_log.json records it (the clamp keeps exp() finite for a diverged loss)."""
+    return {
+        "iter": step,
+        "train_loss": losses["train"],
+        "val_loss": losses["val"],
+        "train_ppl": math.exp(min(losses["train"], 50.0)),
+        "val_ppl": math.exp(min(losses["val"], 50.0)),
+        "lr": lr,
+        "tokens_seen": tokens_seen,
+        "elapsed_s": round(elapsed_s, 3),
+        "tokens_per_s": round(tokens_per_s, 1),
+    }
+
+
+def eval_line(record: dict, improved: bool) -> str:
+    return (f"eval iter {record['iter']}: train loss {record['train_loss']:.4f} (ppl {record['train_ppl']:.2f}) | "
+            f"val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})" + (" | best" if improved else ""))
+
+
+def early_stopping_line(step: int, state: RunState, min_delta: float) -> str:
+    return (f"early stopping at iter {step}: val loss has not improved by at least {min_delta} for "
+            f"{state.evals_without_improvement} evaluations (best {state.best_val_loss:.4f} at iter {state.best_iter})")
+
+
 def samples_here(sample_tokens: int, is_main: bool, distributed_type: DistributedType) -> bool:
     """Whether this process draws the evaluations' samples: the main one, asked to, and not under FSDP
     (where no process holds the whole model)."""

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
+# Optimizer steps in a row whose gradients are inf/nan before we give up. Under fp16
+# the loss scaler skips a few such steps while it finds its scale; more means divergence.
+MAX_NONFINITE_STEPS = 10
+
 
 @dataclass
 class Report:
@@ -61,3 +67,13 @@ class StepStats:
         self.grad_norm_steps.zero_()
         self.longest_skipped_run = self.skipped_run.clone()
         return report
+
+
+def check_diverged(report: Report, iteration: int, out_dir) -> None:
+    """Stop the run when MAX_NONFINITE_STEPS optimizer steps in a row were skipped."""
+    if report.longest_skipped_run >= MAX_NONFINITE_STEPS:
+        raise UserError(
+            f"training diverged: {report.longest_skipped_run} optimizer steps in a row had inf/nan gradients "
+            f"(by iter {iteration}); lower training.learning_rate, or use precision = \"bf16\"/\"fp32\". "
+            f"The last good checkpoint in {out_dir} was kept"
+        )

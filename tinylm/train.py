@@ -88,12 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     from tinylm.run_folder import EXPORT_NAME, final_checkpoint
     from tinylm.trainer import train
 
+    if config.hub.repo_id:  # only runs that push need the Hub client
+        from tinylm import push
+
+        warning = push.check_run_push(config.hub)  # fails now, not after hours of training
+        if warning and PartialState().is_main_process:
+            print(warning, flush=True)
     summary = train(config, resume=resumed, overwrite=args.overwrite)
     if summary["stop_reason"] == "interrupted":
         return 130
     if config.hub.repo_id and PartialState().is_main_process:
-        from tinylm import push  # only runs that push need the Hub client
-
         out_dir = Path(config.training.out_dir)
         print(push.push_run(final_checkpoint(out_dir), out_dir / EXPORT_NAME, config.hub), flush=True)
     return 0

@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
-from torch.utils.data import DataLoader
 
 from . import checkpoint, data, rng, run_folder, run_report, sampler
 from .atomic import write_json
 from .checkpoint import Loaded, RunState
 from .compat import close_process_group_at_exit, skip_next_step_where
-from .config import MAX_SEED, Config, Sampling
+from .config import Config, Sampling, check_seed_fits
 from .errors import UserError, command_line
 from .hardware import (
     Hardware,
@@ -39,12 +38,8 @@ from .progress import Progress
 from .run_folder import TRACKER_PROJECT
 from .schedule import build_scheduler
 from .schedule import warning as schedule_warning
-from .step_stats import Report, StepStats
+from .step_stats import StepStats, check_diverged
 from .tracking import check_tracker_installed, flat_config
-
-# Optimizer steps in a row whose gradients are inf/nan before we give up. Under fp16
-# the loss scaler skips a few such steps while it finds its scale; more means divergence.
-MAX_NONFINITE_STEPS = 10
 
 
 class Trainer:
@@ -76,12 +71,6 @@ class Trainer:
         if newer:
             self.print(f"warning: {newer}")
 
-        if config.hub.repo_id:  # fail now, not after hours of training (the push itself is train.py's)
-            from . import push
-
-            warning = push.check_run_push(config.hub)
-            if warning:
-                self.print(warning)
         if isinstance(resume, (str, Path)):
             resume = Loaded(Path(resume), checkpoint.load(resume, flag="--resume"))
         self._lock = run_folder.lock(self.out_dir)
@@ -133,7 +122,9 @@ class Trainer:
             # can skip a step on the device (found_inf, see _optimizer_step) without a host sync.
             fused=True,
         )
-        eval_loaders = [self._eval_loader(self.train_tokens), self._eval_loader(self.val_tokens)]
+        eval_loaders = [data.eval_loader(tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
+                                         num_blocks=training.eval_iters * training.batch_size)
+                        for tokens in (self.train_tokens, self.val_tokens)]
         self.model, self.optimizer, train_eval, val_eval = self.accelerator.prepare(model, optimizer, *eval_loaders)
         self.eval_loaders = {"train": train_eval, "val": val_eval}
         if resumed:
@@ -141,7 +132,10 @@ class Trainer:
         # Built for this config at the step the run is at: the schedule is a function of the step,
         # so a resumed run follows its own (possibly changed) learning-rate settings from there.
         self.scheduler = build_scheduler(optimizer, training, start_step=self.state.iter)
-        self._prefetched: tuple[int | None, list[torch.Tensor]] = (None, [])
+        self.batches = data.TrainBatches(
+            self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
+            seed=training.seed, grad_accum_steps=training.grad_accum_steps,
+            process_index=self.accelerator.process_index, device=self.accelerator.device)
         self.stats = StepStats(self.accelerator.device, skipped_run=self.state.nonfinite_steps)
         self._flops_per_token = flops_per_token(model)
         self._peak_flops = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision,
@@ -163,22 +157,11 @@ class Trainer:
 
     def _fit(self) -> dict:
         training = self.config.training
-        model = self.accelerator.unwrap_model(self.model)
-        speed = (["torch.compile"] if self.compiled else []) + ([self.cpu_matmul.note] if self.cpu_matmul.note else [])
-        self.print(run_report.banner(self.config, model, self.data, self.train_tokens.num_tokens,
-                                     self.val_tokens.num_tokens, device=str(self.accelerator.device),
-                                     precision=self.hardware.precision,
-                                     world_size=self.accelerator.num_processes, speed=speed))
-        short_of_the_peak = schedule_warning(training)
-        if short_of_the_peak:
-            self.print(f"warning: {short_of_the_peak}")
-        if training.tracker != "none":
-            self.accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(self.config.to_dict()))
+        self._announce()
         stop_reason = "max_iters"
         progress = Progress(training.max_iters, self.state.iter, self.tokens_per_step, self.is_main,
                             self._flops_per_token, self._peak_flops)
         interrupts = _InterruptFlag()
-        self._clear_replaced_run()
         started = time.perf_counter() - self.state.elapsed_s
         self.model.train()
         with interrupts, progress:
@@ -198,7 +181,8 @@ class Trainer:
                 if self.state.iter % training.log_interval and self.state.iter != training.max_iters:
                     continue
                 report = self.stats.report(self.accelerator)
-                self._check_finite_steps(report)
+                self.state.nonfinite_steps = report.skipped_run
+                check_diverged(report, self.state.iter, self.out_dir)
                 lr = self.scheduler.get_last_lr()[0]
                 progress.log(report.loss, lr)
                 self._log({"train/loss": report.loss, "train/lr": lr, "train/grad_norm": report.grad_norm,
@@ -209,6 +193,28 @@ class Trainer:
                     stop_reason = "interrupted"
                     break
         self.state.elapsed_s = time.perf_counter() - started
+        return self._finish(stop_reason)
+
+    def _announce(self) -> None:
+        """Before the first step: the banner and warnings, the trackers, and the replaced run cleared."""
+        training = self.config.training
+        model = self.accelerator.unwrap_model(self.model)
+        speed = (["torch.compile"] if self.compiled else []) + ([self.cpu_matmul.note] if self.cpu_matmul.note else [])
+        self.print(run_report.banner(self.config, model, self.data, self.train_tokens.num_tokens,
+                                     self.val_tokens.num_tokens, device=str(self.accelerator.device),
+                                     precision=self.hardware.precision,
+                                     world_size=self.accelerator.num_processes, speed=speed))
+        short_of_the_peak = schedule_warning(training)
+        if short_of_the_peak:
+            self.print(f"warning: {short_of_the_peak}")
+        if self._holds_other_run and self.is_main:  # before the trackers open their files in out_dir
+            replaced = run_folder.clear_replaced_run(self.out_dir)
+            self.print(f"--overwrite: removed the previous run's {', '.join(replaced)} from {self.out_dir}")
+        if training.tracker != "none":
+            self.accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(self.config.to_dict()))
+
+    def _finish(self, stop_reason: str) -> dict:
+        """After the last step: train_log.json's summary (and ckpt_last.pt when interrupted), what to do next."""
         summary = run_report.summary(self.state, stop_reason, tokens_per_step=self.tokens_per_step,
                                      world_size=self.accelerator.num_processes)
         if stop_reason == "interrupted":
@@ -217,7 +223,6 @@ class Trainer:
                        f"Resume with: {command_line('tinylm', 'train', '--resume', self.out_dir / LAST_NAME)}")
         else:
             self._save([], val_loss=None, summary=summary)
-        if stop_reason != "interrupted":
             self.print(run_report.outputs(summary, self.out_dir,
                                           run_report.speed(summary, self._flops_per_token, self._peak_flops)))
         for tracker in self.accelerator.trackers:  # end_training() would also destroy the process group,
@@ -231,7 +236,7 @@ class Trainer:
         goes on to read the next step's batches while the GPU runs it.
         """
         loss_sum = torch.zeros((), device=self.accelerator.device)
-        for blocks in self._take_batches(step):
+        for blocks in self.batches.take(step):
             # accumulate() skips the DDP all-reduce on all but the last micro-step, and
             # backward() already divides the loss by grad_accum_steps: don't divide again.
             with self.accelerator.accumulate(self.model), self.cpu_matmul.active():
@@ -241,30 +246,8 @@ class Trainer:
                     self._optimizer_step()
             loss_sum += loss.detach()
         self.scheduler.step()
-        self._prefetched = (step + 1, self._fetch_batches(step + 1))
+        self.batches.prefetch(step + 1)
         return loss_sum / self.config.training.grad_accum_steps
-
-    def _fetch_batches(self, step: int) -> list[torch.Tensor]:
-        """This process's micro-batches of optimizer step `step`, on their way to the device."""
-        training = self.config.training
-        batches = []
-        for micro_step in range(training.grad_accum_steps):
-            blocks = data.train_batch(
-                self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
-                seed=training.seed, step=step,
-                slot=self.accelerator.process_index * training.grad_accum_steps + micro_step,
-            )
-            if self.accelerator.device.type == "cuda":
-                # From page-locked memory the copy is asynchronous: it overlaps the running step.
-                blocks = blocks.pin_memory().to(self.accelerator.device, non_blocking=True)
-            batches.append(blocks)
-        return batches
-
-    def _take_batches(self, step: int) -> list[torch.Tensor]:
-        """The batches fetched ahead for `step` by the previous step, or fetched now."""
-        prefetched_step, batches = self._prefetched
-        self._prefetched = (None, [])
-        return batches if prefetched_step == step else self._fetch_batches(step)
 
     def _optimizer_step(self) -> None:
         """Clip, then step; a step whose (already all-reduced) gradients are not finite changes nothing.
@@ -290,16 +273,6 @@ class Trainer:
         """Send metrics to training.tracker (accelerate logs on the main process only)."""
         if self.config.training.tracker != "none":
             self.accelerator.log(metrics, step=step)
-
-    def _check_finite_steps(self, report: Report) -> None:
-        """Stop when MAX_NONFINITE_STEPS optimizer steps in a row were skipped (read every log_interval)."""
-        self.state.nonfinite_steps = report.skipped_run
-        if report.longest_skipped_run >= MAX_NONFINITE_STEPS:
-            raise UserError(
-                f"training diverged: {report.longest_skipped_run} optimizer steps in a row had inf/nan gradients "
-                f"(by iter {self.state.iter}); lower training.learning_rate, or use precision = \"bf16\"/\"fp32\". "
-                f"The last good checkpoint in {self.out_dir} was kept"
-            )
 
     # ----------------------------------------------------- evaluation and saving
 
@@ -333,22 +306,11 @@ class Trainer:
             )
         state = self.state
         improved = state.note_eval(step, val_loss, training.early_stopping_min_delta)
-        record = {
-            "iter": step,
-            "train_loss": losses["train"],
-            "val_loss": val_loss,
-            "train_ppl": math.exp(min(losses["train"], 50.0)),
-            "val_ppl": math.exp(min(val_loss, 50.0)),
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens_seen": step * self.tokens_per_step,
-            "elapsed_s": round(state.elapsed_s, 3),
-            "tokens_per_s": round(progress.tokens_per_s, 1),
-        }
+        record = run_report.eval_record(step, losses, lr=self.scheduler.get_last_lr()[0],
+                                        tokens_seen=step * self.tokens_per_step, elapsed_s=state.elapsed_s,
+                                        tokens_per_s=progress.tokens_per_s)
         state.records.append(record)
-        progress.write(
-            f"eval iter {step}: train loss {record['train_loss']:.4f} (ppl {record['train_ppl']:.2f}) | "
-            f"val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})" + (" | best" if improved else "")
-        )
+        progress.write(run_report.eval_line(record, improved))
         self._log({"train/eval_loss": record["train_loss"], "train/eval_ppl": record["train_ppl"],
                    "val/loss": val_loss, "val/ppl": record["val_ppl"]}, step)
         sample = self._sample()
@@ -359,11 +321,7 @@ class Trainer:
         self._save([LAST_NAME, BEST_NAME] if improved and training.save_best else [LAST_NAME], val_loss)
         stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
         if stop:
-            progress.write(
-                f"early stopping at iter {step}: val loss has not improved by at least "
-                f"{training.early_stopping_min_delta} for {state.evals_without_improvement} evaluations "
-                f"(best {state.best_val_loss:.4f} at iter {state.best_iter})"
-            )
+            progress.write(run_report.early_stopping_line(step, state, training.early_stopping_min_delta))
         return stop
 
     def _sample(self) -> str | None:
@@ -421,26 +379,14 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def _check_before_training(self, resume: Loaded | None, overwrite: bool) -> None:
-        """Refuse, before any work, what would lose a run or fail later: an out_dir in use by another
-        process, one that holds another run, an unwritable one, a seed too large. The main process
-        takes out_dir's lock (held until the run ends) and clears what a dead writer left there."""
-        out_dir, training = self.out_dir, self.config.training
+        """Refuse, before any work, what would lose a run or fail later (see `run_folder.claim`), and a
+        seed too large for the process count; every process stops together with the first refusal."""
         failure = None
         try:
-            run_folder.check_writable(out_dir)  # on every process, so that all of them stop here together
-            if self.is_main:
-                self._lock.acquire()
-                stale = run_folder.remove_stale(out_dir)
-                if stale:
-                    self.print(f"removed {len(stale)} unfinished file(s) a stopped run left in {out_dir}: "
-                               + ", ".join(path.name for path in stale))
-            self._holds_other_run = run_folder.other_run(out_dir, resume.path if resume else None)
-            if self._holds_other_run and not overwrite:
-                run_folder.refuse_other_run(out_dir, self._holds_other_run)
-            last_seed = training.seed + self.accelerator.num_processes - 1  # each process seeds with seed + rank
-            if last_seed > MAX_SEED:
-                raise UserError(f"training.seed {training.seed} is too large for {self.accelerator.num_processes} "
-                                f"processes (each uses seed + rank, at most {MAX_SEED}); choose a smaller --seed")
+            self._holds_other_run = run_folder.claim(self.out_dir, self._lock, is_main=self.is_main,
+                                                     resumed_from=resume.path if resume else None,
+                                                     overwrite=overwrite, say=self.print)
+            check_seed_fits(self.config.training.seed, self.accelerator.num_processes)
         except UserError as exc:
             failure = exc
         try:
@@ -449,40 +395,19 @@ class Trainer:
             self.close()
             raise
 
-    def _clear_replaced_run(self) -> None:
-        if self._holds_other_run and self.is_main:
-            replaced = run_folder.clear_replaced_run(self.out_dir)
-            self.print(f"--overwrite: removed the previous run's {', '.join(replaced)} from {self.out_dir}")
-
     def _restore(self, payload: dict) -> None:
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise UserError("cannot resume under FSDP: the checkpoint holds only the main process's optimizer shard; "
                             "resume with DDP (configs/accelerate/multi-gpu.yaml) or start a new run")
-        train_state = checkpoint.train_state(payload)
-        self.optimizer.load_state_dict(train_state["optimizer"])
-        self._apply_optimizer_settings()
-        if self.accelerator.scaler is not None and train_state.get("scaler"):
-            self.accelerator.scaler.load_state_dict(train_state["scaler"])
-        self.state = checkpoint.run_state(payload)
-        states = train_state["rng"]
-        if len(states) == self.accelerator.num_processes:
-            rng.restore(states[self.accelerator.process_index])
-        else:
-            self.print(f"warning: checkpoint was written by {len(states)} processes, now {self.accelerator.num_processes}: "
-                       "random state (dropout) is reseeded, so the run will not match an uninterrupted one exactly")
-        self.print(f"resumed from iter {self.state.iter} (best val loss {self.state.best_val_loss:.4f})")
-
-    def _apply_optimizer_settings(self) -> None:
-        """Put this run's betas and weight decay into the restored optimizer.
-
-        load_state_dict brings back the saved run's hyperparameters with its moments: a resume
-        that changes them must train with the new ones, as its start-up diff says. (The learning
-        rate is the schedule's, set for this config when the scheduler is built.)
-        """
         training = self.config.training
-        fresh = optimizer_groups(self.accelerator.unwrap_model(self.model), training.weight_decay)
-        for group, settings in zip(self.optimizer.param_groups, fresh):
-            group.update(weight_decay=settings["weight_decay"], betas=(training.beta1, training.beta2))
+        this_run = [{"weight_decay": group["weight_decay"], "betas": (training.beta1, training.beta2)}
+                    for group in optimizer_groups(self.accelerator.unwrap_model(self.model), training.weight_decay)]
+        self.state, warning = checkpoint.restore_training(
+            payload, optimizer=self.optimizer, scaler=self.accelerator.scaler, group_settings=this_run,
+            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes)
+        if warning:
+            self.print(f"warning: {warning}")
+        self.print(f"resumed from iter {self.state.iter} (best val loss {self.state.best_val_loss:.4f})")
 
     # ------------------------------------------------------------------ helpers
 
@@ -494,12 +419,6 @@ class Trainer:
     @property
     def global_batch_size(self) -> int:
         return self.config.effective_batch_size * self.accelerator.num_processes
-
-    def _eval_loader(self, tokens) -> DataLoader:
-        training = self.config.training
-        blocks = data.eval_dataset(tokens, block_size=self.config.model.block_size,
-                                   num_blocks=training.eval_iters * training.batch_size)
-        return DataLoader(blocks, batch_size=training.batch_size, shuffle=False)
 
     def print(self, message: str) -> None:
         if self.is_main:
