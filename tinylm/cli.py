@@ -18,7 +18,7 @@ COMMANDS = {
     "demo": ("tinylm.demo", "serve a browser demo of a checkpoint (needs tinylm[demo])"),
     "export": ("tinylm.export", "write a transformers model folder (and ONNX) from a checkpoint"),
     "push": ("tinylm.push", "upload an exported model folder to the Hugging Face Hub"),
-    "plot": ("tinylm.plot", "draw the loss curves of a train_log.json to a PNG"),
+    "plot": ("tinylm.plot", "draw runs' loss, best val loss and learning rate to a PNG"),
 }
 
 

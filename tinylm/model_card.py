@@ -57,7 +57,7 @@ def draw_loss_curve(records: list[dict], target: Path, title: str) -> str | None
     if importlib.util.find_spec("matplotlib") is None:
         return ("The loss curve was not drawn: matplotlib is not installed "
                 "(`pip install 'tinylm[plot]'`, then export again).")
-    plot.plot_losses(records, target, title=title)
+    plot.save(plot.draw([plot.Run(title, records)]), target)
     return None
 
 

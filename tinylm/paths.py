@@ -20,6 +20,7 @@ CHECKPOINT_BEST = "checkpoints/ckpt_best.pt"
 LAST_NAME = "ckpt_last.pt"
 BEST_NAME = "ckpt_best.pt"
 TRAIN_LOG_NAME = "train_log.json"
+METRICS_NAME = "metrics.jsonl"
 
 TROUBLESHOOTING = "docs/troubleshooting.md"
 
