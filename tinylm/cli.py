@@ -15,6 +15,7 @@ COMMANDS = {
     "prepare": ("tinylm.prepare", "tokenize a corpus into train/val token files"),
     "train": ("tinylm.train", "train a model (also: python tinylm/train.py, accelerate launch)"),
     "generate": ("tinylm.generate", "sample text from a checkpoint or exported model"),
+    "eval": ("tinylm.evaluate", "score a model on a text: loss, perplexity, bits per byte"),
     "demo": ("tinylm.demo", "serve a browser demo of a checkpoint (needs tinylm[demo])"),
     "export": ("tinylm.export", "write a transformers model folder (and ONNX) from a checkpoint"),
     "push": ("tinylm.push", "upload an exported model folder to the Hugging Face Hub"),
