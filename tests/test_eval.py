@@ -60,6 +60,8 @@ def run_eval(*args) -> subprocess.CompletedProcess:
 # --- the same numbers as training ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["ckpt_best.pt", "ckpt_last.pt"])
 def test_training_blocks_give_the_losses_the_run_recorded(run, prepared, capsys, name):
+    """Kills (tests/mutants.py) "eval: --split ignored for prepared data" and "eval: --blocks training
+    scores eval_iters blocks, not eval_iters * batch_size"."""
     payload = load_checkpoint(run / name)
     record = next(r for r in read_log(run)["records"] if r["iter"] == payload["iter"])
     common = ["--checkpoint", run / name, "--data", prepared, "--blocks", "training"]
@@ -86,6 +88,8 @@ def hand_nll(model, ids: list[int], context: int, stride: int) -> float:
 
 @pytest.mark.parametrize("stride", [None, 5, 1])
 def test_bits_per_byte_is_the_nll_in_bits_over_the_texts_utf8_bytes(accented, tmp_path, capsys, stride):
+    """Plain torch, target by target. Kills "eval: bytes counted as characters", "eval: the text's first
+    token not scored (no bos before it)" and "eval: overlapping windows score their shared targets twice"."""
     path, model, tokenizer = accented
     text = ACCENTED[:70]
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
@@ -103,6 +107,7 @@ def test_bits_per_byte_is_the_nll_in_bits_over_the_texts_utf8_bytes(accented, tm
 
 
 def test_a_char_and_a_bpe_model_score_the_same_bytes(accented, tmp_path, capsys):
+    """Kills "eval: bytes counted as characters" and "eval: the text's first token not scored"."""
     path, _, _ = accented
     bpe = tok.wrap(tok.train_bpe([ACCENTED], 300, show_progress=False))
     config = tinymodel.gpt2_config(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16), len(bpe))
@@ -136,6 +141,8 @@ def test_a_datasets_documents_each_end_with_endoftext(run, tmp_path, capsys):
 
 # --- one text, three ways in -------------------------------------------------------------------------------------
 def test_a_prepared_split_scores_exactly_like_its_text(run, as_txt, prepared, capsys):
+    """txt and bin data read through their memory maps, and val.txt read as text: the same stream.
+    Kills "eval: a prepared split's last token never scored"."""
     checkpoint, split = ["--checkpoint", run / "ckpt_best.pt"], "val"
     as_text = eval_json(capsys, *checkpoint, "--input", as_txt / f"{split}.txt", "--batch-size", 3)
     as_data = eval_json(capsys, *checkpoint, "--data", as_txt, "--split", split, "--batch-size", 3)

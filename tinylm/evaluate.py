@@ -335,7 +335,7 @@ def lines(result: dict) -> str:
     """The report for people."""
     split = f" ({result['split']} split)" if result["split"] else ""
     windows = (f"windows of up to {result['context']} tokens of context, stride {result['stride']}"
-               if result["stride"] else f"blocks of {result['context']} tokens training evaluates")
+               if result["stride"] else f"blocks of {result['context']} + 1 tokens, the ones training evaluates")
     bits = result["bits_per_byte"]
     return (f"model          {result['model']}\n"
             f"text           {result['text']}{split}\n"
