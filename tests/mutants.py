@@ -174,7 +174,7 @@ MUTANTS = [
      "    if not available():", "    if False:",
      ["tests/test_tracking.py", "-k", "missing"]),
     ("trainer: train metrics never sent to the tracker", "tinylm/trainer.py",
-     '                self._log({"train/loss": report.loss,', '                (lambda *args: None)({"train/loss": report.loss,',
+     '        self._log({"train/loss": report.loss,', '        (lambda *args: None)({"train/loss": report.loss,',
      ["tests/test_tracking.py", "-k", "tensorboard"]),
     ("step_stats: logged train loss is rank 0's, not the mean over processes", "tinylm/step_stats.py",
      'sums = accelerator.reduce(torch.stack([self.loss_sum, self.grad_norm_sum, self.grad_norm_steps]), "sum")',

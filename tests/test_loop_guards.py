@@ -32,7 +32,7 @@ from tinylm.trainer import Trainer
 
 TRAIN_CHARS, VAL_CHARS = 15_000, 5_000
 SEED, BLOCK, BATCH = TINY["training"]["seed"], TINY["model"]["block_size"], TINY["training"]["batch_size"]
-RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "train_log.json")
+RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "train_log.json", "metrics.jsonl")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -170,7 +170,7 @@ def assert_same(actual, expected, where: str = "") -> None:
 
 
 def assert_same_files(folder: Path, reference: Path) -> None:
-    """Every file the run wrote: the same names, and ckpt_last/ckpt_best/train_log equal to the reference's."""
+    """Every file the run wrote: the same names, and each equal to the reference's (but for wall-clock times)."""
     def names(path):
         return {p.name for p in path.iterdir() if p.name not in (LOCK_NAME, OWNER_NAME)}
 
@@ -179,6 +179,8 @@ def assert_same_files(folder: Path, reference: Path) -> None:
         assert_same(load_checkpoint(folder / name), load_checkpoint(reference / name), name)
     assert_same(json.loads((folder / "train_log.json").read_text()),
                 json.loads((reference / "train_log.json").read_text()), "train_log.json")
+    assert_same(*([json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+                  for path in (folder, reference)), "metrics.jsonl")
 
 
 def fit(config: Path, resume: Path | None = None, interrupt_at: int | None = None) -> Trainer:

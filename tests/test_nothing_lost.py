@@ -119,7 +119,7 @@ def test_overwrite_removes_the_previous_runs_files_before_the_new_run_writes(pre
 
     result = train(no_best, "--overwrite", "--seed", "3")
 
-    assert f"--overwrite: removed the previous run's ckpt_best.pt, ckpt_last.pt, train_log.json, exported from " \
+    assert f"--overwrite: removed the previous run's ckpt_best.pt, ckpt_last.pt, train_log.json, metrics.jsonl, exported from " \
            f"{out_dir}" in result.stdout
     assert not (out_dir / "ckpt_best.pt").exists() and not (out_dir / "exported").exists()
     assert (out_dir / "ckpt_last.pt").read_bytes() != old_last

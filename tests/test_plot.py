@@ -274,3 +274,16 @@ def test_each_bad_input_is_one_line_naming_the_file(tmp_path):
     assert_one_line_error(without, "matplotlib", "pip install")
     assert not (good / "loss.png").exists()
 
+
+
+def test_a_real_runs_folder_is_drawn_from_its_steps_and_evaluations(prepared, tmp_path, fresh_accelerate_state):
+    """A run tinylm train wrote: metrics.jsonl holds steps and evaluations; the steps make the train line,
+    the evaluations come from train_log.json."""
+    from training_helpers import make_trainer
+
+    make_trainer(prepared, tmp_path, max_iters=6, log_interval=1, eval_interval=3, cpu_matmul="blas").fit()
+    folder, records, steps = plot.load_run(tmp_path / "ckpt")
+    assert [step["iter"] for step in steps] == [1, 2, 3, 4, 5, 6]
+    assert [record["iter"] for record in records] == [0, 3, 6]
+    train_line = plot.draw([plot.Run("real", records, steps)]).axes[0].lines[0]
+    assert list(train_line.get_xdata()) == [1, 2, 3, 4, 5, 6]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -42,8 +43,15 @@ def logged_iters(out_dir: Path) -> list[int]:
         return []
 
 
+def logged_steps(out_dir: Path) -> list[dict]:
+    """metrics.jsonl's lines without their wall-clock columns."""
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "tokens_per_s")} for line in lines]
+
+
 def assert_same_run(out_dir: Path, reference: Path) -> None:
     assert losses(out_dir) == losses(reference)  # bit-identical floats
+    assert logged_steps(out_dir) == logged_steps(reference)
     weights, expected = (load_checkpoint(d / "ckpt_last.pt")["model"] for d in (out_dir, reference))
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
@@ -56,6 +64,10 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(prepared, straigh
     process.wait()
     killed_at = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["iter"]
     assert 8 <= killed_at < 16
+    # What a run killed after logging past its last checkpoint leaves: a whole line, then one cut short.
+    with (tmp_path / "ckpt" / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"iter": killed_at + 4, "train_loss": 9.0, "lr": 0.0, "grad_norm": 1.0,
+                                  "tokens_seen": 0, "tokens_per_s": 1.0, "elapsed_s": 1.0}) + '\n{"iter": ')
     result = train(config, "--resume")
     assert f"resumed from iter {killed_at}" in result.stdout
     assert_same_run(tmp_path / "ckpt", straight)

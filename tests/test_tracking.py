@@ -20,6 +20,7 @@ from training_helpers import (
 from tinylm import data
 from tinylm.config import TRACKERS, apply_overrides, load_config
 from tinylm.errors import UserError
+from tinylm.metrics_log import EVAL_COLUMNS, STEP_COLUMNS
 from tinylm.model import per_block_loss
 from tinylm.schedule import lr_at
 from tinylm.tracking import INSTALL
@@ -111,6 +112,22 @@ def test_tensorboard_logs_train_metrics_every_log_interval_and_eval_metrics(
     # The loss printed every log_interval is the one logged.
     printed_losses = [float(loss) for loss in re.findall(r"^iter \d+/7 \| loss ([\d.]+)", printed, re.MULTILINE)]
     assert printed_losses == pytest.approx([value for _, value in logged["train/loss"]], abs=1e-4)
+
+    # metrics.jsonl holds the same numbers at the same steps, whatever the tracker, and pandas reads it.
+    import pandas
+
+    table = pandas.read_json(tmp_path / "3" / "ckpt" / "metrics.jsonl", lines=True)
+    assert set(table.columns) == set(STEP_COLUMNS) | set(EVAL_COLUMNS)
+    assert list(table["iter"]) == [0, 3, 4, 6, 7, 7]  # in the order they happen: an evaluation follows its step
+    rows = table[table["train_loss"].notna()]
+    assert list(rows["iter"]) == [3, 6, 7]
+    for column, name in (("train_loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm")):
+        assert list(rows[column]) == pytest.approx([value for _, value in logged[name]], rel=1e-6), column
+    assert list(rows["tokens_seen"]) == [step * trainer.tokens_per_step for step in (3, 6, 7)]
+    evaluations = table[table["val_loss"].notna()]
+    assert list(evaluations["iter"]) == [0, 4, 7]
+    for column, name in (("val_loss", "val/loss"), ("eval_train_loss", "train/eval_loss")):
+        assert list(evaluations[column]) == pytest.approx([value for _, value in logged[name]], rel=1e-6), column
 
     training = load_config(tmp_path / "3" / "run.toml").training
     assert [value for _, value in logged["train/lr"]] == pytest.approx(

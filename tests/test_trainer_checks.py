@@ -218,12 +218,12 @@ def test_a_folder_holding_another_run_is_refused_unless_overwrite_which_clears_i
     (out / "exported").mkdir()
     (out / "exported" / "model.safetensors").write_text("old")
     old_log = (out / "train_log.json").read_text()
-    with pytest.raises(UserError, match=rf"{out} already holds a training run \(ckpt_best.pt, ckpt_last.pt, train_log.json\)"):
+    with pytest.raises(UserError, match=rf"{out} already holds a training run \(ckpt_best.pt, ckpt_last.pt, train_log.json, metrics.jsonl\)"):
         make_trainer(data, tmp_path, max_iters=2)
 
     capsys.readouterr()
     Trainer(load_config(tmp_path / "run.toml"), overwrite=True).fit()
-    assert f"--overwrite: removed the previous run's ckpt_best.pt, ckpt_last.pt, train_log.json, exported from {out}" \
+    assert f"--overwrite: removed the previous run's ckpt_best.pt, ckpt_last.pt, train_log.json, metrics.jsonl, exported from {out}" \
         in capsys.readouterr().out
     assert not (out / "exported").exists() and (out / "train_log.json").read_text() != old_log
 

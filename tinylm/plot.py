@@ -71,6 +71,8 @@ def read_steps(path: Path, keys: tuple[str, ...] = STEP_KEYS) -> list[dict]:
             if number == lines[-1][0]:
                 break  # a run killed mid-write leaves its last line cut short: the lines before it stand
             raise UserError(f"{path}: line {number} is not JSON ({exc.msg}); remove it or pass another run") from None
+        if isinstance(step, dict) and "val_loss" in step:
+            continue  # an evaluation's line: the evaluations are drawn from train_log.json
         if bad := missing_numbers(step, keys):
             raise UserError(f"{path}: line {number} has no number for {', '.join(bad)}; "
                             "pass a metrics.jsonl written by tinylm train")

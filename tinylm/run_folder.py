@@ -16,10 +16,10 @@ from typing import Callable
 
 from . import locks
 from .errors import UserError, command_line
-from .paths import BEST_NAME, LAST_NAME, TRAIN_LOG_NAME
+from .paths import BEST_NAME, LAST_NAME, METRICS_NAME, TRAIN_LOG_NAME
 
 # What a run writes into its out_dir: what --overwrite clears, and what makes a folder "hold a run".
-RUN_FILES = (BEST_NAME, LAST_NAME, TRAIN_LOG_NAME)
+RUN_FILES = (BEST_NAME, LAST_NAME, TRAIN_LOG_NAME, METRICS_NAME)
 # Temp files of the run's atomic writes (atomic_path: ".<name>.XXXX.tmp"): a dead writer's are litter.
 STALE_PATTERNS = tuple(f".{name}.*.tmp" for name in RUN_FILES)
 # Where a run that pushes to the Hub writes its export folder, inside out_dir.

@@ -33,12 +33,13 @@ from .hardware import (
     use_compile,
 )
 from .model import flops_per_token, optimizer_groups, per_block_loss, run_model
-from .paths import BEST_NAME, LAST_NAME, TRAIN_LOG_NAME
+from .metrics_log import MetricsLog
+from .paths import BEST_NAME, LAST_NAME, METRICS_NAME, TRAIN_LOG_NAME
 from .progress import Progress
 from .run_folder import TRACKER_PROJECT
 from .schedule import build_scheduler
 from .schedule import warning as schedule_warning
-from .step_stats import StepStats, check_diverged
+from .step_stats import Report, StepStats, check_diverged
 from .tracking import check_tracker_installed, flat_config
 
 
@@ -183,10 +184,7 @@ class Trainer:
                 report = self.stats.report(self.accelerator)
                 self.state.nonfinite_steps = report.skipped_run
                 check_diverged(report, self.state.iter, self.out_dir)
-                lr = self.scheduler.get_last_lr()[0]
-                progress.log(report.loss, lr)
-                self._log({"train/loss": report.loss, "train/lr": lr, "train/grad_norm": report.grad_norm,
-                           "train/tokens_per_s": progress.tokens_per_s}, self.state.iter)
+                self._log_step(report, progress, elapsed_s=time.perf_counter() - started)
                 if interrupts.raised:
                     self.accelerator.set_trigger()
                 if self.accelerator.check_trigger():  # an all-reduce: every rank stops at the same step
@@ -194,6 +192,20 @@ class Trainer:
                     break
         self.state.elapsed_s = time.perf_counter() - started
         return self._finish(stop_reason)
+
+    def _log_step(self, report: Report, progress: Progress, elapsed_s: float) -> None:
+        """Every log_interval steps: the progress line, the tracker and metrics.jsonl."""
+        lr = self.scheduler.get_last_lr()[0]
+        progress.log(report.loss, lr)
+        self._log({"train/loss": report.loss, "train/lr": lr, "train/grad_norm": report.grad_norm,
+                   "train/tokens_per_s": progress.tokens_per_s}, self.state.iter)
+        if self.metrics is not None:
+            warning = self.metrics.log_step({
+                "iter": self.state.iter, "train_loss": report.loss, "lr": lr, "grad_norm": report.grad_norm,
+                "tokens_seen": self.state.iter * self.tokens_per_step, "tokens_per_s": progress.tokens_per_s,
+                "elapsed_s": round(elapsed_s, 3)})
+            if warning:
+                progress.write(f"warning: {warning}")
 
     def _announce(self) -> None:
         """Before the first step: the banner and warnings, the trackers, and the replaced run cleared."""
@@ -212,6 +224,7 @@ class Trainer:
             self.print(f"--overwrite: removed the previous run's {', '.join(replaced)} from {self.out_dir}")
         if training.tracker != "none":
             self.accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(self.config.to_dict()))
+        self.metrics = MetricsLog(self.out_dir / METRICS_NAME, self.state.iter) if self.is_main else None
 
     def _finish(self, stop_reason: str) -> dict:
         """After the last step: train_log.json's summary (and ckpt_last.pt when interrupted), what to do next."""
@@ -311,6 +324,8 @@ class Trainer:
                                         tokens_per_s=progress.tokens_per_s)
         state.records.append(record)
         progress.write(run_report.eval_line(record, improved))
+        if self.metrics is not None and (warning := self.metrics.log_eval(record)):
+            progress.write(f"warning: {warning}")
         self._log({"train/eval_loss": record["train_loss"], "train/eval_ppl": record["train_ppl"],
                    "val/loss": val_loss, "val/ppl": record["val_ppl"]}, step)
         sample = self._sample()
