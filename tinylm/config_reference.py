@@ -122,7 +122,13 @@ def overriding_flags() -> dict[str, str]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """`text` as one table cell: `|` escaped, but not inside a code span.
+
+    Python-Markdown's tables never split a row at a `|` inside backticks, and there an escape
+    would show on the page as a literal backslash (`<\\|endoftext\\|>`).
+    """
+    spans = text.replace("\n", " ").split("`")  # the odd ones are inside code spans
+    return "`".join(span if index % 2 else span.replace("|", "\\|") for index, span in enumerate(spans))
 
 
 def reference_markdown() -> str:
