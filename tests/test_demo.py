@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pytest
 from helpers_checkpoint import tiny_checkpoint
 
-from tinylm import demo, sampler
+from tinylm import demo, generate, sampler
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -62,10 +62,16 @@ def wait_for_page(url: str, server: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture
-def server(ckpt, tmp_path):
+def server_log(tmp_path) -> Path:
+    """What the demo server prints (stdout and stderr): its console."""
+    return tmp_path / "server.log"
+
+
+@pytest.fixture
+def server(ckpt, server_log):
     pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
     port = free_port()
-    log = tmp_path / "server.log"
+    log = server_log
     with open(log, "w", encoding="utf-8") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "tinylm.cli", "demo", "--checkpoint", str(ckpt), "--port", str(port),
@@ -167,3 +173,35 @@ def test_demo_without_gradio_says_how_to_install_it(ckpt):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: the demo needs Gradio, which is not installed: {demo.INSTALL_HINT}"
+
+
+def test_page_starts_with_the_settings_of_tinylm_generate(ckpt):
+    """Each control's first value is `tinylm generate`'s default for that flag (top-k too, on a vocab smaller than it)."""
+    gr = pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
+    model, tokenizer = sampler.load(ckpt)
+    assert len(tokenizer) < generate.parse_args([]).top_k  # the case where the old page showed the vocab size
+    app = demo.build_app(gr, model, tokenizer, title="test")
+    shown = {block.elem_id: block.value for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    flags = generate.parse_args([])
+    assert shown["max-new-tokens"] == flags.max_new_tokens
+    assert shown["temperature"] == flags.temperature
+    assert shown["top-k"] == flags.top_k
+    assert shown["top-p"] == flags.top_p
+    assert shown["seed"] == flags.seed
+
+
+def test_a_prompt_the_tokenizer_cannot_read_is_one_message_and_no_traceback(server, server_log, monkeypatch):
+    """An emoji prompt (the char tokenizer never saw it): the page gets the error, the console no traceback."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, QUIET_ENV[name])
+    client = Client(server, verbose=False)
+    with pytest.raises(AppError) as info:
+        client.predict("\N{SLIGHTLY SMILING FACE} hello", 0.8, 200, 1.0, 20, 1337, api_name="/write")
+    assert "the prompt has characters the tokenizer never saw in training" in str(info.value)
+    assert "U+1F642" in str(info.value)
+    time.sleep(1)  # the server writes its console on its own time
+    console = server_log.read_text(encoding="utf-8")
+    assert "Traceback" not in console and "UserError" not in console, console

@@ -387,6 +387,32 @@ def test_empty_prompt_from_the_command_line(ckpt, capsys):
     assert len(out.rstrip("\n")) >= 25  # <|endoftext|> prints as its 13 characters
 
 
+def test_cli_ends_a_sample_at_endoftext_or_prints_it_with_no_stop_at_eos(untrained, tmp_path, capsys):
+    """docs/inference-and-demo.md: by default the sample ends where the model emits <|endoftext|>, which is
+    not printed; --no-stop-at-eos prints it as `<|endoftext|>` and runs on to --max-new-tokens."""
+    model, tokenizer = untrained
+    path = save_checkpoint(tmp_path / "ckpt_best.pt", model, model.config, tokenizer)
+    args = ["--checkpoint", str(path), "--prompt", "the ", "--max-new-tokens", str(4 * BLOCK_SIZE),
+            "--temperature", "1.0", "--top-k", "0"]
+    for seed in range(20):
+        code, full, err = run_main(capsys, *args, "--seed", str(seed), "--no-stop-at-eos")
+        assert code == 0, err
+        if "<|endoftext|>" in full:
+            break
+    else:
+        pytest.fail("no seed made the untrained model emit <|endoftext|>")
+    assert full.startswith("the ")
+    eos = model.config.eos_token_id
+    tokens = list(sampler.sample_tokens(model, sampler.encode_prompt(tokenizer, "the "),
+                                        sampler.Sampling(stop_at_eos=False, max_new_tokens=4 * BLOCK_SIZE,
+                                                         temperature=1.0, top_k=0),
+                                        sampler.make_generator("cpu", seed)))
+    assert len(tokens) == 4 * BLOCK_SIZE and eos in tokens  # ran on past it, to --max-new-tokens
+    code, stopped, err = run_main(capsys, *args, "--seed", str(seed))
+    assert code == 0, err
+    assert stopped == full[: full.index("<|endoftext|>")] + "\n"
+
+
 @pytest.mark.parametrize("what", ["folder without config.json", "dict without the marker", "broken folder"])
 def test_other_bad_checkpoints(tmp_path, capsys, what):
     path = tmp_path / "ckpt_best.pt"

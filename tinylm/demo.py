@@ -16,7 +16,8 @@ from .config import DEVICES
 from .errors import UserError, run_cli
 from .generate import add_model_arguments, load_chosen_model
 
-DEFAULT_SAMPLING = sampler.Sampling(max_new_tokens=300)
+# The page starts with `tinylm generate`'s defaults: both take them from config.Sampling.
+DEFAULT_SAMPLING = sampler.Sampling()
 DEFAULT_SEED = 1337
 MAX_NEW_TOKENS = 2000
 INSTALL_HINT = "pip install 'tinylm[demo]'"
@@ -45,8 +46,8 @@ def build_app(gr, model, tokenizer, title: str):
         try:
             sampling.check()
             prompt_ids = sampler.model_prompt_ids(model, tokenizer, prompt)
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+        except UserError as exc:  # the user's to fix: a message on the page, no traceback in the console
+            raise gr.Error(str(exc), print_exception=False) from None
         if len(prompt_ids) > block_size:
             gr.Warning(f"The prompt is {len(prompt_ids)} tokens; the model sees only the last {block_size}.")
         generator = sampler.make_generator(model.device, DEFAULT_SEED if seed is None else int(seed))
@@ -65,7 +66,9 @@ def build_app(gr, model, tokenizer, title: str):
         with gr.Row():
             temperature = gr.Slider(0.0, 2.0, value=DEFAULT_SAMPLING.temperature, step=0.05,
                                     label="Temperature (0 = greedy)", elem_id="temperature")
-            top_k = gr.Slider(0, vocab_size, value=min(DEFAULT_SAMPLING.top_k, vocab_size), step=1,
+            # Up to the vocabulary, or to the default when that is larger: any k from the
+            # vocabulary size up keeps every token, as it does for `tinylm generate`.
+            top_k = gr.Slider(0, max(vocab_size, DEFAULT_SAMPLING.top_k), value=DEFAULT_SAMPLING.top_k, step=1,
                               label="Top-k (0 = off)", elem_id="top-k")
             top_p = gr.Slider(0.05, 1.0, value=DEFAULT_SAMPLING.top_p, step=0.05,
                               label="Top-p (1 = off)", elem_id="top-p")
