@@ -386,6 +386,21 @@ MUTANTS = [
     ("eval: --blocks training scores eval_iters blocks, not eval_iters * batch_size", "tinylm/evaluate.py",
      'num_blocks=training["eval_iters"] * training["batch_size"]', 'num_blocks=training["eval_iters"]',
      ["tests/test_eval.py", "-k", "training_blocks"]),
+    ("sampler: <|endoftext|> dropped from the text with --no-stop-at-eos", "tinylm/sampler.py",
+     "DecodeStream(skip_special_tokens=False)", "DecodeStream(skip_special_tokens=True)",
+     ["tests/test_generate.py", "-k", "no_stop_at_eos"]),
+    ("demo: a user error prints gradio's traceback in the console", "tinylm/demo.py",
+     "raise gr.Error(str(exc), print_exception=False)", "raise gr.Error(str(exc))",
+     ["tests/test_demo.py", "-k", "cannot_read"]),
+    ("demo: 300 new tokens, not generate's default", "tinylm/demo.py",
+     "DEFAULT_SAMPLING = sampler.Sampling()", "DEFAULT_SAMPLING = sampler.Sampling(max_new_tokens=300)",
+     ["tests/test_demo.py", "-k", "settings_of_tinylm_generate"]),
+    ("demo: top-k starts at a small vocabulary's size, not generate's default", "tinylm/demo.py",
+     "value=DEFAULT_SAMPLING.top_k, step=1", "value=min(DEFAULT_SAMPLING.top_k, vocab_size), step=1",
+     ["tests/test_demo.py", "-k", "settings_of_tinylm_generate"]),
+    ("config reference: | escaped inside code spans (a literal backslash on the page)", "tinylm/config_reference.py",
+     'span if index % 2 else span.replace("|", "\\\\|")', 'span.replace("|", "\\\\|")',
+     ["tests/test_docs_site.py", "-k", "reference_names_every_key"]),
 ]
 
 
