@@ -171,3 +171,15 @@ def test_first_command_block_fits_the_column(page):
     wide = [line for line in block.splitlines() if len(line) > WIDEST_COMMAND]
     assert not wide, f"docs/{page}: lines over {WIDEST_COMMAND} characters in its first code block: {wide}"
 
+
+# Words that speak to tinylm's maintainers (its tests, its issues, its history), not to its users.
+MAINTAINER_TALK = ["a test checks", "a test records", "closing notes", "the issue", "this project was built",
+                   "tests/test_", "in the tests"]
+
+
+def test_user_pages_speak_to_users():
+    """A user cannot read the test suite or the issue tracker: a page says what holds for them instead.
+    (docs/testing.md is the page about the tests.)"""
+    found = [f"{path.name}: {phrase!r}" for path in sorted((ROOT / "docs").glob("*.md")) if path.name != "testing.md"
+             for phrase in MAINTAINER_TALK if phrase in path.read_text(encoding="utf-8").lower()]
+    assert not found, found
