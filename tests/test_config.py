@@ -239,3 +239,78 @@ def test_any_toml_text_loads_or_fails_cleanly(tmp_path_factory, lines):
         assert str(path) in str(error)
         return
     assert config.training.batch_size > 0
+
+
+# --- what the config mutation run let through (tests/mutation, module config) ----------------------
+
+def test_a_card_field_suggests_its_lowercase_only_when_that_is_valid():
+    """Kills: the hint's condition negated."""
+    from tinylm.config import check_card_field
+
+    with pytest.raises(UserError, match=r"--license must be .*got 'MIT' \(did you mean 'mit'\?\)$"):
+        check_card_field("license", "MIT", "--license")
+    with pytest.raises(UserError) as refused:
+        check_card_field("license", "Not A License", "--license")
+    assert "did you mean" not in str(refused.value)
+
+
+def test_a_config_that_cannot_be_read_is_one_line():
+    """/proc/self/mem is a file whose read fails (EIO), as one without read permission would.
+
+    Kills: `except OSError` in _read_toml replaced."""
+    with pytest.raises(UserError, match=r"^cannot read config /proc/self/mem: Input/output error$"):
+        load_config("/proc/self/mem")
+
+
+def test_errors_name_where_the_value_came_from(tmp_path):
+    """A bad key of the file names the file alone, even with flags; a rule broken by the flags and the
+    file together names both; by flags alone, the flags.
+
+    Kills: the file's own check given the combined source; `path is not None` inverted in the sources;
+    the sources joined with `and` (always "defaults")."""
+    path = tmp_path / "run.toml"
+    path.write_text("[training]\nmax_iters = 0\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: training.max_iters must be greater than 0"):
+        load_config(path, {"training.batch_size": 4})
+    path.write_text("[training]\nwarmup_iters = 100\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))} \+ command-line flags: training.warmup_iters"):
+        load_config(path, {"training.lr_decay_iters": 50})
+    with pytest.raises(UserError, match=r"^command-line flags: training.warmup_iters"):
+        load_config(None, {"training.warmup_iters": 100, "training.lr_decay_iters": 50})
+
+
+def test_a_flag_can_fix_what_the_file_alone_gets_wrong(tmp_path):
+    """The rules between keys are checked on the result only. Kills: the file checked for them alone."""
+    path = tmp_path / "run.toml"
+    path.write_text("[training]\nwarmup_iters = 100\nlr_decay_iters = 50\n")
+    with pytest.raises(UserError, match="warmup_iters"):
+        load_config(path)
+    assert load_config(path, {"training.lr_decay_iters": 200}).training.lr_decay_iters == 200
+
+
+def test_a_flag_not_given_does_not_end_the_overrides():
+    """Kills: `continue` -> `break` for a flag that was not given (None)."""
+    config = apply_overrides(Config(), {"training.device": None, "training.max_iters": 5})
+    assert config.training.max_iters == 5
+
+
+def test_non_negative_keys_refuse_minus_one_and_accept_zero():
+    """Kills: `value >= 0` -> `value >= -1` (and the boundary, 0 accepted)."""
+    for key in ("training.warmup_iters", "training.min_lr", "training.grad_clip"):
+        assert getattr(apply_overrides(Config(), {key: 0}).training, key.split(".")[1]) == 0
+        with pytest.raises(UserError, match=f"{key} must be"):
+            apply_overrides(Config(), {key: -1})
+
+
+def test_init_revision_needs_a_model_to_start_from():
+    """Kills: `init_from == SCRATCH` -> `!=`."""
+    with pytest.raises(UserError, match="model.init_revision applies to model.init_from"):
+        from_dict({"model": {"init_revision": "main"}})
+    finetune = {"model": {"init_from": "gpt2", "init_revision": "main"}, "data": {"tokenizer": "pretrained"}}
+    assert from_dict(finetune).model.init_revision == "main"
+
+
+def test_a_warmup_as_long_as_the_decay_is_accepted():
+    """Warmup to the peak, then straight at min_lr: a schedule, if a steep one. Kills: `>` -> `>=`."""
+    config = from_dict({"training": {"warmup_iters": 50, "lr_decay_iters": 50}})
+    assert (config.training.warmup_iters, config.training.lr_decay_iters) == (50, 50)
