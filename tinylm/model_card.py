@@ -82,20 +82,45 @@ def model_card(
     which checkpoints from before those keys lack: then the card states neither). `base_model`
     is the Hub model a fine-tuned checkpoint started from (see `base_model_of`), if known.
     """
-    config = model.config
     meta = payload.get("meta") or {}
     run = payload.get("config") or {}
     hub = run.get("hub") or {}
     license = license or hub.get("license") or None
     language = language or hub.get("language") or None
-    init_from = (run.get("model") or {}).get("init_from", SCRATCH)
+    origin = origin_of((run.get("model") or {}).get("init_from", SCRATCH), base_model)
     dataset = hub_dataset(meta)
     kind = tok.kind_of(tokenizer)
     iteration = payload["iter"]
     record = checkpoint_record(records, iteration)
     val_loss = validation_loss(payload, record)
-    evals = eval_results(meta, dataset, val_loss)
-    data = ModelCardData(
+    n_positions = model.config.n_positions
+    metadata = card_metadata(name, kind, eval_results(meta, dataset, val_loss), license=license, language=language,
+                             base_model=base_model, dataset=dataset)
+    sections = [
+        title_section(name, origin, source_text(meta, dataset)),
+        model_section(model, tokenizer, kind, origin=origin, license=license, language=language),
+        ["## Training data", "", *data_lines(meta, dataset)],
+        ["## Training", "", *training_lines(record, iteration, val_loss), "",
+         f"![loss curve]({LOSS_CURVE_NAME})" if no_curve is None else no_curve],
+        usage_lines(name, model.generation_config.to_dict(), n_positions, on_hub=False),
+        limits_section(n_positions, kind),
+    ]
+    text = "\n\n".join("\n".join(section) for section in sections) + "\n"  # a blank line between sections
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{text}"))
+
+
+def card_metadata(
+    name: str,
+    kind: str,
+    evals: list[EvalResult],
+    *,
+    license: str | None,
+    language: str | None,
+    base_model: str | None,
+    dataset: str | None,
+) -> ModelCardData:
+    """The card's Hub metadata: what the Hub files the model under, and the model-index of `evals`."""
+    return ModelCardData(
         base_model=base_model,
         datasets=[dataset] if dataset else None,
         language=language,
@@ -106,17 +131,29 @@ def model_card(
         model_name=name if evals else None,  # the model-index's name (huggingface_hub requires one with results)
         eval_results=evals or None,
     )
+
+
+def origin_of(init_from: str, base_model: str | None) -> str | None:
+    """How the card's text names the model this one was fine-tuned from; None for a model trained from scratch."""
     if init_from == SCRATCH:
-        origin, intro = None, "A small GPT-2 language model trained from scratch with tinylm"
+        return None
+    return origin_text(base_model) if base_model else f"the local model `{local_name(init_from)}`"
+
+
+def title_section(name: str, origin: str | None, source: str | None) -> list[str]:
+    """The title, and one sentence: from scratch or fine-tuned from `origin`, on `source` when known."""
+    if origin is None:
+        intro = "A small GPT-2 language model trained from scratch with tinylm"
     else:
-        origin = origin_text(base_model) if base_model else f"the local model `{local_name(init_from)}`"
         intro = f"A GPT-2 language model fine-tuned from {origin} with tinylm"
-    source = source_text(meta, dataset)
-    lines = [
-        f"# {name}",
-        "",
-        intro + (f" on {source}." if source else "."),
-        "",
+    return [f"# {name}", "", intro + (f" on {source}." if source else ".")]
+
+
+def model_section(model, tokenizer, kind: str, *, origin: str | None, license: str | None,
+                  language: str | None) -> list[str]:
+    """The "Model" section: a table of the architecture, size, tokenizer, origin, license and language."""
+    config = model.config
+    return [
         "## Model",
         "",
         "| | |",
@@ -132,33 +169,24 @@ def model_card(
         *([f"| language | `{language}` |"] if language else []),
         "",
         f"`<|endoftext|>` (id {config.eos_token_id}) is the bos, eos and pad token.",
-        "",
-        "## Training data",
-        "",
-        *data_lines(meta, dataset),
-        "",
-        "## Training",
-        "",
-        *training_lines(record, iteration, val_loss),
-        "",
-        f"![loss curve]({LOSS_CURVE_NAME})" if no_curve is None else no_curve,
-        "",
-        *usage_lines(name, model.generation_config.to_dict(), config.n_positions, on_hub=False),
-        "",
+    ]
+
+
+def limits_section(n_positions: int, kind: str) -> list[str]:
+    """The "Intended use and limits" section: what a small model is for, and where its context and tokenizer end."""
+    return [
         "## Intended use and limits",
         "",
         "- A small model for learning and experiments: it imitates the style of its training text and "
         "knows nothing beyond it. It is not instruction-tuned and will state falsehoods fluently.",
-        f"- It sees at most {config.n_positions} tokens. GPT-2's positions are learned, so prompt + new tokens "
-        f"must stay within {config.n_positions}: past that, `generate` fails with an index error. For longer "
+        f"- It sees at most {n_positions} tokens. GPT-2's positions are learned, so prompt + new tokens "
+        f"must stay within {n_positions}: past that, `generate` fails with an index error. For longer "
         'text pass `handle_long_generation="hole"` to the pipeline (it keeps the prompt\'s end), or use '
         "`tinylm generate`, whose context slides.",
         *(["- A char tokenizer knows only the characters of its training text; any other character "
            "becomes `[UNK]`."] if kind == "char" else []),
         "- Perplexity is per token of this tokenizer, so it is not comparable across tokenizers.",
-        "",
     ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def usage_lines(model_id: str, generation: dict, n_positions: int | None, *, on_hub: bool) -> list[str]:
