@@ -40,7 +40,7 @@ def test_two_processes_train_stop_together_and_resume(prepared, tmp_path):
     config = write_config(tmp_path / "run.toml", prepared, out_dir, training={
         "max_iters": 12, "early_stopping": True, "early_stopping_patience": 1, "early_stopping_min_delta": 100.0})
     first = run(launch(SPY_TRAIN, str(writes), "--config", str(config)), check=True)
-    assert "processes (world size): 2" in first.stdout
+    assert "device: cpu | precision: fp32 | processes (world size): 2" in first.stdout  # not "cpu:0"
     assert "global batch = 8" in first.stdout  # batch 4 x accumulation 1 x 2 processes
     assert first.stdout.count("eval iter 0:") == 1, "only the main process prints"
     summary = read_log(out_dir)["summary"]
@@ -107,10 +107,22 @@ def test_ctrl_c_stops_every_rank_without_hanging(prepared, tmp_path):
     # Not 130: torch's elastic agent (what accelerate launch runs) gets the Ctrl-C too, waits for the
     # ranks, then exits 1 with its own SignalException. The ranks themselves stop cleanly, once:
     assert process.returncode == 1 and "SignalException: Process" in output, output
-    assert output.count("interrupted at iter") == 1 and "Resume with: tinylm train --resume" in output
+    assert output.count("interrupted at iter") == 1
     assert "tinylm/trainer.py" not in output and "KeyboardInterrupt" not in output, "a rank died mid-save"
     stopped_at = load_checkpoint(out_dir / "ckpt_last.pt")["iter"]
     assert 0 < stopped_at < 400
+
+    # The printed command resumes on two processes again (a port of its own added, and a shorter run).
+    printed = re.search(r"Resume with: (.*)", output).group(1)
+    assert printed == ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tinylm/train.py "
+                       f"--resume {out_dir / 'ckpt_last.pt'}")
+    command = printed.replace("launch ", f"launch --main_process_port {free_port()} ", 1)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    resumed = subprocess.run(["bash", "-c", f"{command} --max-iters {stopped_at + 2}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from iter {stopped_at}" in resumed.stdout and "processes (world size): 2" in resumed.stdout
+    assert "reseeded" not in resumed.stdout + resumed.stderr, "the same process count continues exactly"
 
 
 def test_a_seed_too_large_for_the_process_count_is_refused_before_any_work(prepared, tmp_path):

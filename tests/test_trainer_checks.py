@@ -518,3 +518,24 @@ def test_samples_are_drawn_by_the_main_process_only_and_never_under_fsdp(tokens,
     from tinylm import run_report
 
     assert run_report.samples_here(tokens, is_main, DistributedType[engine]) is wanted
+
+
+def test_the_resume_command_launches_as_many_processes_as_the_run_had():
+    """One process: tinylm train; several on one machine: accelerate launch (in CPU mode for gloo);
+    several machines: the run's own launch command on each. The device is "cpu" on any count.
+
+    Kills: the process-count and CPU-mode conditions inverted; the device shown as accelerate names it."""
+    from accelerate.utils import DistributedType
+
+    from tinylm.run_report import device_name, resume_command
+
+    ckpt = Path("my runs") / "ckpt_last.pt"
+    assert resume_command(ckpt, 1, DistributedType.NO) == "tinylm train --resume 'my runs/ckpt_last.pt'"
+    assert resume_command(ckpt, 2, DistributedType.MULTI_CPU, processes_here=2) == (
+        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tinylm/train.py "
+        "--resume 'my runs/ckpt_last.pt'")
+    assert resume_command(ckpt, 8, DistributedType.MULTI_GPU) == (
+        "accelerate launch --multi_gpu --num_processes 8 tinylm/train.py --resume 'my runs/ckpt_last.pt'")
+    assert resume_command(ckpt, 8, DistributedType.MULTI_GPU, processes_here=4).startswith(
+        "on each machine, this run's accelerate launch command with tinylm/train.py --resume")
+    assert (device_name(torch.device("cpu", 0)), device_name(torch.device("cuda", 1))) == ("cpu", "cuda:1")

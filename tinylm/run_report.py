@@ -13,7 +13,7 @@ from .checkpoint import RunState
 from .config import SCRATCH, Config
 from .errors import command_line
 from .model import count_parameters
-from .paths import LAST_NAME, TRAIN_LOG_NAME
+from .paths import TRAIN_LOG_NAME
 from .run_folder import final_checkpoint
 
 
@@ -62,6 +62,27 @@ def early_stopping_line(step: int, state: RunState, min_delta: float) -> str:
             f"{state.evals_without_improvement} evaluations (best {state.best_val_loss:.4f} at iter {state.best_iter})")
 
 
+def device_name(device) -> str:
+    """`cpu` on every process count (accelerate names it `cpu:0` on several); `cuda:0` and the like as they are."""
+    return device.type if device.type == "cpu" else str(device)
+
+
+def resume_command(checkpoint: Path, world_size: int, distributed_type: DistributedType,
+                   processes_here: int | None = None) -> str:
+    """The command that continues a run from `checkpoint` on as many processes as it had, which
+    continues it exactly (another count reseeds the dropout masks). `processes_here`: this machine's
+    share of them, when the run spans several machines."""
+    if world_size == 1:
+        return command_line("tinylm", "train", "--resume", checkpoint)
+    if processes_here is not None and processes_here < world_size:
+        return (f"on each machine, this run's accelerate launch command with tinylm/train.py "
+                f"{command_line('--resume', checkpoint)}")
+    # One machine, N processes: the launch docs/multi-gpu.md gives (CPU mode for gloo on a CPU).
+    launch = command_line("accelerate", "launch", "--multi_gpu", "--num_processes", world_size, "tinylm/train.py",
+                          "--resume", checkpoint)
+    return f"ACCELERATE_USE_CPU=1 {launch}" if distributed_type == DistributedType.MULTI_CPU else launch
+
+
 def samples_here(sample_tokens: int, is_main: bool, distributed_type: DistributedType) -> bool:
     """Whether this process draws the evaluations' samples: the main one, asked to, and not under FSDP
     (where no process holds the whole model)."""
@@ -93,12 +114,12 @@ def speed(summary: dict, flops_per_token: float, peak_flops: float | None) -> st
     return f" in {seconds:.1f} s ({tokens_per_s:,.0f} tokens/s{mfu})"
 
 
-def outputs(summary: dict, out_dir: Path, speed_text: str = "") -> str:
-    """Where a finished run's files are, and how to use them."""
+def outputs(summary: dict, out_dir: Path, resume: str, speed_text: str = "") -> str:
+    """Where a finished run's files are, and how to use them (`resume`: the `resume_command` of its last checkpoint)."""
     model = final_checkpoint(out_dir)
     best_text = (f", best val loss {summary['best_val_loss']:.4f} at iter {summary['best_iter']}"
                  if summary["best_val_loss"] is not None else "")
     return (f"done: {summary['iters']} iters ({summary['stop_reason']}){speed_text}{best_text}. Checkpoints and "
             f"{TRAIN_LOG_NAME} are in {out_dir}\n"
             f"sample from it: {command_line('tinylm', 'generate', '--checkpoint', model)}\n"
-            f"train longer:   {command_line('tinylm', 'train', '--resume', out_dir / LAST_NAME)} --max-iters N")
+            f"train longer:   {resume} --max-iters N")

@@ -10,6 +10,7 @@ and prints, and every rank takes the same stop decisions.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from .atomic import write_json
 from .checkpoint import Loaded, RunState
 from .compat import close_process_group_at_exit, skip_next_step_where
 from .config import Config, Sampling, check_seed_fits
-from .errors import UserError, command_line
+from .errors import UserError
 from .hardware import (
     Hardware,
     cpu_matmul_for_run,
@@ -213,7 +214,7 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         speed = (["torch.compile"] if self.compiled else []) + ([self.cpu_matmul.note] if self.cpu_matmul.note else [])
         self.print(run_report.banner(self.config, model, self.data, self.train_tokens.num_tokens,
-                                     self.val_tokens.num_tokens, device=str(self.accelerator.device),
+                                     self.val_tokens.num_tokens, device=run_report.device_name(self.accelerator.device),
                                      precision=self.hardware.precision,
                                      world_size=self.accelerator.num_processes, speed=speed))
         short_of_the_peak = schedule_warning(training)
@@ -230,13 +231,15 @@ class Trainer:
         """After the last step: train_log.json's summary (and ckpt_last.pt when interrupted), what to do next."""
         summary = run_report.summary(self.state, stop_reason, tokens_per_step=self.tokens_per_step,
                                      world_size=self.accelerator.num_processes)
+        resume = run_report.resume_command(self.out_dir / LAST_NAME, self.accelerator.num_processes,
+                                           self.accelerator.distributed_type,
+                                           processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
         if stop_reason == "interrupted":
             self._save([LAST_NAME], val_loss=None, summary=summary)
-            self.print(f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. "
-                       f"Resume with: {command_line('tinylm', 'train', '--resume', self.out_dir / LAST_NAME)}")
+            self.print(f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. Resume with: {resume}")
         else:
             self._save([], val_loss=None, summary=summary)
-            self.print(run_report.outputs(summary, self.out_dir,
+            self.print(run_report.outputs(summary, self.out_dir, resume,
                                           run_report.speed(summary, self._flops_per_token, self._peak_flops)))
         for tracker in self.accelerator.trackers:  # end_training() would also destroy the process group,
             tracker.finish()                        # too early: see compat.close_process_group_at_exit
