@@ -79,6 +79,9 @@ RULES: list[tuple[str, str, str]] = [
      "slow (accelerate's launcher); executed in tests/test_train.py::test_accelerate_launch_and_console_command"),
     (r"tests/(mutants\.py|mutation/run\.py)", "slow",
      "plants bugs and runs the tests once per bug (minutes to hours; by hand, docs/testing.md)"),
+    (r"/tmp/bpb/", "slow",
+     ("trains two baby.toml models for 300 steps and scores 478,160 characters with each "
+      "(about 7 minutes on 2 CPU cores; by hand, docs/inference-and-demo.md)")),
     (r"configs/accelerate/cpu-2proc\.yaml", "slow",
      ("slow (2 gloo processes); "
       "executed in tests/test_multiprocess.py::test_two_processes_train_stop_together_and_resume")),
