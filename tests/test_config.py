@@ -314,3 +314,13 @@ def test_a_warmup_as_long_as_the_decay_is_accepted():
     """Warmup to the peak, then straight at min_lr: a schedule, if a steep one. Kills: `>` -> `>=`."""
     config = from_dict({"training": {"warmup_iters": 50, "lr_decay_iters": 50}})
     assert (config.training.warmup_iters, config.training.lr_decay_iters) == (50, 50)
+
+
+def test_the_last_process_seed_may_reach_max_seed_but_not_pass_it():
+    """Each process seeds with seed + rank. Kills: `seed + n - 1` -> `seed + n + 1` / `seed + n - 0`."""
+    from tinylm.config import MAX_SEED, check_seed_fits
+
+    check_seed_fits(MAX_SEED, 1)
+    check_seed_fits(MAX_SEED - 1, 2)
+    with pytest.raises(UserError, match=f"training.seed {MAX_SEED} is too large for 2 processes"):
+        check_seed_fits(MAX_SEED, 2)

@@ -322,11 +322,13 @@ def test_a_run_that_pushes_without_a_license_is_warned_at_the_start(data, tmp_pa
         assert ("warning: hub.license is not set, so the model card pushed to someone/tiny" in result.stdout) is warned
 
 
-def test_a_resumed_run_goes_on_counting_its_training_time(data, tmp_path):
+def test_a_resumed_run_goes_on_counting_its_training_time(data, tmp_path, capsys):
     """elapsed_s is the run's training time across interruptions: a resumed run starts from the time its
-    checkpoint recorded, so its summary reports at least that.
+    checkpoint recorded, so its summary reports at least that, and so does each line of metrics.jsonl,
+    in order. A resume on as many processes as the run had warns of nothing.
 
-    Kills: the clock restarted the wrong way on resume (`perf_counter() - elapsed_s` -> `+`).
+    Kills: the clock restarted the wrong way on resume (`perf_counter() - elapsed_s` -> `+`); a logged
+    step's elapsed_s as `perf_counter() + started`; `if warning` negated in _restore ("warning: None").
     """
     make_trainer(data, tmp_path, max_iters=2, eval_interval=100).fit()
     saved = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["run"]["elapsed_s"]
@@ -335,8 +337,12 @@ def test_a_resumed_run_goes_on_counting_its_training_time(data, tmp_path):
 
     AcceleratorState._reset_state(reset_partial_state=True)
     config = load_config(tmp_path / "run.toml", {"training.max_iters": 4})
+    capsys.readouterr()
     summary = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt").fit()
     assert summary["elapsed_s"] >= saved
+    assert "resumed from iter 2" in (said := capsys.readouterr().out) and "warning" not in said
+    times = [json.loads(line)["elapsed_s"] for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= summary["elapsed_s"]
 
 
 def test_early_stopping_says_why_it_stopped_and_a_run_that_goes_on_says_nothing(data, tmp_path, capsys):
@@ -530,12 +536,12 @@ def test_the_resume_command_launches_as_many_processes_as_the_run_had():
     from tinylm.run_report import device_name, resume_command
 
     ckpt = Path("my runs") / "ckpt_last.pt"
-    assert resume_command(ckpt, 1, DistributedType.NO) == "tinylm train --resume 'my runs/ckpt_last.pt'"
-    assert resume_command(ckpt, 2, DistributedType.MULTI_CPU, processes_here=2) == (
+    assert resume_command(ckpt, 1, DistributedType.NO, 1) == "tinylm train --resume 'my runs/ckpt_last.pt'"
+    assert resume_command(ckpt, 2, DistributedType.MULTI_CPU, 2) == (
         "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tinylm/train.py "
         "--resume 'my runs/ckpt_last.pt'")
-    assert resume_command(ckpt, 8, DistributedType.MULTI_GPU) == (
+    assert resume_command(ckpt, 8, DistributedType.MULTI_GPU, 8) == (
         "accelerate launch --multi_gpu --num_processes 8 tinylm/train.py --resume 'my runs/ckpt_last.pt'")
-    assert resume_command(ckpt, 8, DistributedType.MULTI_GPU, processes_here=4).startswith(
+    assert resume_command(ckpt, 8, DistributedType.MULTI_GPU, 4).startswith(
         "on each machine, this run's accelerate launch command with tinylm/train.py --resume")
     assert (device_name(torch.device("cpu", 0)), device_name(torch.device("cuda", 1))) == ("cpu", "cuda:1")

@@ -67,14 +67,13 @@ def device_name(device) -> str:
     return device.type if device.type == "cpu" else str(device)
 
 
-def resume_command(checkpoint: Path, world_size: int, distributed_type: DistributedType,
-                   processes_here: int | None = None) -> str:
+def resume_command(checkpoint: Path, world_size: int, distributed_type: DistributedType, processes_here: int) -> str:
     """The command that continues a run from `checkpoint` on as many processes as it had, which
     continues it exactly (another count reseeds the dropout masks). `processes_here`: this machine's
-    share of them, when the run spans several machines."""
+    share of them (fewer when the run spans several machines)."""
     if world_size == 1:
         return command_line("tinylm", "train", "--resume", checkpoint)
-    if processes_here is not None and processes_here < world_size:
+    if processes_here < world_size:
         return (f"on each machine, this run's accelerate launch command with tinylm/train.py "
                 f"{command_line('--resume', checkpoint)}")
     # One machine, N processes: the launch docs/multi-gpu.md gives (CPU mode for gloo on a CPU).

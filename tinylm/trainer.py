@@ -233,7 +233,8 @@ class Trainer:
                                      world_size=self.accelerator.num_processes)
         resume = run_report.resume_command(self.out_dir / LAST_NAME, self.accelerator.num_processes,
                                            self.accelerator.distributed_type,
-                                           processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+                                           # set by the launcher (torchrun, accelerate launch) on each machine
+                                           int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
         if stop_reason == "interrupted":
             self._save([LAST_NAME], val_loss=None, summary=summary)
             self.print(f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. Resume with: {resume}")
