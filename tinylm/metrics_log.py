@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .atomic import atomic_open
 
@@ -55,18 +56,24 @@ class MetricsLog:
         return None
 
 
+def parse(text: str) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON or the `json.JSONDecodeError` of a line that is not JSON) of each non-blank line.
+    The one reader of the format: the writer and `tinylm plot` decide what a bad line means to them."""
+    parsed = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            parsed.append((number, exc))
+    return parsed
+
+
 def read_lines(path: Path) -> list[dict]:
     """The whole lines of a metrics.jsonl ([] when there is none); a line cut short is left out."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
-    lines = []
-    for text_line in text.splitlines():
-        try:
-            line = json.loads(text_line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(line, dict) and isinstance(line.get("iter"), int):
-            lines.append(line)
-    return lines
+    return [line for _, line in parse(text) if isinstance(line, dict) and isinstance(line.get("iter"), int)]

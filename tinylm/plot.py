@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import metrics_log
 from .errors import UserError, run_cli
 from .paths import METRICS_NAME, TRAIN_LOG_NAME
 
@@ -58,19 +59,17 @@ def read_records(log_path: str | Path, keys: tuple[str, ...] = PLOTTED_KEYS, *, 
 def read_steps(path: Path, keys: tuple[str, ...] = STEP_KEYS) -> list[dict]:
     """The logged steps of a metrics.jsonl in iteration order, or [] when there is none."""
     try:
-        lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        lines = metrics_log.parse(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     steps = {}
-    for number, line in lines:
-        try:
-            step = json.loads(line)
-        except json.JSONDecodeError as exc:
+    for number, step in lines:
+        if isinstance(step, json.JSONDecodeError):
             if number == lines[-1][0]:
                 break  # a run killed mid-write leaves its last line cut short: the lines before it stand
-            raise UserError(f"{path}: line {number} is not JSON ({exc.msg}); remove it or pass another run") from None
+            raise UserError(f"{path}: line {number} is not JSON ({step.msg}); remove it or pass another run")
         if isinstance(step, dict) and "val_loss" in step:
             continue  # an evaluation's line: the evaluations are drawn from train_log.json
         if bad := missing_numbers(step, keys):
