@@ -109,7 +109,7 @@ def saved_run(optimizer, rng_states: list) -> dict:
 
 
 def test_a_restore_puts_back_the_moments_with_this_runs_settings_and_this_processs_random_state():
-    """The saved moments come back, with the settings given for this run (not the saved ones); each
+    """The saved moments come back, with the settings this run built its optimizer with (not the saved ones); each
     process draws on from its own saved random state; another process count keeps the generators
     as they are and says so.
 
@@ -131,10 +131,9 @@ def test_a_restore_puts_back_the_moments_with_this_runs_settings_and_this_proces
         draws.append(torch.rand(3))
     payload = saved_run(saved_optimizer, states)
 
-    optimizer = torch.optim.AdamW([weight], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW([weight], lr=0.1, betas=(0.8, 0.99), weight_decay=0.0)
     run, warning = checkpoint.restore_training(payload, optimizer=optimizer, scaler=None, process_index=1,
-                                               num_processes=2,
-                                               group_settings=[{"weight_decay": 0.0, "betas": (0.8, 0.99)}])
+                                               num_processes=2)
     assert warning is None and (run.iter, run.best_val_loss) == (3, 1.5)
     assert torch.equal(torch.rand(3), draws[1])
     assert optimizer.param_groups[0]["betas"] == (0.8, 0.99) and optimizer.param_groups[0]["weight_decay"] == 0.0
@@ -144,6 +143,6 @@ def test_a_restore_puts_back_the_moments_with_this_runs_settings_and_this_proces
     torch.manual_seed(7)
     untouched = rng.capture()
     run, warning = checkpoint.restore_training(payload, optimizer=optimizer, scaler=None, process_index=0,
-                                               num_processes=3, group_settings=[{}])
+                                               num_processes=3)
     assert warning.startswith("checkpoint was written by 2 processes, now 3: random state (dropout) is reseeded")
     assert torch.equal(torch.get_rng_state(), untouched["torch"])

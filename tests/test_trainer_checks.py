@@ -545,3 +545,23 @@ def test_the_resume_command_launches_as_many_processes_as_the_run_had():
     assert resume_command(ckpt, 8, DistributedType.MULTI_GPU, 4).startswith(
         "on each machine, this run's accelerate launch command with tinylm/train.py --resume")
     assert (device_name(torch.device("cpu", 0)), device_name(torch.device("cuda", 1))) == ("cpu", "cuda:1")
+
+
+def test_a_validation_loss_that_is_not_finite_stops_the_run_and_saves_nothing_over_the_last_checkpoint(data, tmp_path):
+    """The second evaluation's forwards return nan logits: the run stops with one line naming the step,
+    and ckpt_last.pt and train_log.json still hold the first evaluation's run.
+
+    Kills: the finite check skipped (the nan evaluation saved over the good checkpoint).
+    """
+    trainer = make_trainer(data, tmp_path, max_iters=4, eval_interval=2, log_interval=2)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    evaluations = []
+    model.register_forward_pre_hook(lambda module, args: evaluations.append(module.training))
+    model.register_forward_hook(
+        lambda module, args, output: output.__class__(logits=torch.full_like(output.logits, math.nan))
+        if not module.training and evaluations.count(False) > 2 * trainer.config.training.eval_iters else None)
+    with pytest.raises(UserError, match=r"^validation loss is nan at iter 2; nothing was saved over the last good "
+                                        r"checkpoint in .*ckpt\. Lower training.learning_rate"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["iter"] == 0
+    assert [record["iter"] for record in json.loads((tmp_path / "ckpt" / "train_log.json").read_text())["records"]] == [0]

@@ -188,16 +188,18 @@ def run_state(payload: dict[str, Any]) -> RunState:
     return RunState(**run)
 
 
-def restore_training(payload: dict[str, Any], *, optimizer, scaler, group_settings: list[dict], process_index: int,
+def restore_training(payload: dict[str, Any], *, optimizer, scaler, process_index: int,
                      num_processes: int) -> tuple[RunState, str | None]:
-    """Put a run's saved training state back into `optimizer`, `scaler` and this process's random
-    generators; return the run's `RunState`, and a warning when the random state cannot be restored."""
+    """Put a run's saved training state back into `optimizer` (built with this run's settings), `scaler`
+    and this process's random generators; return the run's `RunState`, and a warning when the random
+    state cannot be restored."""
     saved = train_state(payload)
-    optimizer.load_state_dict(saved["optimizer"])
     # load_state_dict brings back the saved run's hyperparameters with its moments: a resume that
-    # changes them must train with this run's (`group_settings`, one dict per param group), as its
-    # start-up diff says. (The learning rate is the schedule's, set when the scheduler is built.)
-    for group, settings in zip(optimizer.param_groups, group_settings):
+    # changes them must train with this run's, as its start-up diff says. (The learning rate is the
+    # schedule's, set when the scheduler is built.)
+    this_run = [{"weight_decay": group["weight_decay"], "betas": group["betas"]} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved["optimizer"])
+    for group, settings in zip(optimizer.param_groups, this_run):
         group.update(settings)
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])

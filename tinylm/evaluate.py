@@ -312,7 +312,8 @@ def batches_to_score(args, text, model, tokenizer, run_config, counts):
     if args.blocks == "all":
         reader = prepared_reader(stream, bos)
         return window_batches(reader, stream.num_tokens + 1, context, stride, batch_size), context, stride
-    # Exactly what Trainer._eval_loader serves: the run's block_size and eval_iters * batch_size blocks.
+    # Exactly what the Trainer's evaluation serves (data.eval_loader): the run's block_size and
+    # eval_iters * batch_size blocks.
     training, block_size = run_config["training"], run_config["model"]["block_size"]
     blocks = data.eval_dataset(stream, block_size=block_size, num_blocks=training["eval_iters"] * training["batch_size"])
     batch_size = args.batch_size or training["batch_size"]

@@ -93,6 +93,11 @@ PEAK_FLOPS = {
 }
 
 
+def device_peak_flops(device: torch.device, precision: str, processes: int = 1) -> float | None:
+    """`peak_flops` of `processes` devices like `device`: known for some GPUs, None on CPUs."""
+    return peak_flops(torch.cuda.get_device_name(device), precision, processes) if device.type == "cuda" else None
+
+
 def peak_flops(device_name: str, precision: str, processes: int = 1) -> float | None:
     """The peak FLOP/s for `precision` ("fp32", "fp16", "bf16") of `processes` GPUs of this name (tokens/s
     counts every process's tokens), or None when it is not in PEAK_FLOPS."""

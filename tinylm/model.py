@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from . import pretrained
-from .config import SCRATCH, SHAPE_KEYS, Config, ModelConfig
+from .config import SCRATCH, SHAPE_KEYS, Config, ModelConfig, TrainingConfig
 from .errors import UserError, command_line
 from .hub_names import is_local
 
@@ -129,6 +129,18 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def build_optimizer(model: torch.nn.Module, training: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over `optimizer_groups`, with training's learning rate and betas."""
+    return torch.optim.AdamW(
+        optimizer_groups(model, training.weight_decay),
+        lr=training.learning_rate,
+        betas=(training.beta1, training.beta2),
+        # One kernel over all parameters: 3-5x faster than the default on CPU too, and it can skip
+        # a step on the device (found_inf, see Trainer._optimizer_step) without a host sync.
+        fused=True,
+    )
 
 
 def per_block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:

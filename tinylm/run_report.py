@@ -4,6 +4,7 @@ summary (also the `summary` of train_log.json) and where the outputs are, with t
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from accelerate.utils import DistributedType
@@ -13,13 +14,14 @@ from .checkpoint import RunState
 from .config import SCRATCH, Config
 from .errors import command_line
 from .model import count_parameters
-from .paths import TRAIN_LOG_NAME
+from .paths import LAST_NAME, TRAIN_LOG_NAME
 from .run_folder import final_checkpoint
 
 
 def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, device: str, precision: str,
            world_size: int, speed: list[str]) -> str:
-    """The model, the data, the hardware and the batch arithmetic of a run about to start."""
+    """The model, the data, the hardware and the batch arithmetic of a run about to start, and a warning
+    when the schedule never reaches its peak learning rate."""
     training, shape = config.training, config.model
     global_batch = config.effective_batch_size * world_size
     return "\n".join([
@@ -33,6 +35,7 @@ def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, d
         f"{training.grad_accum_steps} = {config.effective_batch_size} | "
         f"global batch = {global_batch} | tokens per optimizer step = {global_batch * shape.block_size:,}",
         f"schedule: {schedule.describe(training)}",
+        *([f"warning: {short}"] if (short := schedule.warning(training)) else []),
     ])
 
 
@@ -111,6 +114,16 @@ def speed(summary: dict, flops_per_token: float, peak_flops: float | None) -> st
     tokens_per_s = summary["tokens_seen"] / seconds
     mfu = f", MFU {tokens_per_s * flops_per_token / peak_flops:.1%}" if peak_flops else ""
     return f" in {seconds:.1f} s ({tokens_per_s:,.0f} tokens/s{mfu})"
+
+
+def ending(summary: dict, out_dir: Path, *, world_size: int, distributed_type: DistributedType, speed_text: str) -> str:
+    """The run's last line(s): where an interrupted run was saved, or `outputs`; each with its resume command."""
+    resume = resume_command(out_dir / LAST_NAME, world_size, distributed_type,
+                            # set by the launcher (torchrun, accelerate launch) on each machine
+                            int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if summary["stop_reason"] == "interrupted":
+        return f"interrupted at iter {summary['iters']}: saved {out_dir / LAST_NAME}. Resume with: {resume}"
+    return outputs(summary, out_dir, resume, speed_text)
 
 
 def outputs(summary: dict, out_dir: Path, resume: str, speed_text: str = "") -> str:

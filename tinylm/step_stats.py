@@ -77,3 +77,12 @@ def check_diverged(report: Report, iteration: int, out_dir) -> None:
             f"(by iter {iteration}); lower training.learning_rate, or use precision = \"bf16\"/\"fp32\". "
             f"The last good checkpoint in {out_dir} was kept"
         )
+
+
+def check_val_loss(val_loss: float, iteration: int, out_dir) -> None:
+    """Stop the run, before anything is saved, when an evaluation's validation loss is not finite."""
+    if not math.isfinite(val_loss):
+        raise UserError(
+            f"validation loss is {val_loss} at iter {iteration}; nothing was saved over the last good checkpoint "
+            f"in {out_dir}. Lower training.learning_rate or use precision = \"fp32\""
+        )

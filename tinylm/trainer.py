@@ -10,17 +10,14 @@ and prints, and every rank takes the same stop decisions.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, set_seed
 
-from . import checkpoint, data, rng, run_folder, run_report, sampler
-from .atomic import write_json
+from . import checkpoint, data, run_report, sampler
 from .checkpoint import Loaded, RunState
 from .compat import close_process_group_at_exit, skip_next_step_where
 from .config import Config, Sampling, check_seed_fits
@@ -30,18 +27,17 @@ from .hardware import (
     cpu_matmul_for_run,
     choose_hardware,
     configure_backends,
-    peak_flops,
+    device_peak_flops,
     use_compile,
 )
-from .model import flops_per_token, optimizer_groups, per_block_loss, run_model
-from .metrics_log import MetricsLog
-from .paths import BEST_NAME, LAST_NAME, METRICS_NAME, TRAIN_LOG_NAME
-from .progress import Progress
-from .run_folder import TRACKER_PROJECT
+from .interrupts import InterruptFlag
+from .model import build_optimizer, flops_per_token, per_block_loss, run_model
+from .paths import BEST_NAME, LAST_NAME
+from .run_log import RunLog
+from .run_writer import RunWriter
 from .schedule import build_scheduler
-from .schedule import warning as schedule_warning
-from .step_stats import Report, StepStats, check_diverged
-from .tracking import check_tracker_installed, flat_config
+from .step_stats import StepStats, check_diverged, check_val_loss
+from .tracking import check_tracker_installed
 
 
 class Trainer:
@@ -75,8 +71,9 @@ class Trainer:
 
         if isinstance(resume, (str, Path)):
             resume = Loaded(Path(resume), checkpoint.load(resume, flag="--resume"))
-        self._lock = run_folder.lock(self.out_dir)
-        self._check_before_training(resume, overwrite)
+        check_seed_fits(training.seed, self.accelerator.num_processes)
+        self.writer = RunWriter(self.accelerator, self.out_dir)
+        self.writer.claim(resumed_from=resume.path if resume else None, overwrite=overwrite, say=self.print)
         try:
             self._set_up(resume.payload if resume else None)
         except BaseException:
@@ -116,14 +113,7 @@ class Trainer:
             # In place (nn.Module.compile), not torch.compile(model): no wrapper module, so the
             # state dict keeps transformers' names ("_orig_mod." would break every checkpoint).
             model.compile()
-        optimizer = torch.optim.AdamW(
-            optimizer_groups(model, training.weight_decay),
-            lr=training.learning_rate,
-            betas=(training.beta1, training.beta2),
-            # One kernel over all parameters: 3-5x faster than the default on CPU too, and it
-            # can skip a step on the device (found_inf, see _optimizer_step) without a host sync.
-            fused=True,
-        )
+        optimizer = build_optimizer(model, training)
         eval_loaders = [data.eval_loader(tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
                                          num_blocks=training.eval_iters * training.batch_size)
                         for tokens in (self.train_tokens, self.val_tokens)]
@@ -140,9 +130,7 @@ class Trainer:
             process_index=self.accelerator.process_index, device=self.accelerator.device)
         self.stats = StepStats(self.accelerator.device, skipped_run=self.state.nonfinite_steps)
         self._flops_per_token = flops_per_token(model)
-        self._peak_flops = (peak_flops(torch.cuda.get_device_name(self.accelerator.device), hardware.precision,
-                                       self.accelerator.num_processes)
-                            if self.accelerator.device.type == "cuda" else None)
+        self._peak_flops = device_peak_flops(self.accelerator.device, hardware.precision, self.accelerator.num_processes)
 
     # ----------------------------------------------------------------- the loop
 
@@ -155,37 +143,39 @@ class Trainer:
 
     def close(self) -> None:
         """Let another run use out_dir (fit does this at its end; call it for a Trainer never fitted)."""
-        self._lock.release()
+        self.writer.close()
 
     def _fit(self) -> dict:
         training = self.config.training
         self._announce()
         stop_reason = "max_iters"
-        progress = Progress(training.max_iters, self.state.iter, self.tokens_per_step, self.is_main,
-                            self._flops_per_token, self._peak_flops)
-        interrupts = _InterruptFlag()
+        log = RunLog(self.accelerator, self.config, self.out_dir, start=self.state.iter,
+                     tokens_per_step=self.tokens_per_step, flops_per_token=self._flops_per_token,
+                     peak_flops=self._peak_flops)
+        interrupts = InterruptFlag()
         started = time.perf_counter() - self.state.elapsed_s
         self.model.train()
-        with interrupts, progress:
+        with interrupts, log:
             while True:
                 step = self.state.iter
                 if self._eval_due(step):
                     self.state.elapsed_s = time.perf_counter() - started
-                    if self._evaluate_and_checkpoint(step, progress):
+                    if self._evaluate_and_checkpoint(step, log):
                         stop_reason = "early_stopping"
                         break
-                    progress.restart_clock()
+                    log.progress.restart_clock()
                 if step >= training.max_iters:
                     break
                 self.stats.add_loss(self.train_step(step))
                 self.state.iter = step + 1
-                progress.step()
+                log.progress.step()
                 if self.state.iter % training.log_interval and self.state.iter != training.max_iters:
                     continue
                 report = self.stats.report(self.accelerator)
                 self.state.nonfinite_steps = report.skipped_run
                 check_diverged(report, self.state.iter, self.out_dir)
-                self._log_step(report, progress, elapsed_s=time.perf_counter() - started)
+                log.step(self.state.iter, report, self.scheduler.get_last_lr()[0],
+                         elapsed_s=time.perf_counter() - started)
                 if interrupts.raised:
                     self.accelerator.set_trigger()
                 if self.accelerator.check_trigger():  # an all-reduce: every rank stops at the same step
@@ -194,56 +184,24 @@ class Trainer:
         self.state.elapsed_s = time.perf_counter() - started
         return self._finish(stop_reason)
 
-    def _log_step(self, report: Report, progress: Progress, elapsed_s: float) -> None:
-        """Every log_interval steps: the progress line, the tracker and metrics.jsonl."""
-        lr = self.scheduler.get_last_lr()[0]
-        progress.log(report.loss, lr)
-        self._log({"train/loss": report.loss, "train/lr": lr, "train/grad_norm": report.grad_norm,
-                   "train/tokens_per_s": progress.tokens_per_s}, self.state.iter)
-        if self.metrics is not None:
-            warning = self.metrics.log_step({
-                "iter": self.state.iter, "train_loss": report.loss, "lr": lr, "grad_norm": report.grad_norm,
-                "tokens_seen": self.state.iter * self.tokens_per_step, "tokens_per_s": progress.tokens_per_s,
-                "elapsed_s": round(elapsed_s, 3)})
-            if warning:
-                progress.write(f"warning: {warning}")
-
     def _announce(self) -> None:
-        """Before the first step: the banner and warnings, the trackers, and the replaced run cleared."""
-        training = self.config.training
+        """Before the first step: the banner, and the run --overwrite replaces cleared."""
         model = self.accelerator.unwrap_model(self.model)
         speed = (["torch.compile"] if self.compiled else []) + ([self.cpu_matmul.note] if self.cpu_matmul.note else [])
         self.print(run_report.banner(self.config, model, self.data, self.train_tokens.num_tokens,
                                      self.val_tokens.num_tokens, device=run_report.device_name(self.accelerator.device),
                                      precision=self.hardware.precision,
                                      world_size=self.accelerator.num_processes, speed=speed))
-        short_of_the_peak = schedule_warning(training)
-        if short_of_the_peak:
-            self.print(f"warning: {short_of_the_peak}")
-        if self._holds_other_run and self.is_main:  # before the trackers open their files in out_dir
-            replaced = run_folder.clear_replaced_run(self.out_dir)
-            self.print(f"--overwrite: removed the previous run's {', '.join(replaced)} from {self.out_dir}")
-        if training.tracker != "none":
-            self.accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(self.config.to_dict()))
-        self.metrics = MetricsLog(self.out_dir / METRICS_NAME, self.state.iter) if self.is_main else None
+        self.writer.clear_replaced_run(say=self.print)
 
     def _finish(self, stop_reason: str) -> dict:
         """After the last step: train_log.json's summary (and ckpt_last.pt when interrupted), what to do next."""
         summary = run_report.summary(self.state, stop_reason, tokens_per_step=self.tokens_per_step,
                                      world_size=self.accelerator.num_processes)
-        resume = run_report.resume_command(self.out_dir / LAST_NAME, self.accelerator.num_processes,
-                                           self.accelerator.distributed_type,
-                                           # set by the launcher (torchrun, accelerate launch) on each machine
-                                           int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
-        if stop_reason == "interrupted":
-            self._save([LAST_NAME], val_loss=None, summary=summary)
-            self.print(f"interrupted at iter {self.state.iter}: saved {self.out_dir / LAST_NAME}. Resume with: {resume}")
-        else:
-            self._save([], val_loss=None, summary=summary)
-            self.print(run_report.outputs(summary, self.out_dir, resume,
-                                          run_report.speed(summary, self._flops_per_token, self._peak_flops)))
-        for tracker in self.accelerator.trackers:  # end_training() would also destroy the process group,
-            tracker.finish()                        # too early: see compat.close_process_group_at_exit
+        self._save([LAST_NAME] if stop_reason == "interrupted" else [], val_loss=None, summary=summary)
+        self.print(run_report.ending(summary, self.out_dir, world_size=self.accelerator.num_processes,
+                                     distributed_type=self.accelerator.distributed_type,
+                                     speed_text=run_report.speed(summary, self._flops_per_token, self._peak_flops)))
         return summary
 
     def train_step(self, step: int) -> torch.Tensor:
@@ -286,11 +244,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.add_step(grad_norm, nonfinite)
 
-    def _log(self, metrics: dict[str, float], step: int) -> None:
-        """Send metrics to training.tracker (accelerate logs on the main process only)."""
-        if self.config.training.tracker != "none":
-            self.accelerator.log(metrics, step=step)
-
     # ----------------------------------------------------- evaluation and saving
 
     def _eval_due(self, step: int) -> bool:
@@ -311,36 +264,26 @@ class Trainer:
         self.model.train()
         return losses
 
-    def _evaluate_and_checkpoint(self, step: int, progress: Progress) -> bool:
+    def _evaluate_and_checkpoint(self, step: int, log: RunLog) -> bool:
         """Evaluate at `step`, log, save checkpoints; return True when early stopping says stop."""
         training = self.config.training
         losses = self.evaluate()
         val_loss = losses["val"]
-        if not math.isfinite(val_loss):
-            raise UserError(
-                f"validation loss is {val_loss} at iter {step}; nothing was saved over the last good checkpoint "
-                f"in {self.out_dir}. Lower training.learning_rate or use precision = \"fp32\""
-            )
+        check_val_loss(val_loss, step, self.out_dir)
         state = self.state
         improved = state.note_eval(step, val_loss, training.early_stopping_min_delta)
         record = run_report.eval_record(step, losses, lr=self.scheduler.get_last_lr()[0],
                                         tokens_seen=step * self.tokens_per_step, elapsed_s=state.elapsed_s,
-                                        tokens_per_s=progress.tokens_per_s)
-        state.records.append(record)
-        progress.write(run_report.eval_line(record, improved))
-        if self.metrics is not None and (warning := self.metrics.log_eval(record)):
-            progress.write(f"warning: {warning}")
-        self._log({"train/eval_loss": record["train_loss"], "train/eval_ppl": record["train_ppl"],
-                   "val/loss": val_loss, "val/ppl": record["val_ppl"]}, step)
+                                        tokens_per_s=log.progress.tokens_per_s)
         sample = self._sample()
         if sample is not None:
             record["sample"] = sample
-            progress.write("\n".join(f"  > {line}" for line in sample.split("\n")))
-            self._log({"eval/sample": sample}, step)
+        state.records.append(record)
+        log.evaluation(record, improved)
         self._save([LAST_NAME, BEST_NAME] if improved and training.save_best else [LAST_NAME], val_loss)
         stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
         if stop:
-            progress.write(run_report.early_stopping_line(step, state, training.early_stopping_min_delta))
+            log.write(run_report.early_stopping_line(step, state, training.early_stopping_min_delta))
         return stop
 
     def _sample(self) -> str | None:
@@ -361,68 +304,25 @@ class Trainer:
         return training.eval_sample_prompt + written
 
     def _save(self, names: list[str], val_loss: float | None, summary: dict | None = None) -> None:
-        """Write one checkpoint under each of `names`, then train_log.json (main process).
+        """One checkpoint under each of `names`, then train_log.json; see `RunWriter.save`."""
+        def payload(weights: dict, rng_states: list) -> dict:
+            return checkpoint.run_payload(
+                weights=weights, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
+                data=self.data, config=self.config, base_model=self.base_model, state=self.state,
+                val_loss=val_loss, optimizer=self.optimizer, scaler=self.accelerator.scaler, rng_states=rng_states,
+                world_size=self.accelerator.num_processes, cpu_matmul=self.cpu_matmul.backend)
 
-        Every process contributes its RNG state, and every process learns whether the writes
-        worked: when the main process cannot write (a full disk), all of them stop here with its
-        message, instead of the others waiting for it in the next collective until a timeout.
-        """
-        rng_states = gather_object([rng.capture()])
-        # A collective under FSDP (it gathers the shards), so every process calls it.
-        weights = self.accelerator.get_state_dict(self.model) if names else None
-        failure = None
-        if self.is_main:
-            try:
-                for name in names:
-                    checkpoint.save(self.out_dir / name, self._payload(weights, rng_states, val_loss))
-                write_json(self.out_dir / TRAIN_LOG_NAME, {"config": self.config.to_dict(),
-                                                           "records": self.state.records, "summary": summary})
-            except UserError as exc:
-                failure = exc
-        self._stop_together(failure)
-
-    def _payload(self, weights: dict, rng_states: list, val_loss: float | None) -> dict:
-        return checkpoint.run_payload(
-            weights=weights, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
-            data=self.data, config=self.config, base_model=self.base_model, state=self.state, val_loss=val_loss,
-            optimizer=self.optimizer, scaler=self.accelerator.scaler, rng_states=rng_states,
-            world_size=self.accelerator.num_processes, cpu_matmul=self.cpu_matmul.backend)
-
-    def _stop_together(self, failure: UserError | None) -> None:
-        """Raise on every process the first failure any process had (one gather); nothing if none had."""
-        messages = gather_object([str(failure) if failure else None])
-        first = next((message for message in messages if message), None)
-        if first is not None:
-            raise UserError(first)
+        self.writer.save(names, self.model, payload,
+                         {"config": self.config.to_dict(), "records": self.state.records, "summary": summary})
 
     # ------------------------------------------------------------------ resume
-
-    def _check_before_training(self, resume: Loaded | None, overwrite: bool) -> None:
-        """Refuse, before any work, what would lose a run or fail later (see `run_folder.claim`), and a
-        seed too large for the process count; every process stops together with the first refusal."""
-        failure = None
-        try:
-            self._holds_other_run = run_folder.claim(self.out_dir, self._lock, is_main=self.is_main,
-                                                     resumed_from=resume.path if resume else None,
-                                                     overwrite=overwrite, say=self.print)
-            check_seed_fits(self.config.training.seed, self.accelerator.num_processes)
-        except UserError as exc:
-            failure = exc
-        try:
-            self._stop_together(failure)
-        except UserError:
-            self.close()
-            raise
 
     def _restore(self, payload: dict) -> None:
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise UserError("cannot resume under FSDP: the checkpoint holds only the main process's optimizer shard; "
                             "resume with DDP (configs/accelerate/multi-gpu.yaml) or start a new run")
-        training = self.config.training
-        this_run = [{"weight_decay": group["weight_decay"], "betas": (training.beta1, training.beta2)}
-                    for group in optimizer_groups(self.accelerator.unwrap_model(self.model), training.weight_decay)]
         self.state, warning = checkpoint.restore_training(
-            payload, optimizer=self.optimizer, scaler=self.accelerator.scaler, group_settings=this_run,
+            payload, optimizer=self.optimizer, scaler=self.accelerator.scaler,
             process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes)
         if warning:
             self.print(f"warning: {warning}")
@@ -433,40 +333,11 @@ class Trainer:
     @property
     def tokens_per_step(self) -> int:
         """Tokens consumed by one optimizer step across all processes."""
-        return self.global_batch_size * self.config.model.block_size
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.config.effective_batch_size * self.accelerator.num_processes
+        return self.config.effective_batch_size * self.accelerator.num_processes * self.config.model.block_size
 
     def print(self, message: str) -> None:
         if self.is_main:
             print(message, flush=True)
-
-
-class _InterruptFlag:
-    """Turn the first Ctrl-C / SIGTERM into a flag the loop checks after the current step.
-
-    A second Ctrl-C interrupts at once (the default behaviour comes back).
-    """
-
-    def __init__(self):
-        self.raised = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        self.raised = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
 
 
 def train(config: Config, resume: str | Path | Loaded | None = None, *, overwrite: bool) -> dict:
