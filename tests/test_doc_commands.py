@@ -475,6 +475,8 @@ def make_bare_project(root: Path) -> Path:
         make_corpus(root / name, chars=chars, seed=seed)
     stories = [{"text": f"Once upon a time story {i} was told by the king to his friend."} for i in range(40)]
     (root / "stories.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stories))
+    poems = [{"text": f"Poem {i}: the rose is red, the night is long, and {i} stars sing."} for i in range(40)]
+    (root / "poems.jsonl").write_text("".join(json.dumps(row) + "\n" for row in poems))
     (root / "prompt.txt").write_text("ROMEO:")
     (root / "checkpoints").mkdir()  # the repo ships checkpoints/ and data/ (with a README), so do we
     (root / "data").mkdir()

@@ -429,17 +429,12 @@ def test_a_folder_of_prepared_data_is_refused_without_overwrite(sharded, snapsho
         prepare_module.main(["--input", str(source), "--out", str(bare)])
 
 
-@pytest.mark.parametrize("flag", ["--input", "--dataset"])
-def test_a_source_given_twice_is_refused(flag, tmp_path):
-    if flag == "--input":
-        first, second = write(tmp_path / "a.txt", play_text(3_000)), write(tmp_path / "b.txt", play_text(3_000, 1))
-    else:
-        rows = [f"document {i}: {play_text(200, i)}" for i in range(20)]
-        first = write(tmp_path / "a.jsonl", "".join(json.dumps({"text": row}) + "\n" for row in rows))
-        second = write(tmp_path / "b.csv", "text\n" + "".join(json.dumps(row) + "\n" for row in rows))
-    result = prepare(tmp_path, flag, first, flag, second, "--out", tmp_path / "out")
+def test_an_input_given_twice_is_refused(tmp_path):
+    """(Several --dataset are a mix: tests/test_prepare_dataset.py.)"""
+    first, second = write(tmp_path / "a.txt", play_text(3_000)), write(tmp_path / "b.txt", play_text(3_000, 1))
+    result = prepare(tmp_path, "--input", first, "--input", second, "--out", tmp_path / "out")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert f"error: {flag} is given twice ({first}, then {second}): prepare reads one" in result.stderr
+    assert f"error: --input is given twice ({first}, then {second}): prepare reads one" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -236,6 +236,165 @@ def test_preparing_the_same_dataset_again_reuses_the_cache(tmp_path, datasets_ca
     assert formats.load_meta(tmp_path / "c" / paths.META_NAME)["vocab_size"] == 300
 
 
+# --- mixes of several datasets ----------------------------------------------------------------------
+
+LATIN, CYRILLIC = "abcdefghijklm", "абвгдежзийклм"  # two alphabets: each document says which dataset it came from
+
+
+def words_of(alphabet: str, count: int, words: tuple[int, int], seed: int, empty_every: int = 0) -> list[str]:
+    """`count` documents of `words` (min, max) random words over `alphabet`; every `empty_every`-th row empty."""
+    rng = random.Random(seed)
+    return ["" if empty_every and index % empty_every == empty_every - 1 else
+            " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+                     for _ in range(rng.randint(*words)))
+            for index in range(count)]
+
+
+def write_mix_sources(folder: Path, count: int) -> tuple[Path, Path, list[str], list[str]]:
+    """Dataset A: short Latin documents, JSON Lines; B: longer Cyrillic ones, some empty, an Arrow file of large
+    strings (as pandas writes them: a type interleave_datasets will not mix with A's strings unasked)."""
+    import pyarrow as pa
+
+    texts_a = words_of(LATIN, count, (1, 4), seed=1)
+    texts_b = words_of(CYRILLIC, count, (4, 12), seed=2, empty_every=50)
+    path_a = write_dataset("jsonl", folder, texts_a)
+    path_b = folder / "b.arrow"
+    table = pa.table({"text": pa.array(texts_b, pa.large_string())})
+    with pa.ipc.new_stream(path_b, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1000)
+    return path_a, path_b, texts_a, texts_b
+
+
+def documents_by_alphabet(out: Path, split: str) -> dict[str, list[np.ndarray]]:
+    """A prepared split's documents (ids, eos included) by alphabet; refuses a document of both, or of neither."""
+    split_ids = np.concatenate([tokens(out / entry["tokens"])
+                                for entry in formats.load_meta(out / paths.META_NAME)["splits"][split]["files"]])
+    vocab = tok.load(out / paths.TOKENIZER_NAME).get_vocab()
+    alphabet = np.zeros(len(vocab), np.int8)  # per id: 1 Latin, 2 Cyrillic, 0 anything else
+    for letters, code in ((LATIN, 1), (CYRILLIC, 2)):
+        alphabet[[vocab[letter] for letter in letters]] = code
+    ends = np.flatnonzero(split_ids == vocab[tok.EOS_TOKEN]) + 1
+    document = np.repeat(np.arange(len(ends)), np.diff(ends, prepend=0))  # each token's document, eos included
+    seen = {code: np.bincount(document, alphabet[split_ids] == code, minlength=len(ends)) > 0 for code in (1, 2)}
+    assert not (seen[1] & seen[2]).any() and (seen[1] | seen[2]).all()
+    pieces = np.split(split_ids, ends)[:-1]
+    return {"a": [ids for ids, latin in zip(pieces, seen[1]) if latin],
+            "b": [ids for ids, cyrillic in zip(pieces, seen[2]) if cyrillic]}
+
+
+def test_a_mix_holds_each_dataset_in_the_share_of_its_weight_streamed_or_not(tmp_path, capsys):
+    """Kills: the weights ignored, swapped or not normalized; the shares, counts or rows read recorded or printed
+    wrong; documents repeated or dropped; the tokenizer trained on one dataset only; a streamed mix that differs."""
+    path_a, path_b, texts_a, texts_b = write_mix_sources(tmp_path / "in", 20_000)
+    out = tmp_path / "out"
+    assert run_prepare("--dataset", path_a, "--dataset", path_b, "--weights", "7,3", "--out", out) == 0
+    printed = capsys.readouterr().out
+    meta = formats.load_meta(out / paths.META_NAME)
+    found = {split: documents_by_alphabet(out, split) for split in formats.SPLITS}
+    # The shares measured in the prepared files: documents within 1% of the weights (in each split, within 1%
+    # for the 26K training documents, 2.5% for the 2.9K validation ones), tokens as they fall.
+    for split, tolerance in (("train", 0.01), ("val", 0.025)):
+        share_a = len(found[split]["a"]) / (len(found[split]["a"]) + len(found[split]["b"]))
+        assert abs(share_a - 0.7) < tolerance, (split, share_a)
+    documents = {name: sum(len(found[split][name]) for split in formats.SPLITS) for name in "ab"}
+    tokens_of = {name: sum(len(ids) for split in formats.SPLITS for ids in found[split][name]) for name in "ab"}
+    assert abs(documents["a"] / sum(documents.values()) - 0.7) < 0.01, documents
+    # A's documents are shorter: its share of the tokens is far below its share of the documents.
+    assert tokens_of["a"] / sum(tokens_of.values()) < 0.5, tokens_of
+    # Every document once: all of A (it ran out first), and B's non-empty rows up to where the mix stopped.
+    tokenizer = tok.load(out / paths.TOKENIZER_NAME)
+    decoded = {name: sorted(tokenizer.batch_decode([ids[:-1].tolist() for split in formats.SPLITS
+                                                    for ids in found[split][name]]))
+               for name in "ab"}
+    entries = meta["source"]["datasets"]
+    assert decoded["a"] == sorted(text for text in texts_a if text) and entries[0]["rows_read"] == 20_000
+    assert decoded["b"] == sorted(text for text in texts_b[:entries[1]["rows_read"]] if text)
+    # One tokenizer over the mix: both alphabets are in it (and no [UNK] in the data, checked above).
+    assert set(LATIN) | set(CYRILLIC) <= set(tokenizer.get_vocab())
+    # meta.json records what the files hold, and prepare prints it.
+    for name, entry, weight, path, texts in zip("ab", entries, (0.7, 0.3), (path_a, path_b), (texts_a, texts_b)):
+        assert entry["dataset"] == str(path) and entry["weight"] == pytest.approx(weight)
+        assert entry["num_documents"] == {split: len(found[split][name]) for split in formats.SPLITS}
+        assert entry["num_tokens"] == {split: sum(map(len, found[split][name])) for split in formats.SPLITS}
+        share = {"documents": documents[name] / sum(documents.values()),
+                 "tokens": tokens_of[name] / sum(tokens_of.values())}
+        assert entry["share"] == pytest.approx(share, abs=1e-12)
+        assert (f"  {path}: weight {weight:g}, documents {share['documents']:.1%} ({documents[name]:,}), "
+                f"tokens {share['tokens']:.1%} ({tokens_of[name]:,}); read {entry['rows_read']:,} of "
+                f"{len(texts):,} rows\n") in printed
+    assert meta["source"]["num_documents"] == {split: sum(map(len, found[split].values())) for split in formats.SPLITS}
+    assert f"source: mix of {path_a} (weight 0.7), {path_b} (weight 0.3), split train" in printed
+    # Streamed, the same mix: the same files.
+    assert run_prepare("--dataset", path_a, "--dataset", path_b, "--weights", "0.7,0.3", "--streaming",
+                       "--out", tmp_path / "streamed") == 0
+    streamed = formats.load_meta(tmp_path / "streamed" / paths.META_NAME)
+    for split in formats.SPLITS:
+        assert [entry["sha256"] for entry in streamed["splits"][split]["files"]] == \
+               [entry["sha256"] for entry in meta["splits"][split]["files"]]
+    assert [entry["share"] for entry in streamed["source"]["datasets"]] == [entry["share"] for entry in entries]
+
+
+def test_a_mix_validates_on_its_datasets_own_validation_splits_when_each_has_one(tmp_path, capsys):
+    """Kills: the validation splits left out of the mix (or mixed into training); the default weights unequal."""
+    folders = []
+    for name, alphabet in (("latin", LATIN), ("cyrillic", CYRILLIC)):
+        folder = tmp_path / name
+        (folder / "data").mkdir(parents=True)
+        rows(words_of(alphabet, 3000, (2, 6), seed=3)).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+        rows(words_of(alphabet, 1500, (8, 10), seed=4)).to_parquet(
+            folder / "data" / "validation-00000-of-00001.parquet")
+        folders.append(folder)
+    out = tmp_path / "out"
+    assert run_prepare("--dataset", folders[0], "--dataset", folders[1], "--out", out) == 0
+    source = formats.load_meta(out / paths.META_NAME)["source"]
+    assert [entry["weight"] for entry in source["datasets"]] == [0.5, 0.5]
+    assert source["val_split"] == "validation" and source["val_fraction"] is None
+    tokenizer = tok.load(out / paths.TOKENIZER_NAME)
+    for split in formats.SPLITS:
+        found = documents_by_alphabet(out, split)
+        share = len(found["a"]) / (len(found["a"]) + len(found["b"]))
+        assert abs(share - 0.5) < 0.03, (split, share)
+        # Validation documents are those of the validation splits (8 to 10 words), training ones never.
+        words = {len(text.split(" ")) for text in tokenizer.batch_decode([ids[:-1].tolist()
+                                                                          for ids in found["a"] + found["b"]])}
+        assert words <= ({8, 9, 10} if split == "val" else {2, 3, 4, 5, 6}), (split, words)
+    # A dataset without a validation split: the mix holds out a tenth of its documents, and says so.
+    plain = write_dataset("jsonl", tmp_path / "plain", words_of(CYRILLIC, 500, (2, 6), seed=5))
+    capsys.readouterr()
+    assert run_prepare("--dataset", folders[0], "--dataset", plain, "--out", tmp_path / "some") == 0
+    assert (f"note: {plain} has no validation split, so validation is 10% of the mixed documents"
+            in capsys.readouterr().out)
+    source = formats.load_meta(tmp_path / "some" / paths.META_NAME)["source"]
+    assert source["val_split"] is None and source["val_fraction"] == 0.1
+
+
+def test_a_mix_with_other_weights_trains_its_own_tokenizer(tmp_path, datasets_cache):
+    """Kills: the tokenizer cache key blind to the mix (the same datasets' files, other weights)."""
+    path_a, path_b, _, _ = write_mix_sources(tmp_path / "in", 3000)
+    bpe = ["--tokenizer", "bpe", "--vocab-size", 300]
+    for name, weights in (("a", "0.9,0.1"), ("b", "0.1,0.9")):
+        assert run_prepare("--dataset", path_a, "--dataset", path_b, "--weights", weights, *bpe, "--out",
+                           tmp_path / name) == 0
+    first, second = ((tmp_path / name / paths.TOKENIZER_NAME).read_bytes() for name in "ab")
+    assert first != second
+    assert len(list((datasets_cache / "tinylm-tokenizers").iterdir())) == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nan,1", "the weight of a.jsonl is nan"), ("1,inf", "the weight of b.jsonl is inf"),
+    ("1,", "'' (for b.jsonl) is not a number"), ("0.5, 0.25", None),
+])
+def test_weights_are_positive_finite_numbers_scaled_to_sum_to_one(text, message):
+    from tinylm import mixing
+    from tinylm.errors import UserError
+
+    if message is None:
+        assert mixing.parse_weights(text, ["a.jsonl", "b.jsonl"]) == pytest.approx([2 / 3, 1 / 3])
+        return
+    with pytest.raises(UserError, match=re.escape(message)):
+        mixing.parse_weights(text, ["a.jsonl", "b.jsonl"])
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 
@@ -279,6 +438,21 @@ BAD = [
     (["--dataset", "blob.bin"], r"--dataset blob\.bin is a \.bin file; datasets are read from"),
     (["--input", "docs.jsonl", "--text-column", "body"], r"--text-column applies to --dataset only"),
     (["--dataset", "docs.jsonl", "--streaming", "--num-proc", "2"], r"--num-proc applies to a map over a whole dataset"),
+    (["--dataset", "docs.jsonl", "--dataset", "docs.parquet", "--weights", "0.7,0.2,0.1"],
+     r"--weights 0\.7,0\.2,0\.1 gives 3 weight\(s\) for 2 --dataset: give one number per --dataset"),
+    (["--dataset", "docs.jsonl", "--dataset", "docs.parquet", "--weights", "0.7,-0.3"],
+     r"--weights 0\.7,-0\.3: the weight of docs\.parquet is -0\.3, but a weight must be a positive number"),
+    (["--dataset", "docs.jsonl", "--dataset", "docs.parquet", "--weights", "0,0"],
+     r"--weights 0,0: the weight of docs\.jsonl is 0, but a weight must be a positive number"),
+    (["--dataset", "docs.jsonl", "--dataset", "docs.parquet", "--weights", "0.7,much"],
+     r"--weights 0\.7,much: 'much' \(for docs\.parquet\) is not a number"),
+    (["--dataset", "docs.jsonl", "--weights", "1"], r"--weights 1 sets the shares of a mix of several --dataset, but "
+     r"this run reads one dataset"),
+    (["--input", "docs.jsonl", "--weights", "1,1"], r"--weights 1,1 sets the shares of a mix of several --dataset"),
+    (["--dataset", "docs.jsonl", "--dataset", "docs.jsonl"], r"--dataset docs\.jsonl is given twice: a mix reads each "
+     r"dataset once"),
+    (["--dataset", "docs.jsonl", "--dataset", "saved", "--val-split", "validation"],
+     r"dataset docs\.jsonl has no split 'validation'"),
 ]
 
 

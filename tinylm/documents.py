@@ -37,6 +37,7 @@ from .hub_names import reads_as_hub_id
 BUILDERS = {suffix: builder for suffix, (builder, _) in paths.DATASET_FILES.items()}
 MAP_BATCH = 1000  # rows per `map` call
 ENCODE_CHARS = 1 << 17  # characters per encode_batch call: enough for every core, few Encodings in memory
+SOURCE_COLUMN = "tinylm_source"  # a mix's rows: the index of the --dataset each came from (`tinylm.mixing`)
 
 
 @dataclass
@@ -193,7 +194,8 @@ def tokenize(part, documents: Documents, tokenizer: Tokenizer, dtype: str, keep_
         encode_documents, tokenizer=tokenizer, column=documents.column, spec=documents.spec,
         eos_id=tokenizer.token_to_id(EOS_TOKEN), dtype=dtype, keep_text=keep_text,
     )
-    removed = [name for name in (part.column_names or []) if not (keep_text and name == documents.column)]
+    kept = {SOURCE_COLUMN, documents.column} if keep_text else {SOURCE_COLUMN}
+    removed = [name for name in (part.column_names or []) if name not in kept]
     options = {"batched": True, "batch_size": MAP_BATCH, "remove_columns": removed}
     if isinstance(part, datasets.Dataset):
         if num_proc and num_proc > 1:
@@ -205,7 +207,9 @@ def tokenize(part, documents: Documents, tokenizer: Tokenizer, dtype: str, keep_
 
 def encode_documents(batch: pa.Table, *, tokenizer: Tokenizer, column: str, spec: str, eos_id: int, dtype: str,
                      keep_text: bool) -> pa.Table:
-    """`Dataset.map`'s function: a batch of rows -> `input_ids`, one list of ids per row (empty rows: none)."""
+    """`Dataset.map`'s function: a batch of rows -> `input_ids`, one list of ids per row (empty rows: none).
+
+    A mix's source column goes through as it is (an arrow-format map keeps only what this returns)."""
     texts = [text or "" for text in column_of(batch, column, spec).to_pylist()]  # null: no text
     pieces, lengths = [], []
     for group in groups_of_chars(texts, ENCODE_CHARS):
@@ -218,6 +222,8 @@ def encode_documents(batch: pa.Table, *, tokenizer: Tokenizer, column: str, spec
     columns = {"input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids))}
     if keep_text:
         columns[column] = batch.column(column)
+    if SOURCE_COLUMN in batch.column_names:
+        columns[SOURCE_COLUMN] = batch.column(SOURCE_COLUMN)
     return pa.table(columns)
 
 
@@ -270,7 +276,8 @@ def tokenizer_cache_key(documents: Documents, kind: str, vocab_size: int | None,
         (file["filename"], os.stat(file["filename"]).st_size, os.stat(file["filename"]).st_mtime_ns)
         for part in parts for file in part.cache_files
     ]
-    settings = [kind, vocab_size, sample_chars, documents.column, files]
+    mix = [(entry["dataset"], entry["weight"]) for entry in documents.record.get("datasets", [])]
+    settings = [kind, vocab_size, sample_chars, documents.column, files, mix]
     return datasets.fingerprint.Hasher.hash(json.dumps(settings))
 
 

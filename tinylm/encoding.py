@@ -172,8 +172,10 @@ def ids_of(encodings: list[Encoding], dtype: str) -> np.ndarray:
 
 def prepare_documents(docs, out: Path, settings: Settings) -> tuple[dict, list[str]]:
     """Write tokenizer, token files and meta.json for a dataset's documents (`tinylm.documents.Documents`)."""
-    from . import documents
+    from . import documents, mixing
 
+    mixed = docs.record.get("datasets")
+    tally = mixing.Tally(len(mixed)) if mixed else None
     with formats.staging(out) as folder:
         tokenizer = documents_tokenizer(docs, settings)
         tok.save(tokenizer, folder)
@@ -187,6 +189,8 @@ def prepare_documents(docs, out: Path, settings: Settings) -> tuple[dict, list[s
                   leave=False) as bar:
             for split, rows in batches:
                 counts[split] += write_rows(writers[split], rows, docs.column)
+                if tally:
+                    tally.add(split, rows)
                 rows_seen += rows.num_rows
                 bar.update(rows.num_rows)
         skipped = rows_seen - sum(counts.values())
@@ -196,6 +200,8 @@ def prepare_documents(docs, out: Path, settings: Settings) -> tuple[dict, list[s
         fix = "use more (or longer) documents, or another --split / --val-split / --val-fraction"
         splits = {split: finished(writers[split], what, fix) for split in formats.SPLITS}
         record = {**docs.record, "num_documents": counts, "tokenizer_sample_chars": settings.tokenizer_sample}
+        if tally:
+            record["datasets"] = tally.record(mixed)
         meta = formats.build_meta(folder, settings.data_format, settings.kind, dtype, record, splits,
                                   settings.tokenizer_from)
         return meta, formats.publish(folder, out, meta)

@@ -373,8 +373,12 @@ def text_changed(text_path: Path, entry: dict) -> bool:
 def describe_source(meta: dict) -> str:
     """One line saying where prepared data came from and when, for training's start-up summary."""
     source = meta["source"]
-    if source.get("dataset"):
-        what = f"dataset {source['dataset']}"
+    if source.get("dataset") or source.get("datasets"):
+        if source.get("datasets"):
+            what = "mix of " + ", ".join(f"{entry['dataset']} (weight {entry['weight']:.3g})"
+                                         for entry in source["datasets"])
+        else:
+            what = f"dataset {source['dataset']}"
         what += f" ({source['config_name']})" if source.get("config_name") else ""
         what += f", split {source['split']}, column {source['text_column']!r}"
         val = f"split {source['val_split']}" if source.get("val_split") else f"{source['val_fraction']:.0%} of the documents"
@@ -383,3 +387,23 @@ def describe_source(meta: dict) -> str:
     else:
         what = f"{source['input']} (val: the last {source['val_fraction']:.0%} of the text)"
     return f"{what}; prepared {meta['created']}"
+
+
+def source_name(source: dict) -> str | None:
+    """meta.json's `source` in a few words: the input, the dataset, or a mix's datasets."""
+    if source.get("datasets"):
+        return " + ".join(entry["dataset"] for entry in source["datasets"])
+    return source.get("dataset") or source.get("input")
+
+
+def describe_mix(source: dict) -> list[str]:
+    """One line per dataset of a mix (none for one dataset or an input): its weight, the shares of the
+    documents and tokens it gave (train and val together), and how much of it was read."""
+    lines = []
+    for entry in source.get("datasets") or []:
+        total = f" of {entry['num_rows']:,}" if entry["num_rows"] is not None else ""
+        documents, tokens = sum(entry["num_documents"].values()), sum(entry["num_tokens"].values())
+        lines.append(f"{entry['dataset']}: weight {entry['weight']:.3g}, documents {entry['share']['documents']:.1%} "
+                     f"({documents:,}), tokens {entry['share']['tokens']:.1%} ({tokens:,}); "
+                     f"read {entry['rows_read']:,}{total} rows")
+    return lines

@@ -1,11 +1,11 @@
 """`tinylm prepare`: the command. Flags, their checks, the output folder's lock, and what it prints.
 
-    tinylm prepare [--input PATH|shakespeare | --dataset NAME_OR_PATH ...] [--tokenizer char|bpe]
+    tinylm prepare [--input PATH|shakespeare | --dataset NAME_OR_PATH ...] [--weights W,W,...] [--tokenizer char|bpe]
                    [--vocab-size N] [--format bin|txt] [--shard-tokens N] [--out DIR] [--overwrite]
                    [--val-fraction F]
     tinylm prepare --retokenize DIR
 
-The work is elsewhere: `plain_text` reads an `--input`, `documents` a `--dataset`, `encoding`
+The work is elsewhere: `plain_text` reads an `--input`, `documents` a `--dataset`, `mixing` several, `encoding`
 trains the tokenizer and writes the token files, `formats` owns the files and meta.json. Prepare
 holds the output folder's lock while it works there (`output_folder`), and refuses a folder that
 already holds prepared data unless `--overwrite`, as training refuses a run.
@@ -39,8 +39,6 @@ class Once(argparse.Action):
 
     WAY_ON = {
         "input": "prepare reads one input per run; to read several text files, put them in one folder and pass that",
-        "dataset": "prepare reads one dataset per run; to read several data files of one kind (say .jsonl), put "
-                   "them in one folder and pass that",
         "retokenize": "prepare retokenizes one folder per run; run it once for each",
     }
 
@@ -63,9 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(the default when no --dataset is given)",
     )
     source.add_argument(
-        "--dataset", action=Once,
+        "--dataset", action="append",
         help="a Hugging Face dataset: a Hub id (e.g. roneneldan/TinyStories), a .jsonl/.json/.csv/.parquet/.arrow "
-        "file, a folder of such files, or a save_to_disk folder; each row is a document",
+        "file, a folder of such files, or a save_to_disk folder; each row is a document. Repeat it to mix several "
+        "datasets (see --weights)",
     )
     source.add_argument("--retokenize", metavar="DIR", action=Once,
                         help="txt data only: tokenize the (edited) train.txt/val.txt in DIR again, with its tokenizer")
@@ -103,6 +102,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "for a dataset, an evenly spread this fraction of its documents",
     )
     dataset = parser.add_argument_group("--dataset options")
+    dataset.add_argument(
+        "--weights", metavar="W,W,...",
+        help="with several --dataset: each one's share of the documents, in --dataset order (e.g. 0.7,0.3; scaled "
+        "to sum to 1; default: equal shares); the mix stops when one dataset runs out",
+    )
     dataset.add_argument("--config-name", help="the dataset's configuration (load_dataset's name), if it has several")
     dataset.add_argument("--split", default="train", help="the split to train on (default: train)")
     dataset.add_argument("--text-column", default="text", help="the column that holds the text (default: text)")
@@ -136,23 +140,32 @@ def main(argv: list[str] | None = None) -> int:
         with output_folder(folder):  # new tokens for the folder's own text: replacing them is the point
             return retokenize(folder)
     settings = check_options(args)
+    weights = None
+    if args.dataset and len(args.dataset) > 1:
+        from . import mixing  # datasets: imported only for --dataset
+
+        weights = mixing.parse_weights(args.weights, args.dataset)
     out = Path(args.out or (paths.DATA_DIR if args.format == "bin" else paths.PROCESSED_DIR))
     started = time.perf_counter()
     with output_folder(out, refuse_prepared=not args.overwrite):
         if args.dataset:
-            from . import documents  # datasets: imported only for --dataset
+            from . import documents, mixing
 
-            docs = documents.open_documents(
-                args.dataset, config_name=args.config_name, split=args.split, column=args.text_column,
-                val_split=args.val_split, val_fraction=args.val_fraction, default_val_fraction=DEFAULT_VAL_FRACTION,
-                streaming=args.streaming,
-            )
+            options = dict(config_name=args.config_name, split=args.split, column=args.text_column,
+                           val_split=args.val_split, val_fraction=args.val_fraction,
+                           default_val_fraction=DEFAULT_VAL_FRACTION, streaming=args.streaming)
+            if weights:
+                docs = mixing.open_mix(args.dataset, weights, **options)
+            else:
+                docs = documents.open_documents(args.dataset[0], **options)
             meta, written = prepare_documents(docs, out, settings)
         else:
             source = Source.open(args.input or corpus.NAME)
             meta, written = prepare_text(source, out, settings)
     seconds = time.perf_counter() - started
     print(f"source: {formats.describe_source(meta)}")
+    for line in formats.describe_mix(meta["source"]):
+        print(f"  {line}")
     print(f"  {meta['tokenizer_kind']} tokenizer, vocab size {meta['vocab_size']}, in {seconds:.1f}s"
           + rate(meta, seconds))
     for split in formats.SPLITS:
@@ -214,7 +227,7 @@ def describe_prepared(out: Path, names: list[str]) -> str:
     except UserError:  # no meta.json, or not one this tinylm reads
         return f"prepared data files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
     source = meta["source"] if isinstance(meta["source"], dict) else {}
-    return (f"{meta['data_format']} data prepared from {source.get('dataset') or source.get('input')} with the "
+    return (f"{meta['data_format']} data prepared from {formats.source_name(source)} with the "
             f"{meta['tokenizer_kind']} tokenizer (vocab size {meta['vocab_size']}) on {meta['created']}")
 
 
@@ -247,6 +260,14 @@ def check_options(args: argparse.Namespace) -> Settings:
             f"--val-fraction {args.val_fraction} is out of range: it must be between 0 and 1 "
             "(exclusive), e.g. 0.1 keeps the last 10% of the text for validation"
         )
+    if args.weights is not None and len(args.dataset or []) < 2:
+        raise UserError(f"--weights {args.weights} sets the shares of a mix of several --dataset, but this run reads "
+                        f"{'one dataset' if args.dataset else 'one --input'}: drop --weights, or add the datasets "
+                        "to mix (--dataset A --dataset B --weights 0.7,0.3)")
+    repeated = sorted({spec for spec in args.dataset or [] if args.dataset.count(spec) > 1})
+    if repeated:
+        raise UserError(f"--dataset {repeated[0]} is given twice: a mix reads each dataset once; to take more of it, "
+                        "give it a larger share with --weights")
     if not args.dataset:
         given = [flag for flag, value, default in (
             ("--config-name", args.config_name, None), ("--split", args.split, "train"),
