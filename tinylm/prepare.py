@@ -1,8 +1,8 @@
 """`tinylm prepare`: the command. Flags, their checks, the output folder's lock, and what it prints.
 
-    tinylm prepare [--input PATH|shakespeare | --dataset NAME_OR_PATH ...] [--weights W,W,...] [--tokenizer char|bpe]
-                   [--vocab-size N] [--format bin|txt] [--shard-tokens N] [--out DIR] [--overwrite]
-                   [--val-fraction F]
+    tinylm prepare [--input PATH|shakespeare | --dataset NAME_OR_PATH ... [--weights W,W,...]]
+                   [--tokenizer char|bpe] [--vocab-size N] [--format bin|txt] [--shard-tokens N] [--out DIR]
+                   [--overwrite] [--val-fraction F]
     tinylm prepare --retokenize DIR
 
 The work is elsewhere: `plain_text` reads an `--input`, `documents` a `--dataset`, `mixing` several, `encoding`
