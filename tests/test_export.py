@@ -316,6 +316,28 @@ def test_local_data_and_models_are_never_named_as_hub_ids(tmp_path, trained, mon
         assert {r.dataset_type for r in card.data.eval_results} == {"local"}
 
 
+def test_a_mix_of_datasets_is_named_with_its_weights_and_no_local_path(tmp_path, trained, empty_hub_cache):
+    """Data prepared from a Hub dataset and a local file mixed 0.7/0.3: the card lists the Hub one in its
+    metadata, names both with their weights in its text (the local one by its base name), and files the
+    evaluation under no single dataset.
+
+    Kills: a mix named by nothing (meta.json's `source.dataset` is absent for a mix)."""
+    hub_cache(empty_hub_cache, datasets=("roneneldan/TinyStories",))
+    mix = {**HUB_DATASET_SOURCE, "dataset": None, "val_split": None, "val_fraction": 0.1,
+           "datasets": [{"dataset": "roneneldan/TinyStories", "weight": 0.7},
+                        {"dataset": "/home/me/data/poems.jsonl", "weight": 0.3}]}
+    path = checkpoint_with(tmp_path / "ckpt.pt", trained, source=mix, val_loss=2.0)
+    folder = export.export(path, tmp_path / "out")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.datasets == ["roneneldan/TinyStories"]
+    assert {(r.dataset_type, r.dataset_name) for r in card.data.eval_results} == {
+        ("local", "roneneldan/TinyStories + poems.jsonl")}
+    named = ("a mix of [`roneneldan/TinyStories`](https://huggingface.co/datasets/roneneldan/TinyStories) (70%) "
+             "and `poems.jsonl` (30%)")
+    assert f"with tinylm on {named}." in card.text and f"- source: {named}" in card.text
+    assert "/home/me" not in (folder / "README.md").read_text()
+
+
 LOCAL_SOURCE = {"input": "/home/me/corpus/book.txt", "bytes": 1800, "val_fraction": 0.1}
 
 

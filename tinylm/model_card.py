@@ -89,13 +89,14 @@ def model_card(
     language = language or hub.get("language") or None
     origin = origin_of((run.get("model") or {}).get("init_from", SCRATCH), base_model)
     dataset = hub_dataset(meta)
+    mixed = mix_datasets(meta)
     kind = tok.kind_of(tokenizer)
     iteration = payload["iter"]
     record = checkpoint_record(records, iteration)
     val_loss = validation_loss(payload, record)
     n_positions = model.config.n_positions
     metadata = card_metadata(name, kind, eval_results(meta, dataset, val_loss), license=license, language=language,
-                             base_model=base_model, dataset=dataset)
+                             base_model=base_model, datasets=[dataset] if dataset else mixed)
     sections = [
         title_section(name, origin, source_text(meta, dataset)),
         model_section(model, tokenizer, kind, origin=origin, license=license, language=language),
@@ -117,12 +118,12 @@ def card_metadata(
     license: str | None,
     language: str | None,
     base_model: str | None,
-    dataset: str | None,
+    datasets: list[str],
 ) -> ModelCardData:
     """The card's Hub metadata: what the Hub files the model under, and the model-index of `evals`."""
     return ModelCardData(
         base_model=base_model,
-        datasets=[dataset] if dataset else None,
+        datasets=datasets or None,
         language=language,
         library_name="transformers",
         license=license,
@@ -303,8 +304,36 @@ def base_model_of(payload: dict, given: str | None, checkpoint_path: Path) -> st
 def hub_dataset(meta: dict) -> str | None:
     """The Hub dataset id the data was prepared from (`tinylm prepare --dataset ID`), or None for local data."""
     source = meta.get("source")
-    dataset = hub_id(source.get("dataset")) if isinstance(source, dict) else None
+    return cached_hub_dataset(source.get("dataset")) if isinstance(source, dict) else None
+
+
+def cached_hub_dataset(spec) -> str | None:
+    """`spec` (a --dataset) as a Hub dataset id, when it is one this machine's cache holds; else None."""
+    dataset = hub_id(spec) if isinstance(spec, str) else None
     return dataset if dataset and in_hub_cache(dataset, "dataset") else None
+
+
+def mix_entries(meta: dict) -> list[dict]:
+    """The datasets of a mix (`prepare --dataset A --dataset B --weights ...`), as meta.json records them."""
+    source = meta.get("source")
+    entries = source.get("datasets") if isinstance(source, dict) else None
+    return [entry for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+
+
+def mix_datasets(meta: dict) -> list[str]:
+    """The Hub dataset ids among a mix's datasets (none for one dataset or a text)."""
+    return [dataset for entry in mix_entries(meta) if (dataset := cached_hub_dataset(entry.get("dataset")))]
+
+
+def mix_text(meta: dict) -> str | None:
+    """A mix as the card's text names it: each dataset (linked when a Hub dataset) with its weight."""
+    names = []
+    for entry in mix_entries(meta):
+        dataset = cached_hub_dataset(entry.get("dataset"))
+        name = f"[`{dataset}`]({HUB_URL}/datasets/{dataset})" if dataset else f"`{local_name(str(entry.get('dataset')))}`"
+        weight = entry.get("weight")
+        names.append(name + (f" ({weight:.0%})" if isinstance(weight, (int, float)) else ""))
+    return "a mix of " + ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else None
 
 
 def source_name(meta: dict, dataset: str | None = None) -> str | None:
@@ -312,6 +341,9 @@ def source_name(meta: dict, dataset: str | None = None) -> str | None:
     dataset file it was prepared from (meta.json's `source`; a plain string before version 2)."""
     if dataset:
         return dataset
+    if mix_entries(meta):
+        return " + ".join(cached_hub_dataset(entry.get("dataset")) or local_name(str(entry.get("dataset")))
+                          for entry in mix_entries(meta))
     source = meta.get("source")
     if isinstance(source, dict):
         source = source.get("dataset") or source.get("input")
@@ -322,6 +354,8 @@ def source_text(meta: dict, dataset: str | None) -> str | None:
     """The source for the card's text: a link to a Hub dataset, else the name in backticks."""
     if dataset:
         return f"[`{dataset}`]({HUB_URL}/datasets/{dataset})"
+    if mix_entries(meta):
+        return mix_text(meta)
     return f"`{source_name(meta)}`" if source_name(meta) else None
 
 
@@ -332,7 +366,7 @@ def data_lines(meta: dict, dataset: str | None = None) -> list[str]:
     lines = []
     if source_name(meta):
         lines.append(f"- source: {source_text(meta, dataset)}")
-    if source.get("dataset"):
+    if source.get("dataset") or mix_entries(meta):
         parts = [f"config `{source['config_name']}`"] if source.get("config_name") else []
         parts += [f"split `{source[key]}`" if key == "split" else f"text column `{source[key]}`"
                   for key in ("split", "text_column") if source.get(key)]
