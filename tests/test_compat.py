@@ -1,5 +1,5 @@
-"""tinylm/compat.py (and the tests' own use_loss_scaler): each reliance on a library's internals, pinned
-to the behaviour tinylm needs.
+"""tinylm/compat.py: each reliance on a library's internals, pinned to the behaviour tinylm (or its tests and
+benchmarks/gpu_check.py --smoke) needs.
 
 These run the real accelerate and torch on the CPU. When a release changes what compat relies on,
 the failure is here, by name, rather than a training run that quietly does something else.
@@ -11,7 +11,6 @@ import pytest
 import torch
 from accelerate import Accelerator
 from huggingface_hub import scan_cache_dir
-from training_helpers import use_loss_scaler
 
 from tinylm import compat
 
@@ -42,7 +41,7 @@ def test_use_loss_scaler_scales_the_backward_unscales_before_clipping_and_skips_
     linear = model[0]
     expected = torch.autograd.grad((model(batch) ** 2).sum(), linear.weight)[0]  # the true gradient, fp32
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    use_loss_scaler(accelerator, scaler)
+    compat.use_loss_scaler(accelerator, scaler)
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     dtypes = []
     linear.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
@@ -61,6 +60,15 @@ def test_use_loss_scaler_scales_the_backward_unscales_before_clipping_and_skips_
     optimizer.step()
     assert torch.equal(linear.weight, weights), "a step with inf gradients was applied"
     assert scaler.get_scale() == 512.0, "the scaler did not back off after the overflow"
+
+
+def test_reset_accelerate_state_lets_the_next_accelerator_pick_another_precision():
+    """benchmarks/gpu_check.py builds bf16 and fp16 Trainers in one process, one after the other."""
+    Accelerator(cpu=True, mixed_precision="bf16")
+    with pytest.raises(ValueError, match="already been initialized"):  # why the reset is needed at all
+        Accelerator(cpu=True, mixed_precision="fp16")
+    compat.reset_accelerate_state()
+    assert Accelerator(cpu=True, mixed_precision="fp16").mixed_precision == "fp16"
 
 
 @pytest.mark.parametrize("nonfinite, moves", [(True, False), (False, True)])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +72,22 @@ def write_toml(path: Path, sections: dict[str, dict]) -> Path:
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str):
+    """The globals of benchmarks/`name`, imported as those scripts import each other (their folder first on
+    sys.path); the modules it imported from that folder (`data`, ...) are forgotten after."""
+    folder = REPO / "benchmarks"
+    sys.path.insert(0, str(folder))
+    before = set(sys.modules)
+    try:
+        yield runpy.run_path(str(folder / name))
+    finally:
+        sys.path.remove(str(folder))
+        for module in set(sys.modules) - before:
+            if Path(getattr(sys.modules[module], "__file__", None) or "/").parent == folder:
+                del sys.modules[module]
 
 
 def run(command: list[str], *, check: bool = False, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -160,22 +178,10 @@ def make_trainer(prepared: Path, folder: Path, *, trainer_class=None, **training
     return (trainer_class or Trainer)(config)
 
 
-def use_loss_scaler(accelerator, scaler) -> None:
-    """Run accelerate's fp16 path with `scaler` on any device, the CPU included: the GPU-only branch
-    of the training loop (scaled backward, unscale before clipping, overflow steps skipped by the
-    scaler), driven on the CPU with the real torch and accelerate components.
-
-    accelerate turns that path on only for GPUs; these are its own switches (accelerate 1.x, pinned
-    by tests/test_compat.py): `scaler` makes prepare() hand the optimizer the scaler and backward()
-    scale the loss, `native_amp` makes autocast() and clip_grad_norm_ (which unscales first) take
-    the fp16 path. Call before prepare().
-    """
-    accelerator.scaler, accelerator.native_amp = scaler, True
-
-
 def cpu_trainer(precision: str, grad_scaler=None):
     """A Trainer class that trains on the CPU at `precision` (which the CPU otherwise falls back from
     to fp32), with `grad_scaler` as its fp16 loss scaler."""
+    from tinylm.compat import use_loss_scaler
     from tinylm.hardware import Hardware
     from tinylm.trainer import Trainer
 

@@ -11,8 +11,9 @@ Two more stay where they are used, each pinned by its own tests:
 - `sampler.cache_keyword` asks `forward`'s signature whether transformers calls the cache `cache`
   or `past_key_values` (renamed during v5);
   tests/test_generate.py::test_cached_decoding_uses_the_installed_transformers_api_and_still_matches_recompute.
-The tests' own `use_loss_scaler` (tests/training_helpers.py), which runs accelerate's fp16 path on
-the CPU, is pinned in tests/test_compat.py too.
+Two more are for the tests and benchmarks/gpu_check.py's --smoke, never a training run:
+`use_loss_scaler` runs accelerate's fp16 path on the CPU, and `reset_accelerate_state` lets one
+process build Trainers of different precisions one after the other.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 from huggingface_hub import constants
 from huggingface_hub.file_download import repo_folder_name
 
@@ -76,3 +78,23 @@ def dataset_over_table(table, fingerprint_of: list):
 
     fingerprint = datasets.fingerprint.Hasher.hash(fingerprint_of)
     return datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint)
+
+
+def use_loss_scaler(accelerator, scaler) -> None:
+    """Run accelerate's fp16 path with `scaler` on any device, the CPU included: the GPU-only branch
+    of the training loop (scaled backward, unscale before clipping, overflow steps skipped by the
+    scaler), driven on the CPU with the real torch and accelerate components.
+
+    accelerate turns that path on only for GPUs; these are its own switches (accelerate 1.x):
+    `scaler` makes prepare() hand the optimizer the scaler and backward() scale the loss,
+    `native_amp` makes autocast() and clip_grad_norm_ (which unscales first) take the fp16 path.
+    Call before prepare().
+    """
+    accelerator.scaler, accelerator.native_amp = scaler, True
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (device, mixed precision), so the next Accelerator may
+    pick its own: accelerate refuses a second one with another precision in the same process.
+    accelerate's own tests reset it this way between Accelerators."""
+    AcceleratorState._reset_state(reset_partial_state=True)
