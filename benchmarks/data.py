@@ -204,11 +204,13 @@ def prepare_from_datasets(workdir: Path, sizes: list[float]) -> None:
         print(f"  peak RSS growth from {min(sizes):g} to {max(sizes):g} MB: {growth}")
 
 
-def synthetic_data(folder: Path, num_tokens: int, shard_tokens: int | None = None) -> Path:
+def synthetic_data(folder: Path, num_tokens: int, shard_tokens: int | None = None,
+                   vocab_size: int = len(VOCAB_CHARS) + 2) -> Path:
     """A bin-format prepared dataset of random char ids: `num_tokens` of train (in shards of
     `shard_tokens` if given: train_000.bin, ...), a small val.bin. The same seed gives the same
-    tokens, however they are sharded. Written through `tinylm.formats`, as prepare writes."""
-    tokenizer = tok.train_char([VOCAB_CHARS])
+    tokens, however they are sharded. Written through `tinylm.formats`, as prepare writes.
+    A `vocab_size` beyond VOCAB_CHARS' adds made-up characters (for GPT-2's 50,304 ids, say)."""
+    tokenizer = tok.train_char([vocab_chars(vocab_size)])
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = formats.token_dtype(vocab)
     rng = np.random.default_rng(0)
@@ -226,6 +228,13 @@ def synthetic_data(folder: Path, num_tokens: int, shard_tokens: int | None = Non
         meta = formats.build_meta(staging, "bin", "char", dtype, source, splits)
         formats.publish(staging, folder, meta)
     return folder
+
+
+def vocab_chars(vocab_size: int) -> str:
+    """`vocab_size` - 2 characters (a char tokenizer adds <|endoftext|> and [UNK]): VOCAB_CHARS, then
+    code points from U+0100 on, which stay below the surrogates (U+D800) for any vocabulary up to 55,000."""
+    extra = vocab_size - 2 - len(VOCAB_CHARS)
+    return VOCAB_CHARS[: vocab_size - 2] + "".join(chr(0x100 + i) for i in range(max(extra, 0)))
 
 
 def synthetic(workdir: Path, num_tokens: int, shards: int = 1) -> Path:

@@ -4,12 +4,14 @@ nn.Linear layers, one fused qkv projection, `scaled_dot_product_attention(is_cau
 exact GELU, LayerNorm, tied embeddings, GPT-2's init (normal 0.02, residual projections
 scaled by 1/sqrt(2 * n_layer)), biases everywhere (the same parameters as a GPT2LMHeadModel
 of the same shape), AdamW over nanoGPT's two groups, and nanoGPT's training step: get_batch
-from a memory-mapped token file, forward, backward, clip, step, zero_grad. Nothing here
-imports tinylm, so nothing of ours can speed up or slow down the baseline.
+from a memory-mapped token file, forward (under autocast in bf16/fp16), backward (through its
+GradScaler, enabled in fp16 only), clip, step, zero_grad. Nothing here imports tinylm, so nothing
+of ours can speed up or slow down the baseline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -125,12 +127,18 @@ class NanoGPTStep:
 
     def __init__(self, token_file: str, dtype: np.dtype, vocab_size: int, *, n_layer: int, n_head: int, n_embd: int,
                  block_size: int, batch_size: int, learning_rate: float, weight_decay: float,
-                 betas: tuple[float, float], grad_clip: float, device: str = "cpu", seed: int = 1337):
+                 betas: tuple[float, float], grad_clip: float, device: str = "cpu", precision: str = "fp32",
+                 seed: int = 1337):
         torch.manual_seed(seed)
         self.token_file, self.dtype = token_file, dtype
         self.block_size, self.batch_size, self.grad_clip, self.device = block_size, batch_size, grad_clip, device
+        self.device_type = "cuda" if "cuda" in device else "cpu"
         self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd).to(device).train()
-        self.optimizer = self.model.configure_optimizers(weight_decay, learning_rate, betas, device)
+        self.optimizer = self.model.configure_optimizers(weight_decay, learning_rate, betas, self.device_type)
+        # nanoGPT's `ctx` and `scaler` ("bf16"/"fp16"; nanoGPT itself never autocasts on CPU, gpu_check --smoke does)
+        half = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.autocast = torch.autocast(self.device_type, dtype=half) if half else contextlib.nullcontext()
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
 
     def get_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         # nanoGPT re-creates the memmap every batch to avoid a memory leak.
@@ -138,14 +146,19 @@ class NanoGPTStep:
         ix = torch.randint(len(data) - self.block_size, (self.batch_size,))
         x = torch.stack([torch.from_numpy(data[i : i + self.block_size].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + self.block_size].astype(np.int64)) for i in ix])
+        if self.device_type == "cuda":  # pinned, so the copies are asynchronous
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
     def __call__(self) -> torch.Tensor:
         x, y = self.get_batch()
-        loss = self.model(x, y)
-        loss.backward()
+        with self.autocast:
+            loss = self.model(x, y)
+        self.scaler.scale(loss).backward()
         if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
