@@ -45,7 +45,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from training_helpers import REPO, make_corpus
+from training_helpers import REPO, benchmark_script, make_corpus
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console", "shell-session"}
@@ -64,6 +64,10 @@ RULES: list[tuple[str, str, str]] = [
      "the preset sets device = cuda and bf16/fp16 precision"),
     (r"configs/accelerate/(multi-gpu|multi-node|fsdp)\.yaml", "gpu", "an NCCL launch over GPUs or machines"),
     (r"(^| )\.\.\.( |$)", "elided", "elided arguments (`...`)"),
+    (r"^python benchmarks/gpu_check\.py\b(?!.*--smoke)", "gpu", "benchmarks/gpu_check.py needs one NVIDIA GPU"),
+    (r"^python benchmarks/gpu_check\.py .*--smoke", "slow",
+     "slow (imports, the built-in corpus, four tiny runs); executed in "
+     "tests/test_gpu_check.py::test_smoke_runs_every_part_and_the_fp16_run_skips_the_overflow_steps_and_halves_the_scale"),
     (r"configs/finetune-cpu\.toml", "network", "model.init_from = distilgpt2: downloads the model from the Hub"),
     (r"--from \S+", "network", "--from: downloads the model's tokenizer from the Hub"),
     (r"--dataset (roneneldan/TinyStories|wikitext|HuggingFaceFW/\S+)", "network", "a Hub dataset"),
@@ -352,6 +356,9 @@ def check_flags(command: Command) -> None:
                 parser.parse_args(argv[2:])
             except SystemExit:
                 raise AssertionError(f"{what}: {argv[1]} rejects it: {stderr.getvalue().strip()}") from None
+    elif head == "python" and argv[1:2] == ["benchmarks/gpu_check.py"]:
+        with benchmark_script("gpu_check.py") as script:
+            parse_with(script["main"], argv[2:], what)
     elif head == "accelerate" and argv[1:2] == ["launch"]:
         from accelerate.commands.config.config_args import load_config_from_file
         from accelerate.commands.launch import launch_command_parser
