@@ -101,6 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"the validation share (default {DEFAULT_VAL_FRACTION}): the last this fraction of a text; "
         "for a dataset, an evenly spread this fraction of its documents",
     )
+    add_dataset_options(parser)
+    return parser.parse_args(argv)
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    """The flags that only a --dataset reads, in their own group of the help."""
     dataset = parser.add_argument_group("--dataset options")
     dataset.add_argument(
         "--weights", metavar="W,W,...",
@@ -130,7 +136,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--num-proc", type=int,
         help="processes for Dataset.map (default: one, which already encodes on every core through tokenizers)",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
