@@ -16,9 +16,12 @@ from training_helpers import load_checkpoint, make_trainer, read_log, train, wri
 
 from tinylm import checkpoint, data
 from tinylm.config import ModelConfig
-from tinylm.hardware import CpuMatmul, choose_cpu_matmul, onednn_is_exact, peak_flops, use_compile
+from tinylm import hardware
+from tinylm.hardware import CpuMatmul, choose_cpu_matmul, onednn_is_exact, peak_flops, reliably_faster, use_compile
 from tinylm.model import build_model, count_parameters, flops_per_token, gpt2_config
+from tinylm.config import load_config
 from tinylm.progress import Progress
+from tinylm.trainer import Trainer
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -40,7 +43,7 @@ def test_each_step_trains_on_its_own_batches_though_they_are_fetched_a_step_ahea
 
 def test_the_onednn_matmul_path_trains_like_the_default_one(prepared, tmp_path):
     if not onednn_is_exact():  # a CPU with AMX: oneDNN would round to bf16, so "auto" must not pick it
-        assert choose_cpu_matmul("auto", 128, 768).backend == "blas"
+        assert choose_cpu_matmul("auto", mlp_step(128, 768)).backend == "blas"
         return
     losses = {}
     for backend in ("blas", "onednn"):
@@ -61,7 +64,71 @@ def test_the_matmul_setting_is_scoped_to_training_steps():
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     with CpuMatmul("blas").active():
         assert torch.backends.mkldnn.matmul.fp32_precision == before
-    assert choose_cpu_matmul("blas", 128, 768) == CpuMatmul("blas")
+    assert choose_cpu_matmul("blas", mlp_step(128, 768)).backend == "blas"
+
+
+def mlp_step(width: int, rows: int):
+    """A forward+backward of one MLP-sized matmul, as `choose_cpu_matmul` times a model's."""
+    weight = torch.randn(width, 4 * width, requires_grad=True)
+    inputs = torch.randn(rows, width)
+    return lambda: (inputs @ weight).sum().backward()
+
+
+@pytest.mark.parametrize("speedups, onednn", [
+    ([1.3, 1.2, 1.25], True),
+    ([1.15, 1.15, 1.15], True),  # the bound itself
+    ([1.14, 1.14, 1.2], False),  # the median just short of it
+    ([1.5, 0.95, 1.5, 1.5, 1.5], False),  # one round slower: not reliably faster
+    ([1.5, 1.0, 1.5], False),  # one round no faster
+    ([1.05, 0.97, 1.02, 0.99, 1.01], False),  # within noise: the default BLAS, every time
+])
+def test_onednn_is_chosen_only_when_every_round_says_it_is_faster(speedups, onednn):
+    assert reliably_faster(speedups) is onednn
+
+
+def test_the_backend_probe_leaves_the_random_generators_where_they_were():
+    """The timing runs the model with dropout: the draws it makes must not shift the run's.
+
+    Kills: the probe outside torch.random.fork_rng.
+    """
+    dropout = torch.nn.Dropout(0.5)
+    weight = torch.randn(64, 256, requires_grad=True)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    choose_cpu_matmul("auto", lambda: dropout(torch.ones(128, 64) @ weight).sum().backward())
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_step_too_slow_to_time_within_the_budget_keeps_the_default_blas(monkeypatch):
+    """Fewer than three rounds fit in the probe's budget: not measured, the default BLAS, and the line says so."""
+    monkeypatch.setattr(hardware, "PROBE_BUDGET_S", 0.5)  # two warm-up steps of 0.1 s: 2 rounds fit, not 3
+    calls = []
+    chosen = choose_cpu_matmul("auto", lambda: calls.append(time.sleep(0.1)))
+    if not onednn_is_exact():  # a CPU with AMX: nothing is timed, oneDNN would round to bf16
+        assert chosen.backend == "blas" and not calls
+        return
+    assert chosen.backend == "blas" and "too slow to time" in chosen.note and len(calls) == 2
+
+
+def test_an_auto_run_trains_exactly_as_a_run_naming_the_backend_it_chose(prepared, tmp_path):
+    """"auto" times the model's forward and backward (with dropout) before the first step: the run then
+    trains bit for bit as one that named the chosen backend, so timing leaves no gradient and no draw behind.
+
+    Kills: the probe's gradients left in the model; the probe outside torch.random.fork_rng.
+    """
+    losses, backends = {}, {}
+    for name in ("auto", "named"):
+        setting = "auto" if name == "auto" else backends["auto"]
+        config = load_config(write_config(tmp_path / f"{name}.toml", prepared, tmp_path / name,
+                                          model={"dropout": 0.2}, training={"cpu_matmul": setting}))
+        trainer = Trainer(config)
+        backends[name] = trainer.cpu_matmul.backend
+        losses[name] = torch.stack([trainer.train_step(step) for step in range(4)])
+        trainer.close()
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert backends["auto"] == backends["named"]
+    assert torch.equal(losses["auto"], losses["named"])
 
 
 def test_compile_is_on_by_default_on_cuda_only():
@@ -106,7 +173,7 @@ def test_peak_flops_come_from_the_device_name_and_precision(name, precision, pea
 def test_a_resumed_auto_run_keeps_the_matmul_backend_it_started_with(prepared, tmp_path):
     # The first run's backend is forced the other way from what "auto" would pick on a fresh start,
     # so a resume that re-measured instead of keeping it would say so.
-    fresh = choose_cpu_matmul("auto", 32, 64).backend
+    fresh = choose_cpu_matmul("auto", mlp_step(32, 64)).backend
     started_with = "blas" if fresh == "onednn" else "onednn"
     first = write_config(tmp_path / "first.toml", prepared, tmp_path / "ckpt",
                          training={"cpu_matmul": started_with, "max_iters": 4})

@@ -53,7 +53,7 @@ def test_a_new_run_uses_the_cpu_matmul_backend_its_config_names(data, tmp_path):
     a checkpoint it does not have.
     """
     trainer = make_trainer(data, tmp_path, cpu_matmul="blas", max_iters=2, eval_interval=100)
-    assert (trainer.cpu_matmul.backend, trainer.cpu_matmul.note) == ("blas", "")
+    assert (trainer.cpu_matmul.backend, trainer.cpu_matmul.note) == ("blas", "default BLAS matmuls (training.cpu_matmul)")
     trainer.fit()
     assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"] == "blas"
 

@@ -97,8 +97,9 @@ class TrainingConfig:
     # torch.compile the model: "auto" compiles on CUDA only. On CPU it bought ~1-3% per step
     # (the step is matmul-bound) for ~20-30 s of compiling; see benchmarks/train_throughput.py.
     compile: str = "auto"
-    # fp32 matmuls on CPU: "auto" measures at start and uses oneDNN where it is exact and at least
-    # 1.25x faster than PyTorch's default BLAS (MKL is slow on AMD CPUs); "blas" or "onednn" to force.
+    # fp32 matmuls on CPU: "auto" times the model's step both ways at start and uses oneDNN where it is
+    # exact and reliably faster than PyTorch's default BLAS (see hardware.choose_cpu_matmul); "blas" or
+    # "onednn" to force.
     cpu_matmul: str = "auto"
 
 

@@ -73,8 +73,9 @@ KEY_HELP = {
                                    "in `train_log.json` and sends it to the tracker as text; `0`: no samples",
     "training.eval_sample_prompt": 'the text the samples continue (the same at every evaluation, seeded by `seed`, so '
                                    'they show what the model learned in between); `""`: from `<|endoftext|>`',
-    "training.cpu_matmul": 'CPU matrix-multiply library: `"auto"` measures at start, `"blas"` is PyTorch\'s '
-                           'default, `"onednn"`: see [Speed](training.md#speed)',
+    "training.cpu_matmul": 'CPU matrix-multiply library: `"auto"` times the model\'s step both ways at start and '
+                           'takes oneDNN only where it is reliably faster, `"blas"` is PyTorch\'s default, '
+                           '`"onednn"`: see [Speed](training.md#speed)',
     "hub.repo_id": '`"user/name"`: when training ends, export the best checkpoint and push it to this Hub repo; '
                    '`""`: don\'t push. See [Export & Deployment](export-and-deployment.md)',
     "hub.private": "create the Hub repo private",

@@ -15,7 +15,7 @@ import contextlib
 import re
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -133,37 +133,62 @@ class CpuMatmul:
             torch.backends.mkldnn.matmul.fp32_precision = previous
 
 
-def cpu_matmul_for_run(setting: str, device: str, width: int, rows: int, started_with: str | None) -> CpuMatmul:
+# "auto" trains on oneDNN when the model's own forward+backward is at least this much faster with it, in
+# the median of alternating rounds, and faster in every round: where the two are within noise of each
+# other, the default BLAS, every time.
+ONEDNN_MIN_SPEEDUP = 1.15
+PROBE_BUDGET_S = 4.0  # the most "auto" spends timing the two backends at start
+PROBE_ROUNDS = (3, 7)  # fewer than 3 rounds fit the budget: not measured, the default BLAS
+
+
+def cpu_matmul_for_run(setting: str, device: str, started_with: str | None,
+                       forward_backward: Callable[[], object]) -> CpuMatmul:
     """The CPU matmul backend of a run; a resumed "auto" run keeps the one it `started_with`, so its
-    losses stay bit-identical to an uninterrupted run's (the choice involves a timing)."""
+    losses stay bit-identical to an uninterrupted run's (the choice involves a timing).
+    `forward_backward` runs one of the run's micro-batches through the model and back (see `choose_cpu_matmul`)."""
     if device != "cpu":
         return CpuMatmul("blas")
     if setting == "auto" and started_with in ("blas", "onednn"):
         return CpuMatmul(started_with, f"{started_with} matmuls, as the run being resumed")
-    return choose_cpu_matmul(setting, width, rows)
+    return choose_cpu_matmul(setting, forward_backward)
 
 
-def choose_cpu_matmul(setting: str, width: int, rows: int) -> CpuMatmul:
-    """Resolve `training.cpu_matmul` ("auto", "blas", "onednn") by measuring this CPU.
+def choose_cpu_matmul(setting: str, forward_backward: Callable[[], object]) -> CpuMatmul:
+    """Resolve `training.cpu_matmul` ("auto", "blas", "onednn") on this CPU, saying which and why.
 
-    MKL, PyTorch's BLAS on x86, runs a slow generic code path on AMD processors: on an AMD EPYC
-    oneDNN multiplied the model's matrices 2.2x faster, and trained 1.3-1.8x faster end to end.
-    "auto" uses oneDNN where its fp32 results are exact (no bf16 shortcut) and a probe of the
-    model's MLP matmul (`rows` x `width` @ `width` x 4*`width`) is at least 1.25x faster.
+    MKL, PyTorch's BLAS on x86, runs a slow generic code path on some AMD processors, where oneDNN
+    trained 1.3-1.8x faster; on others the two are within noise. "auto" uses oneDNN where its fp32
+    results are exact (no bf16 shortcut) and the run's own `forward_backward` is faster with it
+    (`ONEDNN_MIN_SPEEDUP`). The timing leaves the random generators as they were, so the run trains
+    exactly as one that named its backend; the caller clears the gradients it leaves.
     """
-    if setting == "blas" or not torch.backends.mkldnn.is_available():
-        return CpuMatmul("blas")
+    if setting == "blas":
+        return CpuMatmul("blas", "default BLAS matmuls (training.cpu_matmul)")
+    if not torch.backends.mkldnn.is_available():
+        return CpuMatmul("blas", "default BLAS matmuls (this PyTorch has no oneDNN)")
     onednn = CpuMatmul("onednn")
     if not onednn_is_exact():
         if setting == "onednn":
             return CpuMatmul("onednn", "oneDNN matmuls, in bf16 on this CPU (AMX): not fp32-exact")
         return CpuMatmul("blas", "oneDNN would round fp32 matmuls to bf16 on this CPU; using the default BLAS")
     if setting == "onednn":
-        return onednn
-    speedup = _matmul_speedup(onednn, width, rows)
-    if speedup >= 1.25:
-        return CpuMatmul("onednn", f"oneDNN matmuls ({speedup:.1f}x the default BLAS on this CPU)")
-    return CpuMatmul("blas")
+        return CpuMatmul("onednn", "oneDNN matmuls (training.cpu_matmul)")
+    with torch.random.fork_rng(devices=[]):  # dropout draws: the run's generators must not move
+        speedups = _step_speedups(onednn, forward_backward)
+    if speedups is None:
+        return CpuMatmul("blas", "default BLAS matmuls (a step is too slow to time both; training.cpu_matmul = "
+                                 "\"onednn\" may be faster on AMD CPUs)")
+    median, slowest = statistics.median(speedups), min(speedups)
+    if reliably_faster(speedups):
+        return CpuMatmul("onednn", f"oneDNN matmuls ({median:.2f}x the default BLAS on this model's step)")
+    return CpuMatmul("blas", f"default BLAS matmuls (oneDNN {median:.2f}x on this model's step, "
+                             f"{slowest:.2f}x at worst: not reliably faster)")
+
+
+def reliably_faster(speedups: list[float]) -> bool:
+    """Whether rounds of (default time / oneDNN time) say oneDNN pays: by ONEDNN_MIN_SPEEDUP in the median,
+    and in every round."""
+    return statistics.median(speedups) >= ONEDNN_MIN_SPEEDUP and min(speedups) > 1.0
 
 
 def onednn_is_exact() -> bool:
@@ -176,18 +201,20 @@ def onednn_is_exact() -> bool:
     return (product.double() - a.double() @ b.double()).abs().max().item() < 1e-3
 
 
-def _matmul_speedup(onednn: CpuMatmul, width: int, rows: int, rounds: int = 5) -> float:
-    """Median over alternating rounds of (default time / oneDNN time) for one MLP-sized matmul."""
-    a, b = torch.randn(min(rows, 4096), width), torch.randn(width, 4 * width)
-    ratios = []
-    for _ in range(rounds):
-        times = []
-        for context in (contextlib.nullcontext, onednn.active):
-            with context():
-                a @ b  # warm up (oneDNN builds its kernel on first use)
-                started = time.perf_counter()
-                for _ in range(3):
-                    a @ b
-                times.append(time.perf_counter() - started)
-        ratios.append(times[0] / times[1])
-    return statistics.median(ratios)
+def _step_speedups(onednn: CpuMatmul, forward_backward: Callable[[], object]) -> list[float] | None:
+    """(default BLAS time / oneDNN time) of `forward_backward`, per round, alternating; None when fewer
+    than PROBE_ROUNDS[0] rounds fit in PROBE_BUDGET_S."""
+    def seconds(context, repeats: int) -> float:
+        with context():
+            started = time.perf_counter()
+            for _ in range(repeats):
+                forward_backward()
+            return time.perf_counter() - started
+
+    contexts = (contextlib.nullcontext, onednn.active)
+    one_step = min(seconds(context, 1) for context in contexts)  # also the warm-up: oneDNN builds its kernels
+    repeats = max(1, round(0.05 / one_step))  # rounds of 50 ms at least, so a timer tick is no ratio
+    rounds = min(PROBE_ROUNDS[1], int(PROBE_BUDGET_S / (2 * repeats * one_step)))
+    if rounds < PROBE_ROUNDS[0]:
+        return None
+    return [seconds(contexts[0], repeats) / seconds(contexts[1], repeats) for _ in range(rounds)]

@@ -396,6 +396,12 @@ def stream_completion(model, tokenizer, prompt: str, sampling: Sampling, generat
 
 
 def complete(model, tokenizer, prompt: str, sampling: Sampling = Sampling(), seed: int = 1337) -> str:
-    """The whole continuation of `prompt` as one string (seeded, so repeatable)."""
+    """The whole continuation of `prompt` as one string (seeded, so repeatable), written with dropout off
+    (a model in training mode is put back in it after)."""
     generator = make_generator(model.device, seed)
-    return "".join(stream_completion(model, tokenizer, prompt, sampling, generator))
+    training = model.training
+    model.eval()
+    try:
+        return "".join(stream_completion(model, tokenizer, prompt, sampling, generator))
+    finally:
+        model.train(training)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
 from . import checkpoint, data, run_report, sampler
 from .checkpoint import Loaded, RunState
@@ -97,9 +97,6 @@ class Trainer:
     def _set_up(self, resumed: dict | None) -> None:
         """Model, optimizer, scheduler and evaluation data, prepared by accelerate; restored when resuming."""
         training, hardware = self.config.training, self.hardware
-        self.cpu_matmul = cpu_matmul_for_run(training.cpu_matmul, hardware.device, self.config.model.n_embd,
-                                             training.batch_size * self.config.model.block_size,
-                                             started_with=checkpoint.started_cpu_matmul(resumed))
         self.state = RunState()
         # Seeds differ per process, so dropout masks differ across ranks like their batches do.
         set_seed(training.seed, device_specific=True)
@@ -109,6 +106,16 @@ class Trainer:
         if resumed:
             checkpoint.check_resumable(resumed, model.config, training.max_iters)
             model.load_state_dict(resumed["model"])
+        self.batches = data.TrainBatches(
+            self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
+            seed=training.seed, grad_accum_steps=training.grad_accum_steps,
+            process_index=self.accelerator.process_index, device=self.accelerator.device)
+        # Measured on the main process on the first step's blocks; every rank takes the same decisions.
+        chosen = [cpu_matmul_for_run(training.cpu_matmul, hardware.device, checkpoint.started_cpu_matmul(resumed),
+                                     lambda: per_block_loss(model, self.batches.fetch(0)[0]).mean().backward())
+                  if self.is_main else None]
+        self.cpu_matmul = broadcast_object_list(chosen)[0]
+        model.zero_grad(set_to_none=True)
         if self.compiled:
             # In place (nn.Module.compile), not torch.compile(model): no wrapper module, so the
             # state dict keeps transformers' names ("_orig_mod." would break every checkpoint).
@@ -124,10 +131,6 @@ class Trainer:
         # Built for this config at the step the run is at: the schedule is a function of the step,
         # so a resumed run follows its own (possibly changed) learning-rate settings from there.
         self.scheduler = build_scheduler(optimizer, training, start_step=self.state.iter)
-        self.batches = data.TrainBatches(
-            self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
-            seed=training.seed, grad_accum_steps=training.grad_accum_steps,
-            process_index=self.accelerator.process_index, device=self.accelerator.device)
         self.stats = StepStats(self.accelerator.device, skipped_run=self.state.nonfinite_steps)
         self._flops_per_token = flops_per_token(model)
         self._peak_flops = device_peak_flops(self.accelerator.device, hardware.precision, self.accelerator.num_processes)
@@ -295,12 +298,10 @@ class Trainer:
         training = self.config.training
         if not run_report.samples_here(training.eval_sample_tokens, self.is_main, self.accelerator.distributed_type):
             return None
-        model = self.accelerator.unwrap_model(self.model)
-        model.eval()
         with self.cpu_matmul.active():
-            written = sampler.complete(model, self.tokenizer, training.eval_sample_prompt,
+            written = sampler.complete(self.accelerator.unwrap_model(self.model), self.tokenizer,
+                                       training.eval_sample_prompt,
                                        Sampling(max_new_tokens=training.eval_sample_tokens), seed=training.seed)
-        model.train()
         return training.eval_sample_prompt + written
 
     def _save(self, names: list[str], val_loss: float | None, summary: dict | None = None) -> None:
