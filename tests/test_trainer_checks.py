@@ -276,7 +276,8 @@ def test_the_closing_lines_point_at_the_best_checkpoint_or_else_the_last(data, t
     assert (f"model: {parameters / 1e6:.2f}M parameters (1 layers, 2 heads, 32 wide, block 16, vocab {vocab} "
             "char)") in said.splitlines()  # the whole line: no "fine-tuned from" for a run from scratch
     assert "warning" not in said  # nothing is wrong with this run (nor is there data of the other format)
-    assert "device: cpu | precision: fp32 | processes (world size): 1" in said.splitlines()  # no empty speed note
+    assert ("device: cpu | precision: fp32 | processes (world size): 1 | default BLAS matmuls (training.cpu_matmul)"
+            in said.splitlines())  # which matmuls and why, and no empty speed note
     marked = [int(it) for it, best in re.findall(r"^eval iter (\d+): .*?( \| best)?$", said, re.M) if best]
     improving, best = [], math.inf
     for record in log["records"]:  # docs/training.md: an evaluation is "best" when it lowers the best val loss
