@@ -24,7 +24,7 @@ import torch
 
 from tinylm import data
 from tinylm.config import apply_overrides, load_config
-from tinylm.model import build_model, gpt2_config, next_token_loss
+from tinylm.model import build_model, gpt2_config, per_block_loss
 from tinylm.prepare import main as prepare_main
 from tinylm.trainer import Trainer
 
@@ -36,7 +36,7 @@ def bare_loop(config, vocab_size: int, blocks: torch.Tensor):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
 
     def step():
-        loss = next_token_loss(model, blocks)
+        loss = per_block_loss(model, blocks).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from training_helpers import load_checkpoint, make_trainer, read_log, train, write_config
+from training_helpers import REPO, benchmark_script, load_checkpoint, make_trainer, read_log, train, write_config
 
 from tinylm import checkpoint, data
 from tinylm.config import ModelConfig
@@ -196,3 +196,16 @@ def test_the_reported_mfu_is_the_reported_throughput_over_the_peak(capsys):
         tokens_per_s = float(re.search(r"([\d,.]+) tok/s", line).group(1).replace(",", ""))
         mfu = float(re.search(r"mfu ([\d.]+)%", line).group(1)) / 100
         assert tokens_per_s > 0 and mfu == pytest.approx(tokens_per_s * 2e6 / 1e12, abs=1e-3)
+
+
+# nanoGPT's sampling script runs when it is loaded (benchmarks/generate.py starts it as a process).
+SCRIPTS = sorted(path.name for path in (REPO / "benchmarks").glob("*.py") if path.name != "nanogpt_sample.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_script_imports_against_this_tinylm(script):
+    """A benchmark that names what tinylm no longer has fails here, not the day someone runs it.
+
+    Kills: benchmarks/train_step.py importing the removed model.next_token_loss."""
+    with benchmark_script(script) as names:
+        assert names["__file__"].endswith(script)
