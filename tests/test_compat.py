@@ -111,3 +111,35 @@ def test_dataset_over_table_copies_nothing():
     served = dataset.data.column("x").chunk(0)
     assert served.buffers()[1].address == tokens.ctypes.data, "the dataset's column is the array itself"
     assert dataset["x"] == list(range(12))
+
+
+def test_checkpoint_activations_checkpoints_every_block_with_the_installed_api_and_no_warning():
+    """transformers 5.23 renamed gradient_checkpointing_enable (it warns from then on); compat uses the name
+    the installed version has. The blocks' flag is transformers' own switch (GradientCheckpointingLayer)."""
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=16, n_positions=8, vocab_size=20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.checkpoint_activations(model)
+    assert [block.gradient_checkpointing for block in model.transformer.h] == [True, True, True]
+
+
+def test_tensor_bytes_counts_each_new_storage_until_it_is_freed():
+    """New tensors count from the op that makes them until they are freed, once per storage (views and
+    in-place ops add nothing), backward ops included; tensors from before it started never count."""
+    before = torch.ones(1000, requires_grad=True)  # 4000 bytes, not counted
+    with compat.TensorBytes() as counted:
+        first = before * 2  # +4000
+        view = first.view(10, 100)
+        view.add_(1)
+        second = first * first  # +4000: 8000 (mul saves `first` for the backward: no copy)
+        assert (counted.now, counted.peak) == (8000, 8000)
+        del first, view
+        assert counted.now == 8000  # `second`'s graph keeps `first` alive
+        second.sum().backward()  # the sum (4 bytes), its gradient, `second`'s and `before`'s gradients...
+        assert counted.peak > 8000
+        del second
+        assert counted.now == before.grad.nbytes  # ...of which only before.grad is left

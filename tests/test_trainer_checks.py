@@ -499,7 +499,7 @@ def test_the_banner_counts_every_process_in_the_global_batch(data):
     prepared = resolve(str(data), "bin", "char")
     model = build_model(gpt2_config(config.model, prepared.vocab_size))
     text = run_report.banner(config, model, prepared, 1000, 100, device="cpu", precision="fp32", world_size=2,
-                             speed=[])
+                             speed=[], memory="about 1 GiB")
     # TINY: batch_size 4, no accumulation, block 16; two processes.
     assert "effective_batch_size = batch_size * grad_accum_steps = 4 * 1 = 4 | global batch = 8 | " \
            "tokens per optimizer step = 128" in text.splitlines()

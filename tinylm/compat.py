@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import weakref
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from huggingface_hub import constants
 from huggingface_hub.file_download import repo_folder_name
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def close_process_group_at_exit() -> None:
@@ -98,3 +101,58 @@ def reset_accelerate_state() -> None:
     pick its own: accelerate refuses a second one with another precision in the same process.
     accelerate's own tests reset it this way between Accelerators."""
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def checkpoint_activations(model) -> None:
+    """Turn on transformers' activation (gradient) checkpointing of every transformer block of `model`.
+
+    transformers 5.23 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`
+    (the old name now warns that it goes in v6); our floor, 5.15, has only the old name. Both hand
+    these arguments to `torch.utils.checkpoint.checkpoint`: the non-reentrant implementation, which
+    works under torch.compile, DDP and gradient accumulation; and the RNG state saved with each
+    block's input, so that its recomputation draws the dropout masks its forward drew.
+    """
+    arguments = {"use_reentrant": False, "preserve_rng_state": True}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=arguments)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=arguments)
+
+
+class TensorBytes(TorchDispatchMode):
+    """While active, the bytes of the CPU tensors that ops create and that are still alive (`now`), and
+    their largest value (`peak`): on the CPU what torch.cuda.max_memory_allocated() counts on a GPU (less
+    its rounding), above the tensors alive when it started. It measures the estimates of tinylm.memory.
+
+    Every tensor an ATen op returns, forward or backward, is counted once per storage, from the op until
+    its storage is freed; a view or an in-place op returns a storage it was given, already counted or not
+    ours. Buffers a kernel allocates and frees inside itself are not seen. It relies on torch's Python
+    dispatch mode (`torch.utils._python_dispatch`, a private module, the one `__torch_dispatch__` modes
+    subclass) seeing each op on the calling thread, where CPU autograd runs the backward too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self._alive: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self._count(tensor.untyped_storage(), given)
+        return out
+
+    def _count(self, storage, given: set[int]) -> None:
+        address, size = storage.data_ptr(), storage.nbytes()
+        if not size or address in given or address in self._alive:
+            return
+        self._alive.add(address)
+        self.now += size
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._freed, address, size)
+
+    def _freed(self, address: int, size: int) -> None:
+        self._alive.discard(address)
+        self.now -= size

@@ -76,6 +76,10 @@ KEY_HELP = {
     "training.cpu_matmul": 'CPU matrix-multiply library: `"auto"` times the model\'s step both ways at start and '
                            'takes oneDNN only where it is reliably faster, `"blas"` is PyTorch\'s default, '
                            '`"onednn"`: see [Speed](training.md#speed)',
+    "training.gradient_checkpointing": "keep only each transformer block's input in the forward pass and recompute "
+                                       "the block in the backward (transformers' activation checkpointing): far "
+                                       "less activation memory for about a third more compute, the same gradients. "
+                                       "See [Fine-tune on a small GPU](small-gpu.md)",
     "hub.repo_id": '`"user/name"`: when training ends, export the best checkpoint and push it to this Hub repo; '
                    '`""`: don\'t push. See [Export & Deployment](export-and-deployment.md)',
     "hub.private": "create the Hub repo private",

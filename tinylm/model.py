@@ -46,13 +46,20 @@ def build_model(config: GPT2Config) -> GPT2LMHeadModel:
 
 
 def fit_to_pretrained(config: Config, model: GPT2LMHeadModel) -> Config:
-    """The run's config with a pretrained model's shape, its context cropped to `model.block_size`.
+    """The run's config with a pretrained model's shape (`fitted_config`), the model's context cropped to it."""
+    fitted = fitted_config(config, model.config)
+    if fitted.model.block_size < model.config.n_positions:
+        crop_positions(model, fitted.model.block_size)
+    return fitted
+
+
+def fitted_config(config: Config, pretrained: GPT2Config) -> Config:
+    """The run's config with the shape of the pretrained model whose config is `pretrained`.
 
     Shape keys the config names must be the model's; `block_size`, when named, may be at most
     the model's `n_positions` (default: all of them).
     """
     name = config.model.init_from
-    pretrained = model.config
     conflicts = [f"model.{key} = {getattr(config.model, key)} but {name} has {getattr(pretrained, key)}"
                  for key in SHAPE_KEYS
                  if f"model.{key}" in config.given and getattr(config.model, key) != getattr(pretrained, key)]
@@ -64,8 +71,6 @@ def fit_to_pretrained(config: Config, model: GPT2LMHeadModel) -> Config:
     if block_size > context:
         raise UserError(f"model.block_size = {block_size} is longer than the context of {name} "
                         f"(n_positions = {context}): use a block_size of at most {context}")
-    if block_size < context:
-        crop_positions(model, block_size)
     shape = {key: getattr(pretrained, key) for key in SHAPE_KEYS}
     return dataclasses.replace(config, model=dataclasses.replace(config.model, block_size=block_size, **shape))
 

@@ -19,6 +19,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
 )
@@ -28,6 +29,15 @@ from .hub_names import is_local
 
 # How long the reachability check waits for the Hub, unless HF_HUB_ETAG_TIMEOUT says otherwise.
 REACH_TIMEOUT_S = 5
+
+# OpenAI's GPT-2 sizes and DistilGPT2 (n_layer, n_head, n_embd) by Hub id: GPT2Config's defaults otherwise (vocab
+# 50257, context 1024, gelu_new), so their shape is known without the network (`gpt2_config`).
+GPT2_SIZES = {
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
+    "distilgpt2": (6, 12, 768),
+}
+GPT2_SIZES |= {f"openai-community/{name}": size for name, size in GPT2_SIZES.items() if name != "distilgpt2"}
+GPT2_SIZES["distilbert/distilgpt2"] = GPT2_SIZES["distilgpt2"]
 
 
 def describe(source: str, revision: str | None = None) -> str:
@@ -112,12 +122,27 @@ def gpt2(source: str, revision: str | None = None, dropout: float = 0.0) -> GPT2
     Dropout is the config's, as nanoGPT overrides it when it starts from GPT-2 (GPT-2's own
     rate is 0.1); PyTorch's fused attention as for models trained from scratch.
     """
-    kind = model_type(source, revision)
+    check_gpt2(model_type(source, revision), source, revision)
+    return load("model", GPT2LMHeadModel.from_pretrained, source, revision, attn_implementation="sdpa",
+                resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+
+
+def check_gpt2(kind: str, source: str, revision: str | None) -> None:
+    """Refuse a `model_type` other than GPT-2's for model.init_from."""
     if kind != "gpt2":
         raise UserError(f"model.init_from = {describe(source, revision)!r} is a {kind} model; tinylm fine-tunes "
                         "GPT-2 models (GPT2LMHeadModel: gpt2, distilgpt2, a tinylm export, ...)")
-    return load("model", GPT2LMHeadModel.from_pretrained, source, revision, attn_implementation="sdpa",
-                resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+
+
+def gpt2_config(source: str, revision: str | None = None) -> GPT2Config:
+    """The config of the GPT-2 `source` names, without its weights: one of GPT2_SIZES without the network,
+    otherwise its config.json from the local folder, the Hugging Face cache or the Hub."""
+    if source in GPT2_SIZES and not revision and not is_local(source):
+        n_layer, n_head, n_embd = GPT2_SIZES[source]
+        return GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    config = load("model", AutoConfig.from_pretrained, source, revision)
+    check_gpt2(config.model_type, source, revision)
+    return config
 
 
 def tokenizer(source: str, revision: str | None = None) -> PreTrainedTokenizerFast:

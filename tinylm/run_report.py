@@ -19,9 +19,9 @@ from .run_folder import final_checkpoint
 
 
 def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, device: str, precision: str,
-           world_size: int, speed: list[str]) -> str:
-    """The model, the data, the hardware and the batch arithmetic of a run about to start, and a warning
-    when the schedule never reaches its peak learning rate."""
+           world_size: int, speed: list[str], memory: str) -> str:
+    """The model, the data, the hardware, the memory estimate and the batch arithmetic of a run about to
+    start, and a warning when the schedule never reaches its peak learning rate."""
     training, shape = config.training, config.model
     global_batch = config.effective_batch_size * world_size
     return "\n".join([
@@ -31,6 +31,7 @@ def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, d
         f"data: {train_tokens:,} train / {val_tokens:,} val tokens from {data.meta_path}",
         f"      source: {formats.describe_source(data.meta)}",
         " | ".join([f"device: {device}", f"precision: {precision}", f"processes (world size): {world_size}", *speed]),
+        f"memory: {memory}",
         f"effective_batch_size = batch_size * grad_accum_steps = {training.batch_size} * "
         f"{training.grad_accum_steps} = {config.effective_batch_size} | "
         f"global batch = {global_batch} | tokens per optimizer step = {global_batch * shape.block_size:,}",

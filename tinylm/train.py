@@ -37,6 +37,7 @@ OVERRIDES = {
     "log_interval": "training.log_interval",
     "seed": "training.seed",
     "out_dir": "training.out_dir",
+    "gradient_checkpointing": "training.gradient_checkpointing",
 }
 
 
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "with its config; flags given here override it")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an out_dir that already holds one, replacing its checkpoints")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the run's memory estimate (for --device, on any machine) and whether it fits in "
+                             "--memory; train nothing, write nothing")
+    parser.add_argument("--memory", metavar="SIZE",
+                        help="the memory the run may use, e.g. 8GB (GB = GiB = 2**30 bytes, as GPU makers count): "
+                             "stop before the first step if the estimate exceeds it (default: on a GPU, its free "
+                             "memory; on a CPU, no check)")
     overrides = parser.add_argument_group("config overrides")
     overrides.add_argument("--precision", choices=PRECISIONS, help="training.precision")
     overrides.add_argument("--data-format", choices=DATA_FORMATS, help="training.data_format")
@@ -71,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     overrides.add_argument("--log-interval", type=int, help="training.log_interval")
     overrides.add_argument("--seed", type=int, help="training.seed")
     overrides.add_argument("--out-dir", help="training.out_dir (checkpoints and train_log.json)")
+    overrides.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                           help="training.gradient_checkpointing (recompute activations in the backward: less memory)")
     return parser
 
 
@@ -81,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         config, resumed = load_config(args.config or paths.CONFIG_EXAMPLE, overrides), None
     else:
         config, resumed = resume_config(args, overrides)
+    from tinylm import memory
+
+    memory_limit = None if args.memory is None else memory.parse_size(args.memory)
+    if args.dry_run:
+        print(memory.dry_run(config, device=config.training.device, limit=memory_limit,
+                             resumed=resumed.payload if resumed else None))
+        return 0
 
     # heavy imports (torch, transformers) only once flags are valid
     from accelerate import PartialState
@@ -94,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         warning = push.check_run_push(config.hub)  # fails now, not after hours of training
         if warning and PartialState().is_main_process:
             print(warning, flush=True)
-    summary = train(config, resume=resumed, overwrite=args.overwrite)
+    summary = train(config, resume=resumed, overwrite=args.overwrite, memory_limit=memory_limit)
     if summary["stop_reason"] == "interrupted":
         return 130
     if config.hub.repo_id and PartialState().is_main_process:

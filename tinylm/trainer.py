@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
-from . import checkpoint, data, run_report, sampler
+from . import checkpoint, data, memory, run_report, sampler
 from .checkpoint import Loaded, RunState
-from .compat import close_process_group_at_exit, skip_next_step_where
+from .compat import checkpoint_activations, close_process_group_at_exit, skip_next_step_where
 from .config import Config, Sampling, check_seed_fits
 from .errors import UserError
 from .hardware import (
@@ -44,11 +44,13 @@ class Trainer:
     """One training run, from config (and optionally a checkpoint to resume) to checkpoints.
 
     `resume` is a checkpoint path or a `checkpoint.Loaded`. A run refuses an out_dir that holds
-    another run unless `overwrite`, and one that another process is writing to, always.
+    another run unless `overwrite`, and one that another process is writing to, always; and one
+    whose memory estimate exceeds `memory_limit` bytes (default: on a GPU, what it has free).
     """
 
-    def __init__(self, config: Config, resume: str | Path | Loaded | None = None, *, overwrite: bool = False):
-        self.config = config
+    def __init__(self, config: Config, resume: str | Path | Loaded | None = None, *, overwrite: bool = False,
+                 memory_limit: int | None = None):
+        self.config, self.memory_limit = config, memory_limit
         training = config.training
         check_tracker_installed(training.tracker)  # before any work: not hours of training with no metrics
         self.hardware = hardware = self.choose_hardware()
@@ -106,6 +108,8 @@ class Trainer:
         if resumed:
             checkpoint.check_resumable(resumed, model.config, training.max_iters)
             model.load_state_dict(resumed["model"])
+        if training.gradient_checkpointing:
+            checkpoint_activations(model)
         self.batches = data.TrainBatches(
             self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
             seed=training.seed, grad_accum_steps=training.grad_accum_steps,
@@ -190,11 +194,16 @@ class Trainer:
     def _announce(self) -> None:
         """Before the first step: the banner, and the run --overwrite replaces cleared."""
         model = self.accelerator.unwrap_model(self.model)
+        estimate = memory.of_run(self.config, model.config, device=self.hardware.device,
+                                 precision=self.hardware.precision, cpu_matmul=self.cpu_matmul.backend,
+                                 world_size=self.accelerator.num_processes)
+        self.writer.stop_together(memory.refusal(estimate, self.accelerator.device, self.memory_limit))
         speed = (["torch.compile"] if self.compiled else []) + ([self.cpu_matmul.note] if self.cpu_matmul.note else [])
         self.print(run_report.banner(self.config, model, self.data, self.train_tokens.num_tokens,
                                      self.val_tokens.num_tokens, device=run_report.device_name(self.accelerator.device),
                                      precision=self.hardware.precision,
-                                     world_size=self.accelerator.num_processes, speed=speed))
+                                     world_size=self.accelerator.num_processes, speed=speed,
+                                     memory=estimate.summary()))
         self.writer.clear_replaced_run(say=self.print)
 
     def _finish(self, stop_reason: str) -> dict:
@@ -341,6 +350,7 @@ class Trainer:
             print(message, flush=True)
 
 
-def train(config: Config, resume: str | Path | Loaded | None = None, *, overwrite: bool) -> dict:
+def train(config: Config, resume: str | Path | Loaded | None = None, *, overwrite: bool,
+          memory_limit: int | None = None) -> dict:
     """Run training end to end; return the summary also written to train_log.json."""
-    return Trainer(config, resume, overwrite=overwrite).fit()
+    return Trainer(config, resume, overwrite=overwrite, memory_limit=memory_limit).fit()
