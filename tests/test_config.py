@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tinylm.config import Config, Sampling, apply_overrides, from_dict, load_config
 from tinylm.errors import UserError
 
-PRESETS = ["base", "baby", "rtx4060", "gpt2-124m", "finetune-gpt2", "finetune-cpu"]
+PRESETS = ["base", "baby", "rtx4060", "gpt2-124m", "finetune-gpt2", "finetune-cpu", "finetune-gpt2-8gb",
+           "finetune-gpt2-medium-8gb"]
 
 
 # What each preset is for: (n_layer, n_embd, block_size, precision, batch_size, grad_accum_steps).
@@ -24,8 +25,11 @@ PRESET_SHAPES = {
     # Fine-tuning: the shape keys are the pretrained model's (defaults here, never given), the context cropped.
     "finetune-gpt2": (4, 128, 1024, "bf16", 8, 4),
     "finetune-cpu": (4, 128, 128, "fp32", 4, 2),
+    "finetune-gpt2-8gb": (4, 128, 1024, "bf16", 4, 8),  # with gradient checkpointing: docs/small-gpu.md
+    "finetune-gpt2-medium-8gb": (4, 128, 1024, "bf16", 1, 32),
 }
-FINETUNED = {"finetune-gpt2": "gpt2", "finetune-cpu": "distilgpt2"}
+FINETUNED = {"finetune-gpt2": "gpt2", "finetune-cpu": "distilgpt2", "finetune-gpt2-8gb": "gpt2",
+             "finetune-gpt2-medium-8gb": "gpt2-medium"}
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -289,7 +289,9 @@ def knobs(found: Estimate, space: int) -> list[tuple[str, int]]:
         options.append(("--gradient-checkpointing", dataclasses.replace(step, gradient_checkpointing=True)))
     if half_precision_helps(step):
         options.append(("--precision bf16", dataclasses.replace(step, precision="bf16")))
-    return [(flags, estimate(found.shape, changed).peak) for flags, changed in options]
+    peaks = [(flags, estimate(found.shape, changed).peak) for flags, changed in options]
+    # bf16 can cost more than it saves: autocast's weight copies against a small micro-batch's activations.
+    return [(flags, peak) for flags, peak in peaks if peak < found.peak]
 
 
 def half_precision_helps(step: Step) -> bool:
