@@ -131,7 +131,10 @@ def test_tensor_bytes_counts_each_new_storage_until_it_is_freed():
     """New tensors count from the op that makes them until they are freed, once per storage (views and
     in-place ops add nothing), backward ops included; tensors from before it started never count."""
     before = torch.ones(1000, requires_grad=True)  # 4000 bytes, not counted
+    untouched = torch.zeros(500)
     with compat.TensorBytes() as counted:
+        untouched.add_(1).view(5, 100)  # an in-place op and a view of a tensor from before: not counted
+        assert counted.peak == 0
         first = before * 2  # +4000
         view = first.view(10, 100)
         view.add_(1)

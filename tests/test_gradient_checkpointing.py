@@ -106,5 +106,6 @@ def test_a_checkpointed_run_trains_like_a_plain_one_and_resumes_exactly(prepared
     fit(dataclasses.replace(config, training=dataclasses.replace(config.training, max_iters=4)))
     fit(config, resume=stopped / "ckpt" / "ckpt_last.pt")
     assert losses(stopped / "ckpt") == losses(checkpointed / "ckpt")
-    resumed, straight = (load_checkpoint(folder / "ckpt" / "ckpt_last.pt")["model"] for folder in (stopped, checkpointed))
+    resumed, straight = (load_checkpoint(folder / "ckpt" / "ckpt_last.pt")["model"]
+                         for folder in (stopped, checkpointed))
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)

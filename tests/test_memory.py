@@ -24,10 +24,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from tinylm import memory
 from tinylm.compat import TensorBytes, checkpoint_activations
-from tinylm.config import ModelConfig
+from tinylm.config import ModelConfig, load_config
 from tinylm.errors import UserError
 from tinylm.model import count_parameters, gpt2_config, optimizer_groups, per_block_loss
-from tinylm.pretrained import GPT2_SIZES, gpt2_config as pretrained_config
+from tinylm.pretrained import GPT2_SIZES
+from tinylm.pretrained import gpt2_config as pretrained_config
+from tinylm.trainer import Trainer
 
 GIB = 2**30
 
@@ -133,9 +135,14 @@ def test_the_estimate_is_the_tensor_bytes_a_real_step_holds_at_its_peak(case, on
     assert found == pytest.approx(measured_peak(shape, step, math_attention=math_attention), rel=0.02)
 
 
-def test_a_real_runs_estimate_is_its_step_peak(prepared, tmp_path, fresh_accelerate_state, one_torch_thread):
-    """The Trainer's own step (accelerate, clipping, the next step's batches fetched), its config's estimate."""
-    trainer = make_trainer(prepared, tmp_path, max_iters=2, grad_accum_steps=2)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_a_real_runs_estimate_is_its_step_peak(checkpointing, prepared, tmp_path, fresh_accelerate_state,
+                                              one_torch_thread):
+    """The Trainer's own step (accelerate, clipping, the next step's batches fetched), its config's estimate.
+    Kills: training.gradient_checkpointing read but not applied to the model (the step keeps every block)."""
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", model={"n_layer": 3}, training={
+        "max_iters": 2, "batch_size": 8, "grad_accum_steps": 2, "gradient_checkpointing": checkpointing})
+    trainer = Trainer(load_config(config))  # 3 blocks: checkpointing lowers the peak by a third
     trainer.close()
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainer.train_step(0)
@@ -166,7 +173,8 @@ def test_a_run_that_does_not_fit_stops_before_its_first_step_and_loses_nothing(p
     how much it needs (the peak the banner of a run that fits prints), by how much it is short and what
     fits, and the old run's files untouched. Kills: the check after --overwrite's clearing; the check
     skipped on the CPU when a limit is given; the shortfall computed the other way round."""
-    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={"max_iters": 2})
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", model={"n_layer": 3},
+                          training={"max_iters": 2})
     fits = train_error_in_process(config, "--memory", "1GB", capsys=capsys)
     assert fits.returncode == 0, fits.stderr
     peak_mib = float(re.search(r"^memory: about ([\d.]+) MiB at the peak", fits.stdout, re.M).group(1))

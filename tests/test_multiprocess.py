@@ -63,14 +63,17 @@ def test_two_processes_train_stop_together_and_resume(prepared, tmp_path):
 
 
 def test_two_processes_match_one_process_with_twice_the_batch(prepared, tmp_path):
-    """2 processes x batch 2 draw the same blocks as 1 process x batch 4: same losses up to float noise.
+    """2 processes x batch 2 draw the same blocks as 1 process x batch 4: same losses up to float noise,
+    with gradient checkpointing on the two (DDP's gradient hooks fire in the recomputing backward too).
 
     The train loss printed every log_interval steps (and logged to the tracker) is the mean over
     the processes: the one process's mean over the same 4 blocks, not rank 0's 2."""
     one = write_config(tmp_path / "one.toml", prepared, tmp_path / "one", training={"batch_size": 4, "eval_iters": 2})
-    two = write_config(tmp_path / "two.toml", prepared, tmp_path / "two", training={"batch_size": 2, "eval_iters": 4})
+    two = write_config(tmp_path / "two.toml", prepared, tmp_path / "two",
+                       training={"batch_size": 2, "eval_iters": 4, "gradient_checkpointing": True})
     single_run = train(one)
     double_run = run(launch(SPY_TRAIN, str(tmp_path / "writes.log"), "--config", str(two)), check=True)
+    assert "gradient checkpointing on" in double_run.stdout
     single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [r[0] for r in single] == [r[0] for r in double] == [0, 4, 8, 12]
     for a, b in zip(single, double):

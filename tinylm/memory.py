@@ -139,30 +139,45 @@ def activation_bytes(activation: str, half: bool) -> int:
     return 12 + 2 * 2 if half else 5 * 4
 
 
-def estimate(shape: GPT2Config, step: Step) -> Estimate:
-    """The memory of a training step of a GPT2LMHeadModel of `shape` (see the module's docstring)."""
-    width, layers, heads, vocab = shape.n_embd, shape.n_layer, shape.n_head, shape.vocab_size
-    inner = shape.n_inner or 4 * width
+def dtype_bytes(step: Step) -> tuple[int, int, int]:
+    """Bytes per element of (the matmuls' inputs and outputs, the residual stream and LayerNorms, a dropout
+    mask): under autocast the matmuls run in half precision while the residual stream stays fp32; CUDA's
+    dropout keeps a bool mask, the CPU's a float tensor."""
+    act = 2 if step.precision != "fp32" else 4
+    return act, 4, 1 if step.device == "cuda" else act
+
+
+def mask_bytes(step: Step) -> int:
+    """One dropout's mask over the micro-batch's hidden states (0 without dropout)."""
+    return dtype_bytes(step)[2] * step.batch_size * step.block_size if step.dropout > 0 else 0
+
+
+def block_bytes(shape: GPT2Config, step: Step) -> int:
+    """What one transformer block keeps for its backward when it is not checkpointed."""
+    width, heads, inner = shape.n_embd, shape.n_head, shape.n_inner or 4 * shape.n_embd
     batch, block = step.batch_size, step.block_size
     tokens = batch * block
-    half = step.precision != "fp32"
-    act = 2 if half else 4  # the matmuls' inputs and outputs
-    resid = 4  # the residual stream and LayerNorms (fp32 under autocast too)
-    mask = 1 if step.device == "cuda" else act  # CUDA's dropout keeps a bool mask, the CPU's a float tensor
-    dropout = step.dropout > 0
-    masks = mask * tokens * width if dropout else 0
-
+    act, resid, mask = dtype_bytes(step)
     if step.fused_attention:
         scores = 4 * batch * heads * block  # the log-sum-exp of each row
     else:  # the softmax's output, and with dropout its mask and the dropped-out probabilities
-        scores = batch * heads * block * block * (act + (mask + act if dropout else 0))
-    block_kept = (2 * resid * tokens * width + 16 * tokens  # LayerNorm inputs and their mean and 1/std
-                  + 2 * act * tokens * width  # the inputs of c_attn and c_fc
-                  + 4 * act * tokens * width + scores  # q, k, v and the attention's output (c_proj's input)
-                  + activation_bytes(shape.activation_function, half) * tokens * inner
-                  + 2 * masks)  # after the attention and after the MLP
+        scores = batch * heads * block * block * (act + (mask + act if step.dropout > 0 else 0))
+    return (2 * resid * tokens * width + 16 * tokens  # LayerNorm inputs and their mean and 1/std
+            + 2 * act * tokens * width  # the inputs of c_attn and c_fc
+            + 4 * act * tokens * width + scores  # q, k, v and the attention's output (c_proj's input)
+            + activation_bytes(shape.activation_function, step.precision != "fp32") * tokens * inner
+            + 2 * mask_bytes(step) * width)  # after the attention and after the MLP
+
+
+def estimate(shape: GPT2Config, step: Step) -> Estimate:
+    """The memory of a training step of a GPT2LMHeadModel of `shape` (see the module's docstring)."""
+    width, layers, vocab = shape.n_embd, shape.n_layer, shape.vocab_size
+    inner = shape.n_inner or 4 * width
+    tokens = step.batch_size * step.block_size
+    act, resid, _ = dtype_bytes(step)
+    block_kept = block_bytes(shape, step)
     kept = resid * tokens * width if step.gradient_checkpointing else block_kept
-    inputs = 16 * tokens + masks  # input ids and targets (int64); the embedding's dropout mask
+    inputs = 16 * tokens + mask_bytes(step) * width  # input ids and targets (int64); the embedding's dropout mask
     head = resid * tokens * width + 8 * tokens + act * tokens * width  # ln_f's input, lm_head's input
     logits = 4 * tokens * vocab
     # A block's backward: its tensors, the gradient arriving, and the MLP hidden layer's gradient (two of
@@ -176,7 +191,7 @@ def estimate(shape: GPT2Config, step: Step) -> Estimate:
     gradients = 4 * trainable
     per_block = block_parameters(width, inner)
     matmul_weights = 4 * width * width + 2 * width * inner  # per block; lm_head's is the embedding's
-    copies = 2 if half else 0
+    copies = 2 if step.precision != "fp32" else 0
 
     def gradients_done(blocks: int) -> int:  # the output layer's and `blocks` blocks' (and a c_proj's) so far
         done = (vocab + 2) * width + blocks * per_block + width * inner
@@ -227,7 +242,7 @@ def parse_size(text: str, flag: str = "--memory") -> int:
     if not found or float(found.group(1)) <= 0:
         raise UserError(f"{flag} must be a memory size such as 8GB, 7.5GiB or 6000MB, got {text!r}")
     unit = (found.group(2) or "g").lower()
-    return int(float(found.group(1)) * (GIB if unit.startswith("g") else 2**20))
+    return int(float(found.group(1)) * (GIB if unit.startswith("g") else MIB))
 
 
 def available(device: torch.device, limit: int | None) -> tuple[int, str] | None:
