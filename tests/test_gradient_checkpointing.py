@@ -12,10 +12,9 @@ import dataclasses
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from training_helpers import load_checkpoint, losses, write_config
 
-from tinylm.compat import checkpoint_activations
+from tinylm.compat import checkpoint_activations, reset_accelerate_state
 from tinylm.config import ModelConfig, load_config
 from tinylm.trainer import Trainer
 from tinylm.model import build_model, gpt2_config, per_block_loss
@@ -81,7 +80,7 @@ def run_config(prepared, folder, **training):
 
 def fit(config, resume=None) -> None:
     Trainer(config, resume=resume).fit()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state", "one_torch_thread")
