@@ -41,11 +41,11 @@ import torch
 from data import synthetic_data
 from reference_gpt import NanoGPTStep
 from train_throughput import time_block
+from tinylm import memory
 from tinylm.atomic import write_json
 from tinylm.compat import reset_accelerate_state, use_loss_scaler
 from tinylm.config import Config, apply_overrides, load_config
 from tinylm.errors import UserError, run_cli
-from tinylm.formats import load_meta
 from tinylm.hardware import Hardware, peak_flops
 from tinylm.model import flops_per_token
 from tinylm.prepare import main as prepare_main
@@ -105,12 +105,10 @@ SMOKE_OVERFLOWS = (3, 4, 9)
 SMOKE_STEPS = {"warmup": 2, "block": 2}
 
 
-def memory_estimate(config: Config, vocab_size: int) -> int | None:
-    """tinylm's estimate of a run's peak device memory in bytes; None: this version of tinylm has none.
-
-    The one place to plug it in: return the estimate of the run `config` describes (vocabulary `vocab_size`).
-    """
-    return None
+def memory_estimate(config: Config) -> int:
+    """tinylm's estimate (`tinylm.memory`) of the peak GPU memory of a run of `config`, in bytes."""
+    shape, fitted = memory.run_shape(config)
+    return memory.of_run(fitted, shape, device="cuda", precision=config.training.precision, cpu_matmul="blas").peak
 
 
 class PeakMemory:
@@ -410,10 +408,8 @@ def part_d(check: Check) -> dict:
     rows = {}
     for shape, config in (("gpt2-124m", check.gpt2_config()), ("shakespeare-char", check.char_config())):
         peak = peak_of(check, shape, config)
-        estimate = memory_estimate(config, load_meta(Path(config.data.processed_dir) / "meta.json")["vocab_size"])
-        rows[shape] = {"peak_bytes": peak, "estimate_bytes": estimate,
-                       "ratio": peak / estimate if peak and estimate else None,
-                       "note": "no estimate in this version" if estimate is None else ""}
+        estimate = memory_estimate(config)
+        rows[shape] = {"peak_bytes": peak, "estimate_bytes": estimate, "ratio": peak / estimate if peak else None}
     return {"shapes": rows}
 
 
@@ -512,8 +508,8 @@ def text_c(r: dict) -> list[str]:
 def text_d(r: dict) -> list[str]:
     lines = []
     for shape, row in r["shapes"].items():
-        against = (f"estimate {gib(row['estimate_bytes'])} (measured / estimate {row['ratio']:.2f})"
-                   if row["estimate_bytes"] is not None else row["note"])
+        ratio = f" (measured / estimate {row['ratio']:.2f})" if row["ratio"] is not None else ""
+        against = f"estimate {gib(row['estimate_bytes'])}{ratio}"
         lines.append(f"{shape}: peak allocated {gib(row['peak_bytes'])}; {against}")
     return lines
 
