@@ -39,7 +39,6 @@ from . import data, pretrained
 from .checkpoint import started_cpu_matmul
 from .config import SCRATCH, Config
 from .errors import UserError
-from .hardware import cpu_matmul_for_run
 from .model import fitted_config, gpt2_config
 
 GIB, MIB = 2**30, 2**20
@@ -358,9 +357,9 @@ def dry_run(config: Config, *, device: str, limit: int | None, resumed: dict | N
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = config.training.precision if device == "cuda" else "fp32"
-    cpu_matmul = (cpu_matmul_for_run(config.training.cpu_matmul, device, shape.n_embd,
-                                     config.training.batch_size * config.model.block_size,
-                                     started_with=started_cpu_matmul(resumed)).backend if device == "cpu" else "blas")
+    # "auto" times the step at the start of a run: unknown here, so oneDNN's (math attention), the larger peak.
+    setting = config.training.cpu_matmul
+    cpu_matmul = (setting if setting != "auto" else started_cpu_matmul(resumed) or "onednn") if device == "cpu" else "blas"
     found = of_run(config, shape, device=device, precision=precision, cpu_matmul=cpu_matmul)
     step = found.step
     model = ("" if config.model.init_from == SCRATCH else
