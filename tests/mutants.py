@@ -551,6 +551,21 @@ MUTANTS = [
     ("compat: reset_accelerate_state resets nothing", "tinylm/compat.py",
      "    AcceleratorState._reset_state(reset_partial_state=True)", "    pass",
      ["tests/test_compat.py", "-k", "reset_accelerate_state"]),
+    ("checkpoint: the optimizer shards not loaded on resume (FSDP)", "tinylm/checkpoint.py",
+     "        load_shards()\n", "        pass\n",
+     ["tests/test_multiprocess.py", "-k", "fsdp_run_killed"]),
+    ("checkpoint: each process's random state not restored (FSDP)", "tinylm/checkpoint.py",
+     "    rng.restore(states[process_index])", "    pass",
+     ["tests/test_multiprocess.py", "-k", "fsdp_run_killed"]),
+    ("shards: one folder for every save, replaced before a checkpoint names the new one", "tinylm/shards.py",
+     '    name = staging.name[1:-len(".tmp")]', '    name = SHARDS_PREFIX + "last"',
+     ["tests/test_multiprocess.py", "-k", "fsdp_run_killed"]),
+    ("run_folder: shards folders no checkpoint names kept at the start", "tinylm/run_folder.py",
+     "remove_stale(out_dir)] + shards.remove_unnamed(out_dir)", "remove_stale(out_dir)]",
+     ["tests/test_multiprocess.py", "-k", "fsdp_run_killed"]),
+    ("trainer: FSDP's gradient norm left a DTensor", "tinylm/trainer.py",
+     "            grad_norm = grad_norm.full_tensor()", "            pass",
+     ["tests/test_multiprocess.py", "-k", "fsdp_run_killed"]),
 ]
 
 

@@ -146,3 +146,61 @@ def test_a_restore_puts_back_the_moments_with_this_runs_settings_and_this_proces
                                                num_processes=3)
     assert warning.startswith("checkpoint was written by 2 processes, now 3: random state (dropout) is reseeded")
     assert torch.equal(torch.get_rng_state(), untouched["torch"])
+
+
+def test_a_checkpoint_naming_shards_restores_through_them_with_this_runs_settings():
+    """Under FSDP the file holds no optimizer state and names a shards folder: the restore loads
+    through `load_shards` (tinylm.shards.load), then puts back this run's settings as for a file. Saved
+    before the first step (neither), the fresh optimizer is left as it is.
+
+    Kills: `load_shards` not called; the settings loop run before loading (the saved betas would stay).
+    """
+    from dataclasses import asdict
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    saved_optimizer = torch.optim.AdamW([weight], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    weight.grad = torch.full((4,), 0.5)
+    saved_optimizer.step()
+    optimizer = torch.optim.AdamW([weight], lr=0.1, betas=(0.8, 0.99), weight_decay=0.0)
+    run = asdict(checkpoint.RunState(iter=3))
+    payload = {"train_state": {"optimizer": None, "optimizer_shards": "ckpt_shards-3-abc", "scaler": None,
+                               "rng": [], "run": run}}
+    loads = []
+
+    def load_shards():  # what loading the folder does: the saved moments and hyperparameters
+        loads.append(1)
+        optimizer.load_state_dict(saved_optimizer.state_dict())
+
+    checkpoint.restore_training(payload, optimizer=optimizer, scaler=None, process_index=0, num_processes=1,
+                                load_shards=load_shards)
+    assert loads == [1] and optimizer.param_groups[0]["betas"] == (0.8, 0.99)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved_optimizer.state_dict()["state"][0]["exp_avg"])
+
+    fresh = torch.optim.AdamW([weight], lr=0.1)
+    before_first_step = {"train_state": {**payload["train_state"], "optimizer_shards": None}}
+    checkpoint.restore_training(before_first_step, optimizer=fresh, scaler=None, process_index=0, num_processes=1,
+                                load_shards=load_shards)
+    assert loads == [1] and not fresh.state
+
+
+def test_fsdp_refuses_a_checkpoint_that_keeps_the_whole_optimizer_state_in_the_file():
+    """FSDP shards the moments by parameter; a file written on one process or under DDP holds them
+    whole, by index: refused in one line naming how to go on. Without FSDP, or with no moments yet, it is fine.
+
+    Kills: the refusal dropped, or raised without FSDP, or for an optimizer that has no state.
+    """
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    empty = {"iter": 0, "train_state": {"optimizer": optimizer.state_dict(), "world_size": 2}}
+    weight.grad = torch.ones(4)
+    optimizer.step()
+    stepped = {"iter": 3, "train_state": {"optimizer": optimizer.state_dict(), "world_size": 2}}
+    checkpoint.check_optimizer_fits(stepped, sharded_run=False)
+    checkpoint.check_optimizer_fits(empty, sharded_run=True)
+    with pytest.raises(UserError) as caught:
+        checkpoint.check_optimizer_fits(stepped, sharded_run=True)
+    assert str(caught.value) == (
+        "cannot resume under FSDP from a checkpoint written without it (at iter 3, on 2 process(es)): its optimizer "
+        "state is one unsharded file; resume it the way it was launched (one process, or DDP: "
+        "configs/accelerate/multi-gpu.yaml), or start a new run under FSDP")

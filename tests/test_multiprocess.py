@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,19 +15,33 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import REPO, load_checkpoint, losses, read_log, run, train, write_config
+from training_helpers import REPO, TRAIN_SCRIPT, load_checkpoint, losses, read_log, run, train, write_config
 
 from tinylm.locks import LOCK_NAME
 
 CPU_2PROC = REPO / "configs" / "accelerate" / "cpu-2proc.yaml"
+FSDP = REPO / "configs" / "accelerate" / "fsdp.yaml"
 SPY_TRAIN = Path(__file__).with_name("spy_train.py")
 SLOW_TRAIN = Path(__file__).with_name("slow_train.py")
+FSDP_CPU_TRAIN = Path(__file__).with_name("fsdp_cpu_train.py")
 
 
 def launch(script: Path, *args: str) -> list[str]:
     """`accelerate launch` of two processes on a port nothing else holds (test runs may overlap)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
             "--main_process_port", str(free_port()), str(script), *args]
+
+
+def fsdp_launch(kill_at: int, *args: str) -> list[str]:
+    """Two CPU processes under FSDP with the repo's own FSDP launch file (run it with `FSDP_ON_CPU` as env):
+    tests/fsdp_cpu_train.py, killed at the save of iter `kill_at` (0: never)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP), "--num_processes", "2",
+            "--main_process_port", str(free_port()), str(FSDP_CPU_TRAIN), str(kill_at), *args]
+
+
+# What `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` is for DDP: the launcher starts the processes
+# (`--cpu` would start one), each in CPU mode over gloo.
+FSDP_ON_CPU = {"ACCELERATE_USE_CPU": "1"}
 
 
 def free_port() -> int:
@@ -165,3 +181,62 @@ def test_a_folder_in_use_stops_every_rank_at_once(prepared, tmp_path):
     assert result.stderr.count(f"error: {out_dir} is in use by another training run (pid {os.getpid()}") == 2
     assert not (out_dir / "ckpt_last.pt").exists()
     assert not writes.exists(), "no rank writes a file, and none leaves its process group open"
+
+
+def logged(out_dir: Path) -> list[tuple]:
+    """Every logged step and evaluation in metrics.jsonl, without the clock's fields."""
+    clock = {"tokens_per_s", "elapsed_s"}
+    return [tuple((key, value) for key, value in json.loads(line).items() if key not in clock)
+            for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_fsdp_run_killed_mid_save_resumes_from_its_optimizer_shards_exactly(prepared, tmp_path):
+    """Two processes under FSDP (for real: each holds half of every weight and of its moments), with
+    dropout, so each process's random state matters. One run is SIGKILLed at its iter-8 save, after
+    the optimizer shards are written and before the checkpoint that would name them: resumed, it
+    trains from iter 4 and logs, step for step, the very numbers of an uninterrupted run, and ends
+    with the same weights in ckpt_last.pt.
+
+    Kills: the optimizer shards not loaded on resume; the random state not restored; the folder
+    written before the checkpoint named it trusted by the resume (one folder name for every save).
+    """
+    def config(name: str) -> Path:
+        return write_config(tmp_path / f"{name}.toml", prepared, tmp_path / name, model={"dropout": 0.1})
+
+    full = run(fsdp_launch(0, "--config", str(config("full"))), check=True, env=FSDP_ON_CPU)
+    shards = sorted(re.findall(r"^fsdp-cpu: (\d) (\w+) (\w+) (\d+)/(\d+)$", full.stderr, re.MULTILINE))
+    assert [shard[1:3] for shard in shards] == [("MULTI_CPU", "DTensor")] * 2, full.stderr
+    assert sum(int(shard[3]) for shard in shards) == int(shards[0][4]), "the two processes hold half of wte each"
+
+    out_dir = tmp_path / "killed"
+    killed = run(fsdp_launch(8, "--config", str(config("killed"))), env=FSDP_ON_CPU)
+    assert killed.returncode != 0 and "eval iter 8:" in killed.stdout, killed.stdout + killed.stderr
+    saved = load_checkpoint(out_dir / "ckpt_last.pt")
+    named = saved["train_state"]["optimizer_shards"]
+    assert saved["iter"] == 4 and saved["train_state"]["optimizer"] is None and named.startswith("ckpt_shards-4-")
+    unnamed = [folder.name for folder in out_dir.glob("ckpt_shards-*") if folder.name != named]
+    assert len(unnamed) == 1 and unnamed[0].startswith("ckpt_shards-8-"), "iter 8's shards were written"
+
+    # The checkpoint and the folder it names, copied elsewhere, resume on one process: DCP reshards the moments.
+    # Not exactly (the dropout masks are reseeded): 0.003 from the uninterrupted run's last val loss, where
+    # fresh moments end 0.107 away.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(out_dir / "ckpt_last.pt", moved)
+    shutil.copytree(out_dir / named, moved / named)
+    one = run([sys.executable, str(TRAIN_SCRIPT), "--resume", str(moved / "ckpt_last.pt"), "--batch-size", "8",
+               "--eval-iters", "1"], check=True)
+    assert "resumed from iter 4" in one.stdout and "written by 2 processes, now 1" in one.stdout
+    assert losses(moved)[-1][2] == pytest.approx(losses(tmp_path / "full")[-1][2], abs=0.03)
+
+    resumed = run(fsdp_launch(0, "--resume", str(out_dir / "ckpt_last.pt")), check=True, env=FSDP_ON_CPU)
+    assert "resumed from iter 4" in resumed.stdout and "reseeded" not in resumed.stdout + resumed.stderr
+    assert f"left in {out_dir}: {unnamed[0]}" in resumed.stdout
+    assert logged(out_dir) == logged(tmp_path / "full")
+    assert len(logged(out_dir)) == 7  # the evaluations at 0, 4, 8, 12 and the steps logged at 4, 8, 12
+    weights = [load_checkpoint(folder / "ckpt_last.pt")["model"] for folder in (tmp_path / "full", out_dir)]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    assert len(weights[0]["transformer.wte.weight"]) == int(shards[0][4]), "ckpt_last.pt holds the whole weights"
+    last, best = (load_checkpoint(out_dir / name)["train_state"]["optimizer_shards"]
+                  for name in ("ckpt_last.pt", "ckpt_best.pt"))
+    assert last == best and [folder.name for folder in out_dir.glob("ckpt_shards-*")] == [last]

@@ -178,6 +178,26 @@ def make_trainer(prepared: Path, folder: Path, *, trainer_class=None, **training
     return (trainer_class or Trainer)(config)
 
 
+def use_fsdp_on_cpu(accelerator) -> None:
+    """Make `accelerator`, on CPU processes over gloo, prepare the model with FSDP2 as it would on GPUs.
+
+    accelerate 1.x turns FSDP on only for GPU-like distributed types (in AcceleratorState, the FSDP
+    branch sits under MULTI_GPU, MULTI_XPU...): launched with an FSDP config on CPUs it trains under
+    DDP (MULTI_CPU) and says nothing, though torch's FSDP2 (`fully_shard`) runs on CPUs over gloo.
+    These are accelerate's own switches: the distributed type, in both of its shared states
+    (AcceleratorState copies PartialState's whenever one is made), and the plugin the launcher's FSDP_*
+    variables describe, which Accelerator builds on GPUs. Call before prepare(). Pinned by the FSDP
+    test of tests/test_multiprocess.py, which checks what tests/fsdp_cpu_train.py prints: accelerate's
+    own choice (MULTI_CPU; when a release runs FSDP on CPUs itself, this is no longer needed) and
+    weights that are DTensors holding half the rows on each process.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
 def cpu_trainer(precision: str, grad_scaler=None):
     """A Trainer class that trains on the CPU at `precision` (which the CPU otherwise falls back from
     to fp32), with `grad_scaler` as its fp16 loss scaler."""

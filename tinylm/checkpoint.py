@@ -17,7 +17,9 @@ runs code from it. Layout (version 1):
     val_loss          validation loss at this checkpoint (or None)
     train_state       what resuming needs (dict): optimizer, scaler, rng (one RNG state per process),
                       world_size, cpu_matmul, run (a `RunState`); the learning-rate schedule is a
-                      function of `iter` and the config, so it is not stored
+                      function of `iter` and the config, so it is not stored. Under FSDP `optimizer` is
+                      None and `optimizer_shards` names the folder beside the file that holds it, one
+                      shard per process (see `tinylm.shards`); None there too before the first step
 
 `run_payload` builds it from a run; `restore_training` puts it back for a resume, and the `check_*`
 functions refuse, with what changed, a resume that would not continue the same run.
@@ -33,7 +35,7 @@ import textwrap
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -151,9 +153,10 @@ def tokenizer_from(payload: dict[str, Any]):
 
 
 def run_payload(*, weights: dict, model: GPT2LMHeadModel, tokenizer, data, config, base_model: str | None,
-                state: RunState, val_loss: float | None, optimizer, scaler, rng_states: list, world_size: int,
-                cpu_matmul: str) -> dict[str, Any]:
-    """A training run's checkpoint (the layout above); `data` is the run's `data.PreparedData`."""
+                state: RunState, val_loss: float | None, optimizer_state: dict | None, optimizer_shards: str | None,
+                scaler, rng_states: list, world_size: int, cpu_matmul: str) -> dict[str, Any]:
+    """A training run's checkpoint (the layout above); `data` is the run's `data.PreparedData`. The optimizer's
+    state is in the file (`optimizer_state`), or in the folder `optimizer_shards` names (under FSDP)."""
     return {
         "model": {k: v.detach().to("cpu") for k, v in weights.items()},
         "model_config": model.config.to_dict(),
@@ -165,7 +168,8 @@ def run_payload(*, weights: dict, model: GPT2LMHeadModel, tokenizer, data, confi
         "best_val_loss": state.best_val_loss,
         "val_loss": val_loss,
         "train_state": {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
+            "optimizer_shards": optimizer_shards,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_states,
             "world_size": world_size,
@@ -188,17 +192,21 @@ def run_state(payload: dict[str, Any]) -> RunState:
     return RunState(**run)
 
 
-def restore_training(payload: dict[str, Any], *, optimizer, scaler, process_index: int,
-                     num_processes: int) -> tuple[RunState, str | None]:
+def restore_training(payload: dict[str, Any], *, optimizer, scaler, process_index: int, num_processes: int,
+                     load_shards: Callable[[], None] | None = None) -> tuple[RunState, str | None]:
     """Put a run's saved training state back into `optimizer` (built with this run's settings), `scaler`
     and this process's random generators; return the run's `RunState`, and a warning when the random
-    state cannot be restored."""
+    state cannot be restored. `load_shards` loads the optimizer state from the checkpoint's shards
+    folder, when it names one (`tinylm.shards.load`)."""
     saved = train_state(payload)
-    # load_state_dict brings back the saved run's hyperparameters with its moments: a resume that
+    # Loading brings back the saved run's hyperparameters with its moments: a resume that
     # changes them must train with this run's, as its start-up diff says. (The learning rate is the
     # schedule's, set when the scheduler is built.)
     this_run = [{"weight_decay": group["weight_decay"], "betas": group["betas"]} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved["optimizer"])
+    if saved.get("optimizer_shards"):
+        load_shards()
+    elif saved["optimizer"] is not None:  # None: saved before the first step, so a fresh optimizer is the saved one
+        optimizer.load_state_dict(saved["optimizer"])
     for group, settings in zip(optimizer.param_groups, this_run):
         group.update(settings)
     if scaler is not None and saved.get("scaler"):
@@ -210,6 +218,29 @@ def restore_training(payload: dict[str, Any], *, optimizer, scaler, process_inde
             "reseeded, so the run will not match an uninterrupted one exactly")
     rng.restore(states[process_index])
     return run_state(payload), None
+
+
+def optimizer_shards_named(path: Path) -> str | None:
+    """The shards folder the checkpoint at `path` names (None: none, or no readable checkpoint there).
+
+    Reads only the file's small pickle (the weights are memory-mapped, never read), so it is cheap to
+    ask after every save."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return payload["train_state"].get("optimizer_shards")
+    except Exception:  # no file, a damaged one, or one without train_state: it names no folder
+        return None
+
+
+def check_optimizer_fits(payload: dict[str, Any], sharded_run: bool) -> None:
+    """Refuse to resume under FSDP from a checkpoint that keeps the whole optimizer state in the file
+    (written on one process or under DDP): FSDP shards it by parameter, and that file's state is not."""
+    saved = train_state(payload)
+    if sharded_run and saved["optimizer"] is not None and saved["optimizer"]["state"]:
+        raise UserError(f"cannot resume under FSDP from a checkpoint written without it (at iter {payload['iter']}, "
+                        f"on {saved.get('world_size', 1)} process(es)): its optimizer state is one unsharded "
+                        "file; resume it the way it was launched (one process, or DDP: "
+                        "configs/accelerate/multi-gpu.yaml), or start a new run under FSDP")
 
 
 def started_cpu_matmul(payload: dict[str, Any] | None) -> str | None:

@@ -19,6 +19,8 @@ CHECKPOINT = "checkpoints/ckpt_last.pt"
 CHECKPOINT_BEST = "checkpoints/ckpt_best.pt"
 LAST_NAME = "ckpt_last.pt"
 BEST_NAME = "ckpt_best.pt"
+# Under FSDP, each checkpoint names a folder of optimizer shards beside it: ckpt_shards-<iter>-<token>.
+SHARDS_PREFIX = "ckpt_shards-"
 TRAIN_LOG_NAME = "train_log.json"
 METRICS_NAME = "metrics.jsonl"
 

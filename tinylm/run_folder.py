@@ -14,14 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from . import locks
+from . import locks, shards
 from .errors import UserError, command_line
 from .paths import BEST_NAME, LAST_NAME, METRICS_NAME, TRAIN_LOG_NAME
 
 # What a run writes into its out_dir: what --overwrite clears, and what makes a folder "hold a run".
 RUN_FILES = (BEST_NAME, LAST_NAME, TRAIN_LOG_NAME, METRICS_NAME)
-# Temp files of the run's atomic writes (atomic_path: ".<name>.XXXX.tmp"): a dead writer's are litter.
-STALE_PATTERNS = tuple(f".{name}.*.tmp" for name in RUN_FILES)
+# Temp files of the run's atomic writes (atomic_path: ".<name>.XXXX.tmp"), and the folders of optimizer
+# shards being written (`shards`): a dead writer's are litter.
+STALE_PATTERNS = (*(f".{name}.*.tmp" for name in RUN_FILES), shards.STAGING_PATTERN)
 # Where a run that pushes to the Hub writes its export folder, inside out_dir.
 EXPORT_NAME = "exported"
 # The trackers' project name; tensorboard logs go to <out_dir>/<TRACKER_PROJECT>.
@@ -40,10 +41,9 @@ def claim(out_dir: Path, folder_lock: locks.FolderLock, *, is_main: bool, resume
     check_writable(out_dir)
     if is_main:
         folder_lock.acquire()
-        stale = remove_stale(out_dir)
+        stale = [path.name for path in remove_stale(out_dir)] + shards.remove_unnamed(out_dir)
         if stale:
-            say(f"removed {len(stale)} unfinished file(s) a stopped run left in {out_dir}: "
-                + ", ".join(path.name for path in stale))
+            say(f"removed {len(stale)} unfinished file(s) a stopped run left in {out_dir}: " + ", ".join(stale))
     found = other_run(out_dir, resumed_from)
     if found and not overwrite:
         refuse_other_run(out_dir, found)
@@ -85,8 +85,10 @@ def refuse_other_run(out_dir: Path, found: list[str]) -> None:
 
 
 def clear_replaced_run(out_dir: Path) -> list[str]:
-    """--overwrite: remove the replaced run's files (its export and tracker logs too); return their names."""
+    """--overwrite: remove the replaced run's files (its optimizer shards, export and tracker logs too); return
+    their names."""
     replaced = [name for name in (*RUN_FILES, EXPORT_NAME, TRACKER_PROJECT) if (out_dir / name).exists()]
+    replaced += [folder.name for folder in shards.all_folders(out_dir)]
     for name in replaced:
         path = out_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()

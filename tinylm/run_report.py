@@ -80,6 +80,9 @@ def resume_command(checkpoint: Path, world_size: int, distributed_type: Distribu
     if processes_here < world_size:
         return (f"on each machine, this run's accelerate launch command with tinylm/train.py "
                 f"{command_line('--resume', checkpoint)}")
+    if distributed_type == DistributedType.FSDP:  # --multi_gpu would resume it under DDP, unsharded
+        return command_line("accelerate", "launch", "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes",
+                            world_size, "tinylm/train.py", "--resume", checkpoint)
     # One machine, N processes: the launch docs/multi-gpu.md gives (CPU mode for gloo on a CPU).
     launch = command_line("accelerate", "launch", "--multi_gpu", "--num_processes", world_size, "tinylm/train.py",
                           "--resume", checkpoint)

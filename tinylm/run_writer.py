@@ -2,8 +2,10 @@
 checkpoints and train_log.json, and stop together when one of them cannot.
 
 The main process writes the files (`checkpoint.save`, `atomic.write_json`); the others hand it their
-RNG states and (under FSDP) their shards. A failure on one process is raised on all of them, so no
-process waits in the next collective for one that has stopped (until a timeout, minutes later).
+RNG states and (under FSDP) their shards of the weights. Under FSDP every process also writes its
+shard of the optimizer state into a folder the checkpoints name (`tinylm.shards`). A failure on one
+process is raised on all of them, so no process waits in the next collective for one that has
+stopped (until a timeout, minutes later).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
-from . import checkpoint, rng, run_folder
+from . import checkpoint, rng, run_folder, shards
 from .atomic import write_json
 from .errors import UserError
 from .paths import TRAIN_LOG_NAME
@@ -27,6 +29,8 @@ class RunWriter:
     def __init__(self, accelerator: Accelerator, out_dir: Path):
         self.accelerator, self.out_dir = accelerator, out_dir
         self.is_main = accelerator.is_main_process
+        # No process holds the whole optimizer state: each writes its shard (tinylm.shards).
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
         self.lock = run_folder.lock(out_dir)
         self.replaced_run: list[str] = []
 
@@ -51,18 +55,27 @@ class RunWriter:
             removed = run_folder.clear_replaced_run(self.out_dir)
             say(f"--overwrite: removed the previous run's {', '.join(removed)} from {self.out_dir}")
 
-    def save(self, names: list[str], model: torch.nn.Module, payload: Callable[[dict | None, list], dict],
-             train_log: dict) -> None:
-        """Write one checkpoint under each of `names` (`payload(weights, rng_states)`), then train_log.json."""
+    def save(self, names: list[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             payload: Callable[[dict | None, list, str | None], dict], train_log: dict, *, step: int) -> None:
+        """Write one checkpoint under each of `names` (`payload(weights, rng_states, optimizer_shards)`),
+        then train_log.json; under FSDP, first the folder of optimizer shards they name."""
         rng_states = gather_object([rng.capture()])
         # A collective under FSDP (it gathers the shards), so every process calls it.
         weights = self.accelerator.get_state_dict(model) if names else None
-        failure = None
+        failure, folder = None, None
+        if names and self.sharded:
+            try:
+                folder = shards.save(self.out_dir, model, optimizer, step=step, is_main=self.is_main)
+            except UserError as exc:
+                failure = exc
+            self.stop_together(failure)
         if self.is_main:
             try:
                 for name in names:
-                    checkpoint.save(self.out_dir / name, payload(weights, rng_states))
+                    checkpoint.save(self.out_dir / name, payload(weights, rng_states, folder))
                 write_json(self.out_dir / TRAIN_LOG_NAME, train_log)
+                if folder:  # only now: until the checkpoints named the new folder, the old one was theirs
+                    shards.remove_unnamed(self.out_dir)
             except UserError as exc:
                 failure = exc
         self.stop_together(failure)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.distributed.tensor import DTensor
 
-from . import checkpoint, data, memory, run_report, sampler
+from . import checkpoint, data, memory, run_report, sampler, shards
 from .checkpoint import Loaded, RunState
 from .compat import checkpoint_activations, close_process_group_at_exit, skip_next_step_where
 from .config import Config, Sampling, check_seed_fits
-from .errors import UserError
 from .hardware import (
     Hardware,
     cpu_matmul_for_run,
@@ -77,7 +77,7 @@ class Trainer:
         self.writer = RunWriter(self.accelerator, self.out_dir)
         self.writer.claim(resumed_from=resume.path if resume else None, overwrite=overwrite, say=self.print)
         try:
-            self._set_up(resume.payload if resume else None)
+            self._set_up(resume)
         except BaseException:
             self.close()
             raise
@@ -96,9 +96,10 @@ class Trainer:
             project_dir=training.out_dir,
         )
 
-    def _set_up(self, resumed: dict | None) -> None:
+    def _set_up(self, resume: Loaded | None) -> None:
         """Model, optimizer, scheduler and evaluation data, prepared by accelerate; restored when resuming."""
         training, hardware = self.config.training, self.hardware
+        resumed = resume.payload if resume else None
         self.state = RunState()
         # Seeds differ per process, so dropout masks differ across ranks like their batches do.
         set_seed(training.seed, device_specific=True)
@@ -107,6 +108,7 @@ class Trainer:
         model, self.config, self.base_model = run_model(self.config, self.data, self.tokenizer, resumed)
         if resumed:
             checkpoint.check_resumable(resumed, model.config, training.max_iters)
+            checkpoint.check_optimizer_fits(resumed, sharded_run=self.writer.sharded)
             model.load_state_dict(resumed["model"])
         if training.gradient_checkpointing:
             checkpoint_activations(model)
@@ -130,8 +132,8 @@ class Trainer:
                         for tokens in (self.train_tokens, self.val_tokens)]
         self.model, self.optimizer, train_eval, val_eval = self.accelerator.prepare(model, optimizer, *eval_loaders)
         self.eval_loaders = {"train": train_eval, "val": val_eval}
-        if resumed:
-            self._restore(resumed)
+        if resume:
+            self._restore(resume)
         # Built for this config at the step the run is at: the schedule is a function of the step,
         # so a resumed run follows its own (possibly changed) learning-rate settings from there.
         self.scheduler = build_scheduler(optimizer, training, start_step=self.state.iter)
@@ -247,8 +249,10 @@ class Trainer:
         tell here: for a fused optimizer GradScaler always calls step() and lets the kernel skip.)
         """
         max_norm = self.config.training.grad_clip or math.inf
-        grad_norm = torch.as_tensor(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm),
-                                    device=self.accelerator.device)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm of the sharded gradients, already all-reduced
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = torch.as_tensor(grad_norm, device=self.accelerator.device)
         nonfinite = ~torch.isfinite(grad_norm)
         if self.accelerator.scaler is None:
             skip_next_step_where(self.optimizer, nonfinite)
@@ -315,25 +319,28 @@ class Trainer:
 
     def _save(self, names: list[str], val_loss: float | None, summary: dict | None = None) -> None:
         """One checkpoint under each of `names`, then train_log.json; see `RunWriter.save`."""
-        def payload(weights: dict, rng_states: list) -> dict:
+        def payload(weights: dict, rng_states: list, optimizer_shards: str | None) -> dict:
             return checkpoint.run_payload(
                 weights=weights, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
                 data=self.data, config=self.config, base_model=self.base_model, state=self.state,
-                val_loss=val_loss, optimizer=self.optimizer, scaler=self.accelerator.scaler, rng_states=rng_states,
+                val_loss=val_loss, optimizer_state=None if self.writer.sharded else self.optimizer.state_dict(),
+                optimizer_shards=optimizer_shards, scaler=self.accelerator.scaler, rng_states=rng_states,
                 world_size=self.accelerator.num_processes, cpu_matmul=self.cpu_matmul.backend)
 
-        self.writer.save(names, self.model, payload,
-                         {"config": self.config.to_dict(), "records": self.state.records, "summary": summary})
+        self.writer.save(names, self.model, self.optimizer.optimizer, payload,
+                         {"config": self.config.to_dict(), "records": self.state.records, "summary": summary},
+                         step=self.state.iter)
 
     # ------------------------------------------------------------------ resume
 
-    def _restore(self, payload: dict) -> None:
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise UserError("cannot resume under FSDP: the checkpoint holds only the main process's optimizer shard; "
-                            "resume with DDP (configs/accelerate/multi-gpu.yaml) or start a new run")
+    def _restore(self, resume: Loaded) -> None:
+        def load_shards() -> None:  # every process together, each its shard
+            shards.load(shards.folder_of(resume.path, resume.payload), self.model, self.optimizer.optimizer)
+
         self.state, warning = checkpoint.restore_training(
-            payload, optimizer=self.optimizer, scaler=self.accelerator.scaler,
-            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes)
+            resume.payload, optimizer=self.optimizer, scaler=self.accelerator.scaler,
+            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes,
+            load_shards=load_shards)
         if warning:
             self.print(f"warning: {warning}")
         self.print(f"resumed from iter {self.state.iter} (best val loss {self.state.best_val_loss:.4f})")

@@ -1,0 +1,55 @@
+"""Run `tinylm train` under FSDP on CPU processes over gloo, as accelerate runs it on GPUs.
+
+Usage: accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 --cpu \
+           tests/fsdp_cpu_train.py KILL_AT [train flags...]
+On a CPU accelerate would train this launch under DDP (see `use_fsdp_on_cpu`); here the Trainer's
+accelerator is switched to FSDP before it prepares the model, and each process prints
+"fsdp-cpu: RANK <accelerate's own choice> <first parameter's class> <its local shard's rows>" so a
+test sees the model really was sharded.
+KILL_AT: an iter, or 0 for none. Every process SIGKILLs itself at the save of that iter, once the
+optimizer shards are written and before any checkpoint file is: a preemption at the worst moment.
+The product code is untouched.
+"""
+
+import os
+import signal
+import sys
+
+import tinylm.shards as shards_module
+import tinylm.trainer as trainer_module
+from tinylm.errors import run_cli
+from tinylm.train import main
+from training_helpers import use_fsdp_on_cpu
+
+kill_at = int(sys.argv[1])
+original_make_accelerator = trainer_module.Trainer.make_accelerator
+original_set_up = trainer_module.Trainer._set_up
+original_save_shards = shards_module.save
+
+
+def make_accelerator(self):
+    accelerator = original_make_accelerator(self)
+    self.chosen_by_accelerate = accelerator.distributed_type
+    use_fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def set_up(self, resume):
+    original_set_up(self, resume)
+    weight = next(self.model.parameters())
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    print(f"fsdp-cpu: {self.accelerator.process_index} {self.chosen_by_accelerate.name} {type(weight).__name__} "
+          f"{local.shape[0]}/{weight.shape[0]}", file=sys.stderr, flush=True)
+
+
+def save_shards(out_dir, model, optimizer, *, step, is_main):
+    name = original_save_shards(out_dir, model, optimizer, step=step, is_main=is_main)
+    if kill_at and step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return name
+
+
+trainer_module.Trainer.make_accelerator = make_accelerator
+trainer_module.Trainer._set_up = set_up
+shards_module.save = save_shards
+sys.exit(run_cli(main, sys.argv[2:]))
