@@ -566,6 +566,19 @@ MUTANTS = [
     ("trainer: FSDP's gradient norm left a DTensor", "tinylm/trainer.py",
      "            grad_norm = grad_norm.full_tensor()", "            pass",
      ["tests/test_multiprocess.py", "-k", "fsdp_run_killed"]),
+    ("run_report: an FSDP run's resume command launches DDP", "tinylm/run_report.py",
+     "    if distributed_type == DistributedType.FSDP:  #", "    if False:  #",
+     ["tests/test_multiprocess.py", "-k", "fsdp_run_killed"]),
+    ("shards: a save before the first step gives the optimizer a step", "tinylm/shards.py",
+     "    if not optimizer.state:  #", "    if False:  #",
+     ["tests/test_shards.py"]),
+    ("run_folder: --overwrite keeps the replaced run's optimizer shards", "tinylm/run_folder.py",
+     "    replaced += [folder.name for folder in shards.all_folders(out_dir)]\n", "",
+     ["tests/test_shards.py"]),
+    ("checkpoint: a whole-optimizer checkpoint resumed under FSDP", "tinylm/checkpoint.py",
+     '    if sharded_run and saved["optimizer"] is not None and saved["optimizer"]["state"]:',
+     '    if False:',
+     ["tests/test_checkpoint.py", "-k", "fsdp_refuses"]),
 ]
 
 
