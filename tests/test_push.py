@@ -1,26 +1,24 @@
 """`tinylm push`: dry runs offline, clear refusals, and a real upload through huggingface_hub's client.
 
-No test talks to the real Hub. The upload test points HF_ENDPOINT at `FakeHub`, a small HTTP
-server on 127.0.0.1 that stands in for the five Hub API routes an upload of a small folder uses
-(create repo, create branch, validate the card's YAML, preupload, commit). It answers every file as
-a "regular" upload, so the file bytes travel base64-encoded in the commit; the real Hub would
+No test talks to the real Hub. The upload test points HF_ENDPOINT at `FakeHub` (tests/fake_hub.py),
+a small HTTP server on 127.0.0.1 that stands in for the Hub API routes an upload of a small folder
+uses (create repo, create branch, validate the card's YAML, preupload, commit). It answers every file
+as a "regular" upload, so the file bytes travel base64-encoded in the commit; the real Hub would
 send model.safetensors through its Xet/LFS storage instead, which this test does not exercise.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub, serve
 from helpers_checkpoint import assert_one_line_error, tiny_checkpoint
 from huggingface_hub import ModelCard
 
@@ -117,60 +115,10 @@ def test_unreachable_hub_is_one_clear_line(exported, tmp_path):
 
 # --- a real upload through huggingface_hub, against a stand-in for the Hub's API --------------------
 
-class FakeHub(BaseHTTPRequestHandler):
-    """Stands in for the Hub's HTTP API: records what the client sends and answers like the Hub."""
-
-    requests: list[tuple[str, str, dict]] = []  # (path, Authorization header, JSON body or commit lines)
-    refuse_with: int | None = None
-
-    def do_GET(self):  # huggingface_hub looks up optional registries; the Hub may not have them
-        self.reply(404, {"error": "not found"})
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.headers.get("Content-Type") == "application/x-ndjson":  # a commit: one JSON object a line
-            parsed = [json.loads(line) for line in body.splitlines() if line.strip()]
-        else:
-            parsed = json.loads(body or b"{}")
-        FakeHub.requests.append((self.path, self.headers.get("Authorization"), parsed))
-        if FakeHub.refuse_with:
-            return self.reply(FakeHub.refuse_with, {"error": "Invalid credentials in Authorization header"})
-        base = f"http://{self.headers['Host']}"
-        if self.path == "/api/repos/create":
-            return self.reply(200, {"url": f"{base}/{parsed['organization']}/{parsed['name']}"})
-        if self.path == "/api/validate-yaml":
-            return self.reply(200, {"errors": [], "warnings": []})
-        if "/preupload/" in self.path:
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in parsed["files"]]
-            return self.reply(200, {"files": files})
-        if "/commit/" in self.path:  # /api/models/{namespace}/{name}/commit/{revision}
-            repo = "/".join(self.path.split("/")[3:5])
-            return self.reply(200, {"commitUrl": f"{base}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
-        if "/branch/" in self.path:
-            return self.reply(200, {})
-        self.reply(404, {"error": f"no route {self.path}"})
-
-    def reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):  # keep the test output quiet
-        pass
-
-
 @pytest.fixture
 def fake_hub():
-    FakeHub.requests, FakeHub.refuse_with = [], None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve() as url:
+        yield url
 
 
 def test_push_creates_the_repo_and_uploads_every_file(exported, tmp_path, fake_hub):
@@ -214,7 +162,7 @@ def test_push_folder_for_callers_uses_the_token_it_is_given(exported, tmp_path, 
     result = subprocess.run([sys.executable, "-c", code, str(exported), TOKEN], capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{fake_hub}/someone/tiny/commit/{'a' * 40}"
+    assert result.stdout.strip() == f"{fake_hub}/someone/tiny/commit/{FakeHub.repos['someone/tiny'].branches['main']}"
     assert {auth for _, auth, _ in FakeHub.requests if auth} == {f"Bearer {TOKEN}"}
     commit = next(body for path, _, body in FakeHub.requests if "/commit/" in path)
     assert commit[0]["value"]["summary"] == "from code"

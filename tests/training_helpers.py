@@ -157,12 +157,13 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
         assert fragment in errors[0], output
 
 
-def start_slow(config: Path, step_delay: float, slow_save_from: int = 0, *flags: str) -> subprocess.Popen:
-    """Start tests/slow_train.py (training with test-only delays) in the background."""
+def start_slow(config: Path, step_delay: float, slow_save_from: int = 0, *flags: str,
+               env: dict | None = None) -> subprocess.Popen:
+    """Start tests/slow_train.py (training with test-only delays) in the background; `env` adds variables."""
     return subprocess.Popen(
         [sys.executable, str(SLOW_TRAIN), str(step_delay), str(slow_save_from), "--config", str(config), *flags],
-        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )
 
 

@@ -108,10 +108,14 @@ class TrainingConfig:
 
 @dataclass
 class HubConfig:
-    """Optionally export and push the model to the Hugging Face Hub when training ends."""
+    """Optionally export and push the model to the Hugging Face Hub when training ends, and keep the run's
+    checkpoints there as it trains."""
 
     repo_id: str = ""  # "user/name"; empty: don't push
     private: bool = False
+    # Push the run's checkpoint and logs at each evaluation to the repo's checkpoints branch, in the
+    # background, so the run can be resumed from the Hub on another machine (tinylm/hub_run.py).
+    push_checkpoints: bool = False
     # For the model card (`tinylm export` reads them from the checkpoint; see docs/export-and-deployment.md).
     license: str = ""  # a Hub license id ("mit", "apache-2.0", ...); empty: the card says none is stated
     language: str = ""  # the training text's language ("en", ...); empty: the card names none
@@ -335,6 +339,9 @@ def _check_consistency(config: Config, source: str) -> None:
         )
     if model.init_revision and model.init_from == SCRATCH:
         raise UserError(f"{source}: model.init_revision applies to model.init_from; drop it, or set model.init_from")
+    if config.hub.push_checkpoints and not config.hub.repo_id:
+        raise UserError(f"{source}: hub.push_checkpoints needs hub.repo_id, the Hub repo to push to: set "
+                        "[hub] repo_id = \"your-name/run-name\", or drop push_checkpoints")
     training = config.training
     if training.min_lr > training.learning_rate:
         raise UserError(

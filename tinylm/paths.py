@@ -23,6 +23,8 @@ BEST_NAME = "ckpt_best.pt"
 SHARDS_PREFIX = "ckpt_shards-"
 TRAIN_LOG_NAME = "train_log.json"
 METRICS_NAME = "metrics.jsonl"
+# The branch of [hub] repo_id that a run with [hub] push_checkpoints keeps its files on.
+HUB_CHECKPOINTS_BRANCH = "checkpoints"
 
 TROUBLESHOOTING = "docs/troubleshooting.md"
 

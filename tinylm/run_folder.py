@@ -20,9 +20,11 @@ from .paths import BEST_NAME, LAST_NAME, METRICS_NAME, TRAIN_LOG_NAME
 
 # What a run writes into its out_dir: what --overwrite clears, and what makes a folder "hold a run".
 RUN_FILES = (BEST_NAME, LAST_NAME, TRAIN_LOG_NAME, METRICS_NAME)
-# Temp files of the run's atomic writes (atomic_path: ".<name>.XXXX.tmp"), and the folders of optimizer
-# shards being written (`shards`): a dead writer's are litter.
-STALE_PATTERNS = (*(f".{name}.*.tmp" for name in RUN_FILES), shards.STAGING_PATTERN)
+# The copies a run with [hub] push_checkpoints uploads from, while they upload (tinylm/hub_run.py).
+HUB_UPLOADS = ".hub-uploads"
+# Temp files of the run's atomic writes (atomic_path: ".<name>.XXXX.tmp"), the folders of optimizer shards
+# being written (`shards`) and the uploads' copies: a dead writer's are litter.
+STALE_PATTERNS = (*(f".{name}.*.tmp" for name in RUN_FILES), shards.STAGING_PATTERN, HUB_UPLOADS)
 # Where a run that pushes to the Hub writes its export folder, inside out_dir.
 EXPORT_NAME = "exported"
 # The trackers' project name; tensorboard logs go to <out_dir>/<TRACKER_PROJECT>.

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="training.device (default in config: auto)")
     parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                         help=f"continue the run saved in a checkpoint (default: <out_dir>/{paths.LAST_NAME}), "
-                             "with its config; flags given here override it")
+                             "with its config; flags given here override it. OWNER/NAME[@REVISION]: the run "
+                             f"[hub] push_checkpoints keeps on the Hub (branch {paths.HUB_CHECKPOINTS_BRANCH})")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an out_dir that already holds one, replacing its checkpoints")
     parser.add_argument("--dry-run", action="store_true",
@@ -126,11 +127,15 @@ def resume_config(args: argparse.Namespace, overrides: dict):
     The run's own config comes from the checkpoint (max_iters, everything), so the resumed run
     continues where it was, whatever config file is around; the keys a config file named with
     --config sets, and the flags, override it. The run stays in the checkpoint's folder unless
-    --out-dir or the file's training.out_dir names another. Every difference is printed.
+    --out-dir or the file's training.out_dir names another. Every difference is printed. A run on the
+    Hub (`--resume OWNER/NAME[@REVISION]`) is first fetched into its out_dir (`hub_run.fetch_run`).
     """
-    from tinylm import checkpoint
+    from tinylm import checkpoint, hub_run
 
-    if args.resume:
+    target = hub_run.resume_target(args.resume) if args.resume else None
+    if target:
+        path = hub_run.fetch_run(*target, lambda own: hub_out_dir(args, overrides, own), overwrite=args.overwrite)
+    elif args.resume:
         path = Path(args.resume)
     else:
         out_dir = overrides["training.out_dir"] or load_config(args.config, overrides).training.out_dir
@@ -144,6 +149,12 @@ def resume_config(args: argparse.Namespace, overrides: dict):
     print(f"resuming the run saved in {path} (iter {payload['iter']})"
           + (" with changes: " + ", ".join(changes) if changes else ""), flush=True)
     return config, checkpoint.Loaded(path, payload)
+
+
+def hub_out_dir(args: argparse.Namespace, overrides: dict, own: str) -> Path:
+    """Where a run resumed from the Hub goes: --out-dir, else the --config file's out_dir, else the run's `own`."""
+    chosen = load_config(args.config, overrides)
+    return Path(chosen.training.out_dir if "training.out_dir" in chosen.given else own)
 
 
 def config_changes(before: Config, after: Config) -> list[str]:

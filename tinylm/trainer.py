@@ -30,6 +30,7 @@ from .hardware import (
     device_peak_flops,
     use_compile,
 )
+from .hub_run import HubPusher
 from .interrupts import InterruptFlag
 from .model import build_optimizer, flops_per_token, per_block_loss, run_model
 from .paths import BEST_NAME, LAST_NAME
@@ -76,6 +77,8 @@ class Trainer:
         check_seed_fits(training.seed, self.accelerator.num_processes)
         self.writer = RunWriter(self.accelerator, self.out_dir)
         self.writer.claim(resumed_from=resume.path if resume else None, overwrite=overwrite, say=self.print)
+        # The Hub as the run's home: its files pushed after each save, in the background (main process).
+        self.pusher = HubPusher(config.hub, self.out_dir) if config.hub.push_checkpoints and self.is_main else None
         try:
             self._set_up(resume)
         except BaseException:
@@ -151,7 +154,10 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Let another run use out_dir (fit does this at its end; call it for a Trainer never fitted)."""
+        """Wait for the last upload to the Hub, then let another run use out_dir (fit does this at its end;
+        call it for a Trainer never fitted)."""
+        if self.pusher is not None:
+            self.pusher.close(say=self.print)
         self.writer.close()
 
     def _fit(self) -> dict:
@@ -297,6 +303,8 @@ class Trainer:
         state.records.append(record)
         log.evaluation(record, improved)
         self._save([LAST_NAME, BEST_NAME] if improved and training.save_best else [LAST_NAME], val_loss)
+        if self.pusher is not None:
+            self.pusher.report(say=log.write)
         stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
         if stop:
             log.write(run_report.early_stopping_line(step, state, training.early_stopping_min_delta))
@@ -327,9 +335,10 @@ class Trainer:
                 optimizer_shards=optimizer_shards, scaler=self.accelerator.scaler, rng_states=rng_states,
                 world_size=self.accelerator.num_processes, cpu_matmul=self.cpu_matmul.backend)
 
-        self.writer.save(names, self.model, self.optimizer.optimizer, payload,
-                         {"config": self.config.to_dict(), "records": self.state.records, "summary": summary},
-                         step=self.state.iter)
+        train_log = {"config": self.config.to_dict(), "records": self.state.records, "summary": summary}
+        self.writer.save(names, self.model, self.optimizer.optimizer, payload, train_log, step=self.state.iter)
+        if self.pusher is not None:
+            self.pusher.push(self.state.iter, train_log)
 
     # ------------------------------------------------------------------ resume
 
