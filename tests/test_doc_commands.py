@@ -74,6 +74,8 @@ RULES: list[tuple[str, str, str]] = [
     (r"--dataset (roneneldan/TinyStories|wikitext|HuggingFaceFW/\S+)", "network", "a Hub dataset"),
     (r"--model \S+/\S+", "network", "--model: a Hub model id"),
     (r"^tinylm push (?!.*--dry-run)", "network", "uploads to the Hub"),
+    (r"--resume (?!\S*\.pt\b)[\w.-]+/[\w.-]+(@\S+)?( |$)", "network",
+     "--resume OWNER/NAME: fetches a run's checkpoints from the Hub"),
     (r"^(hf|huggingface-cli) ", "network", "talks to the Hub"),
     (r"^tinylm demo\b", "interactive", "serves the demo until stopped (tests/test_demo.py drives it)"),
     (r"^lm_eval\b", "external", "EleutherAI's lm-evaluation-harness: another project's command, not installed here, "

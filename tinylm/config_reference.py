@@ -83,6 +83,10 @@ KEY_HELP = {
     "hub.repo_id": '`"user/name"`: when training ends, export the best checkpoint and push it to this Hub repo; '
                    '`""`: don\'t push. See [Export & Deployment](export-and-deployment.md)',
     "hub.private": "create the Hub repo private",
+    "hub.push_checkpoints": "at each evaluation, push `ckpt_last.pt` (and `ckpt_best.pt` when it changed), "
+                            "`train_log.json` and `metrics.jsonl` to the repo's `checkpoints` branch, in the "
+                            "background, so `tinylm train --resume REPO_ID` resumes the run on any machine. "
+                            "Needs `repo_id`. See [The Hub as the run's home](training.md#the-hub-as-the-runs-home)",
     "hub.license": 'the model card\'s license; `""`: the card says none is stated. See '
                    "[The model card](export-and-deployment.md#the-model-card)",
     "hub.language": 'the model card\'s language, the training text\'s; `""`: the card names none',

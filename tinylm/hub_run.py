@@ -101,17 +101,21 @@ class Upload:
 
     iter: int
     folder: Path
-    message: str
+    ended: str | None  # the stop reason, when this is the end of the run (train_log.json's summary)
     identities: dict[str, tuple]  # checkpoint staged -> the identity of its file in out_dir
     names: list[str]  # every file staged, as named in the repo
     held: frozenset[str]  # the run files out_dir held: the branch keeps no other
 
+    @property
+    def what(self) -> str:
+        return f"the end of the run (iter {self.iter})" if self.ended else f"iter {self.iter}"
+
 
 @dataclass
 class Outcome:
-    """How an upload ended: pushed (`commit`), or not (`reason`)."""
+    """How the upload of `what` ("iter 8", "the end of the run (iter 12)") ended: pushed (`commit`), or not."""
 
-    iter: int
+    what: str
     commit: str | None = None
     reason: str | None = None
     tries: int = 1
@@ -210,11 +214,11 @@ class HubPusher:
             say(line)
         for outcome in outcomes:
             if outcome.commit:
-                say(f"pushed iter {outcome.iter} to {self.target}: commit {outcome.commit[:7]}")
+                say(f"pushed {outcome.what} to {self.target}: commit {outcome.commit[:7]}")
                 continue
             after = "the run's latest files are only in " + str(self.out_dir) if final else \
                 "training goes on, and the next evaluation pushes again"
-            say(f"warning: pushing iter {outcome.iter} to {self.target} failed"
+            say(f"warning: pushing {outcome.what} to {self.target} failed"
                 + (f" after {outcome.tries} tries" if outcome.tries > 1 else "") + f" ({outcome.reason}); {after}")
 
     def close(self, say: Callable[[str], None]) -> None:
@@ -252,8 +256,7 @@ class HubPusher:
             names.append(METRICS_NAME)
         held = frozenset(name for name in run_folder.RUN_FILES if (self.out_dir / name).is_file())
         summary = train_log.get("summary")
-        message = f"iter {step}" + (f": the run ended ({summary['stop_reason']})" if summary else "")
-        return Upload(step, folder, message, identities, names, held)
+        return Upload(step, folder, summary and summary["stop_reason"], identities, names, held)
 
     # ---------------------------------------------------------------- the background thread
 
@@ -291,15 +294,15 @@ class HubPusher:
             for name in upload.identities:
                 checkpoint.save(upload.folder / name, public_payload(checkpoint.load(upload.folder / name)))
         except Exception as exc:  # noqa: BLE001 - reported, never raised into training
-            return Outcome(upload.iter, reason=f"cannot prepare its checkpoint: {exc}")
+            return Outcome(upload.what, reason=f"cannot prepare its checkpoint: {exc}")
         tries = 0
         for delay in (*RETRY_DELAYS_S, None):
             tries += 1
             try:
-                return Outcome(upload.iter, commit=self._commit(upload), tries=tries)
+                return Outcome(upload.what, commit=self._commit(upload), tries=tries)
             except Exception as exc:  # noqa: BLE001 - reported, never raised into training
                 if delay is None or not transient(exc):
-                    return Outcome(upload.iter, reason=failure_reason(exc), tries=tries)
+                    return Outcome(upload.what, reason=failure_reason(exc), tries=tries)
                 time.sleep(delay)
         raise AssertionError("unreachable: the last try returns")
 
@@ -316,7 +319,8 @@ class HubPusher:
         gone = sorted(self._on_branch - upload.held - set(upload.names))
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=upload.folder / name)
                       for name in upload.names] + [CommitOperationDelete(path_in_repo=name) for name in gone]
-        commit = self.api.create_commit(self.repo_id, operations, commit_message=f"tinylm: {upload.message}",
+        message = f"tinylm: iter {upload.iter}" + (f": the run ended ({upload.ended})" if upload.ended else "")
+        commit = self.api.create_commit(self.repo_id, operations, commit_message=message,
                                         revision=HUB_CHECKPOINTS_BRANCH)
         self._on_branch = (self._on_branch | set(upload.names)) - set(gone)
         return commit.oid

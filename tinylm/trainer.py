@@ -156,9 +156,11 @@ class Trainer:
     def close(self) -> None:
         """Wait for the last upload to the Hub, then let another run use out_dir (fit does this at its end;
         call it for a Trainer never fitted)."""
-        if self.pusher is not None:
-            self.pusher.close(say=self.print)
-        self.writer.close()
+        try:
+            if self.pusher is not None:
+                self.pusher.close(say=self.print)
+        finally:
+            self.writer.close()
 
     def _fit(self) -> dict:
         training = self.config.training
