@@ -149,7 +149,7 @@ def test_the_newest_state_waits_behind_the_one_upload_and_a_failed_ones_checkpoi
     assert FakeHub.summaries("someone/inproc", BRANCH) == ["tinylm: iter 8"]
     assert FakeHub.most_in_flight == 1
     assert any(line.startswith("warning: pushing iter 0 to someone/inproc (branch checkpoints) failed (HTTP 403")
-               and line.endswith(f"the run's latest files are only in {tmp_path}") for line in said), said
+               and line.endswith("training goes on, and the next evaluation pushes again") for line in said), said
     assert any(line.startswith("pushed iter 8 to someone/inproc (branch checkpoints): commit ") for line in said)
     files = FakeHub.branch_files("someone/inproc", BRANCH)
     assert sorted(files) == [".gitattributes", "ckpt_best.pt", "ckpt_last.pt", "train_log.json"]
@@ -239,13 +239,36 @@ def test_a_preempted_run_resumes_from_the_hub_with_the_uninterrupted_runs_losses
     assert 16 in pushed_iters("someone/tiny")  # the resumed run pushes on to the same branch
 
 
-def test_an_earlier_commit_resumes_from_its_evaluation(preempted, straight, prepared, hub_env, tmp_path):
+def test_an_earlier_commit_resumes_from_its_evaluation_and_its_last_checkpoint(preempted, straight, prepared,
+                                                                               hub_env, tmp_path):
+    """A commit whose ckpt_best.pt (iter 0's) is not its ckpt_last.pt (iter 4's): the resume takes that
+    commit (not the branch's head) and its ckpt_last.pt."""
     repo = FakeHub.repos["someone/tiny"]
-    at_4 = next(commit.oid for commit in repo.history(BRANCH) if commit.summary == "tinylm: iter 4")
-    result = resume_from_hub(f"someone/tiny@{at_4}", tmp_path / "at4", prepared, hub_env, "--max-iters", "8")
+    made = {commit.summary: commit for commit in repo.history(BRANCH)}
+    files = {**made["tinylm: iter 4"].files, "ckpt_best.pt": made["tinylm: iter 0"].files["ckpt_best.pt"]}
+    assert files["ckpt_best.pt"] != made["tinylm: iter 4"].files["ckpt_best.pt"]
+    crafted = repo.add_commit("crafted", "iter 4, with iter 0's best", files)
+    result = resume_from_hub(f"someone/tiny@{crafted.oid}", tmp_path / "at4", prepared, hub_env, "--max-iters", "8")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"fetched someone/tiny@{crafted.oid} (commit {crafted.oid[:7]})" in result.stdout
     assert "resumed from iter 4" in result.stdout
     assert losses(tmp_path / "at4") == [record for record in losses(straight) if record[0] <= 8]
+
+
+def test_two_processes_resume_from_the_hub(preempted, prepared, hub_env, tmp_path):
+    """Under `accelerate launch` each process fetches before any process group exists: the run keeps its two
+    processes (a state set up before the Accelerator left each one alone), and only the main one copies the
+    files into out_dir (a second copy would find the first and refuse)."""
+    from test_multiprocess import launch
+
+    repo = FakeHub.repos["someone/tiny"]
+    at_4 = next(commit.oid for commit in repo.history(BRANCH) if commit.summary == "tinylm: iter 4")
+    result = run(launch(TRAIN_SCRIPT, "--resume", f"someone/tiny@{at_4}", "--out-dir", str(tmp_path / "two"),
+                        "--processed-dir", str(prepared), "--max-iters", "8"), env=hub_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "processes (world size): 2" in result.stdout
+    assert result.stdout.count("fetched someone/tiny@") == 1 and "resumed from iter 4" in result.stdout
+    assert [record["iter"] for record in read_log(tmp_path / "two")["records"]] == [0, 4, 8]
 
 
 def test_nothing_pushed_names_a_path_of_this_machine(preempted, tmp_path_factory):
@@ -265,11 +288,9 @@ def test_nothing_pushed_names_a_path_of_this_machine(preempted, tmp_path_factory
                              "to branch checkpoints"),
     ("someone/tiny", "main", "that revision holds no ckpt_last.pt or train_log.json"),
 ])
-def test_a_revision_that_holds_no_run_is_refused_before_any_download(preempted, hub_api, tmp_path, repo_id, revision,
-                                                                      message):
+def test_a_revision_that_holds_no_run_is_refused_before_any_download(preempted, hub_api, repo_id, revision, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        hub_run.download_run(repo_id, revision, lambda own: tmp_path / own, overwrite=False)
-    assert list(tmp_path.iterdir()) == []
+        hub_run.download(repo_id, revision)
 
 
 def test_a_folder_holding_a_run_is_not_overwritten_by_the_hubs(preempted, prepared, hub_env, tmp_path, snapshot):

@@ -21,10 +21,10 @@ path is kept (it names a place in the project, the same on any machine, so the r
 without flags) and an absolute one, or one through `~` or `..`, becomes its base name, as in the
 model card.
 
-Resuming (`fetch_run`, main process): the files of one commit go to the Hugging Face cache, then are
-copied into the run's out_dir (the --out-dir flag, else the --config file's out_dir, else the run's
-own), which must not hold another run unless --overwrite; from there the run resumes as from a local
-checkpoint, and goes on pushing to the same branch.
+Resuming (`fetch_run`): the files of one commit go to the Hugging Face cache, then the main process
+copies them into the run's out_dir (the --out-dir flag, else the --config file's out_dir, else the
+run's own), which must not hold another run unless --overwrite; from there the run resumes as from a
+local checkpoint, and goes on pushing to the same branch.
 """
 
 from __future__ import annotations
@@ -216,7 +216,8 @@ class HubPusher:
             if outcome.commit:
                 say(f"pushed {outcome.what} to {self.target}: commit {outcome.commit[:7]}")
                 continue
-            after = "the run's latest files are only in " + str(self.out_dir) if final else \
+            last = final and outcome is self._last  # nothing after it will push the run's files
+            after = f"the run's latest files are only in {self.out_dir}" if last else \
                 "training goes on, and the next evaluation pushes again"
             say(f"warning: pushing {outcome.what} to {self.target} failed"
                 + (f" after {outcome.tries} tries" if outcome.tries > 1 else "") + f" ({outcome.reason}); {after}")
@@ -339,26 +340,29 @@ def resume_target(name: str) -> tuple[str, str] | None:
     return repo, revision or HUB_CHECKPOINTS_BRANCH
 
 
-def fetch_run(repo_id: str, revision: str, out_dir_for: Callable[[str], Path], *, overwrite: bool) -> Path:
-    """Bring the run on `repo_id` at `revision` into its out_dir (`out_dir_for(the run's own out_dir)`);
-    return the ckpt_last.pt to resume from there. The main process fetches while the others wait."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+def fetch_run(repo_id: str, revision: str, out_dir_for: Callable[[str], Path], *,
+              overwrite: bool) -> tuple[Path, Path]:
+    """Bring the run on `repo_id` at `revision` into its out_dir, `out_dir_for(the run's own out_dir)`.
 
-    outcome: list[Any] = [None]
-    if PartialState().is_main_process:
-        try:
-            outcome = [("resume", str(download_run(repo_id, revision, out_dir_for, overwrite=overwrite)))]
-        except UserError as exc:
-            outcome = [("error", str(exc))]
-    kind, value = broadcast_object_list(outcome)[0]
-    if kind == "error":
-        raise UserError(value)
-    return Path(value)
+    Returns (the ckpt_last.pt to load, the path the run resumes as: <out_dir>/ckpt_last.pt). Every
+    process downloads (the Hugging Face cache is safe to share, and each machine of several has its
+    own); the main one, told by the launcher's environment (no process group exists yet), copies the
+    files into out_dir, and the others load the checkpoint from their cache.
+    """
+    from accelerate.utils import get_cpu_distributed_information
+
+    files, commit = download(repo_id, revision)
+    where = f"{repo_id}@{revision}"
+    resume_as = out_dir_for(read_out_dir(files[TRAIN_LOG_NAME], where)) / LAST_NAME
+    if get_cpu_distributed_information().rank != 0:
+        return files[LAST_NAME], resume_as
+    copy_run(files, resume_as.parent, overwrite=overwrite)
+    print(f"fetched {where} (commit {commit[:7]}) into {resume_as.parent}: {', '.join(files)}", flush=True)
+    return resume_as, resume_as
 
 
-def download_run(repo_id: str, revision: str, out_dir_for: Callable[[str], Path], *, overwrite: bool) -> Path:
-    """`fetch_run` on one process: download one commit's run files, copy them into the run's out_dir."""
+def download(repo_id: str, revision: str) -> tuple[dict[str, Path], str]:
+    """The run files of the commit `revision` names, downloaded to the Hugging Face cache, and that commit."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -388,10 +392,7 @@ def download_run(repo_id: str, revision: str, out_dir_for: Callable[[str], Path]
                         f"[hub] push_checkpoints = true pushes to branch {HUB_CHECKPOINTS_BRANCH}") from None
     except (HfHubHTTPError, HTTPError, OfflineModeIsEnabled, LocalEntryNotFoundError) as exc:
         raise UserError(f"--resume {where}: cannot fetch the run ({failure_reason(exc)})") from None
-    out_dir = out_dir_for(read_out_dir(files[TRAIN_LOG_NAME], where))
-    copy_run(files, out_dir, overwrite=overwrite)
-    print(f"fetched {where} (commit {info.sha[:7]}) into {out_dir}: {', '.join(files)}", flush=True)
-    return out_dir / LAST_NAME
+    return files, info.sha
 
 
 def read_out_dir(train_log: Path, where: str) -> str:

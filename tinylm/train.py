@@ -134,13 +134,14 @@ def resume_config(args: argparse.Namespace, overrides: dict):
 
     target = hub_run.resume_target(args.resume) if args.resume else None
     if target:
-        path = hub_run.fetch_run(*target, lambda own: hub_out_dir(args, overrides, own), overwrite=args.overwrite)
+        load_from, path = hub_run.fetch_run(*target, lambda own: hub_out_dir(args, overrides, own),
+                                            overwrite=args.overwrite)
     elif args.resume:
-        path = Path(args.resume)
+        load_from = path = Path(args.resume)
     else:
         out_dir = overrides["training.out_dir"] or load_config(args.config, overrides).training.out_dir
-        path = Path(out_dir) / paths.LAST_NAME
-    payload = checkpoint.load(path, flag="--resume")
+        load_from = path = Path(out_dir) / paths.LAST_NAME
+    payload = checkpoint.load(load_from, flag="--resume")
     saved = payload["config"]
     if Path(saved["training"]["out_dir"]).resolve() != path.parent.resolve():  # started elsewhere, or moved
         saved = {**saved, "training": {**saved["training"], "out_dir": str(path.parent)}}
