@@ -177,7 +177,8 @@ def test_each_commit_leaves_the_branch_with_this_runs_files_only(hub_api, tmp_pa
     second = hub_run.HubPusher(HubConfig(repo_id="someone/reused", push_checkpoints=True), new)
     second.push(0, train_log(new, 0))
     second.close(print)
-    assert sorted(FakeHub.branch_files("someone/reused", BRANCH)) == [".gitattributes", "ckpt_last.pt", "train_log.json"]
+    files = FakeHub.branch_files("someone/reused", BRANCH)
+    assert sorted(files) == [".gitattributes", "ckpt_last.pt", "train_log.json"]
     assert pushed_checkpoint("someone/reused")["iter"] == 0
 
 

@@ -296,16 +296,13 @@ class HubPusher:
                 checkpoint.save(upload.folder / name, public_payload(checkpoint.load(upload.folder / name)))
         except Exception as exc:  # noqa: BLE001 - reported, never raised into training
             return Outcome(upload.what, reason=f"cannot prepare its checkpoint: {exc}")
-        tries = 0
-        for delay in (*RETRY_DELAYS_S, None):
-            tries += 1
+        for tries, delay in enumerate((*RETRY_DELAYS_S, None), start=1):  # the last try returns, whatever happens
             try:
                 return Outcome(upload.what, commit=self._commit(upload), tries=tries)
             except Exception as exc:  # noqa: BLE001 - reported, never raised into training
                 if delay is None or not transient(exc):
                     return Outcome(upload.what, reason=failure_reason(exc), tries=tries)
                 time.sleep(delay)
-        raise AssertionError("unreachable: the last try returns")
 
     def _commit(self, upload: Upload) -> str:
         """One commit on the branch: the staged files, and the deletion of run files the run no longer has."""
