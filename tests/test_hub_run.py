@@ -364,3 +364,18 @@ def test_failed_uploads_are_retried_reported_and_training_goes_on(prepared, hub_
     assert pushed_checkpoint("someone/flaky")["iter"] == 12
     local_best = checkpoint.load(out_dir / "ckpt_best.pt")["iter"]
     assert pushed_checkpoint("someone/flaky", "ckpt_best.pt")["iter"] == local_best
+
+
+def test_an_fsdp_run_that_would_push_unresumable_checkpoints_is_refused():
+    """Under FSDP the optimizer state is a shard folder the pusher leaves out: refused before any work.
+
+    Kills: the refusal's condition dropped."""
+    from tinylm.config import HubConfig
+    from tinylm.errors import UserError
+    from tinylm.hub_run import check_can_push
+
+    pushing = HubConfig(repo_id="me/run", push_checkpoints=True)
+    with pytest.raises(UserError, match=r"^\[hub\] push_checkpoints cannot push an FSDP run yet"):
+        check_can_push(pushing, sharded=True)
+    check_can_push(pushing, sharded=False)
+    check_can_push(HubConfig(repo_id="me/run"), sharded=True)

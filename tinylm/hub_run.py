@@ -159,6 +159,15 @@ def transient(exc: Exception) -> bool:
     return isinstance(exc, HTTPError) and not isinstance(exc, OfflineModeIsEnabled)
 
 
+def check_can_push(hub, sharded: bool) -> None:
+    """Refuse, before any work, a run whose pushed checkpoints could not resume: under FSDP the optimizer
+    state is a folder of shards beside ckpt_last.pt (`tinylm.shards`), which the pusher does not upload."""
+    if hub.push_checkpoints and sharded:
+        raise UserError("[hub] push_checkpoints cannot push an FSDP run yet: its optimizer state is a folder of "
+                        "shards the upload leaves out, so the pushed checkpoints would not resume; set "
+                        "push_checkpoints = false, or train with DDP (configs/accelerate/multi-gpu.yaml)")
+
+
 class HubPusher:
     """Pushes a run's files to branch `checkpoints` of `hub.repo_id` in the background (main process).
 

@@ -30,7 +30,7 @@ from .hardware import (
     device_peak_flops,
     use_compile,
 )
-from .hub_run import HubPusher
+from .hub_run import HubPusher, check_can_push
 from .interrupts import InterruptFlag
 from .model import build_optimizer, flops_per_token, per_block_loss, run_model
 from .paths import BEST_NAME, LAST_NAME
@@ -76,6 +76,7 @@ class Trainer:
             resume = Loaded(Path(resume), checkpoint.load(resume, flag="--resume"))
         check_seed_fits(training.seed, self.accelerator.num_processes)
         self.writer = RunWriter(self.accelerator, self.out_dir)
+        check_can_push(config.hub, sharded=self.writer.sharded)
         self.writer.claim(resumed_from=resume.path if resume else None, overwrite=overwrite, say=self.print)
         # The Hub as the run's home: its files pushed after each save, in the background (main process).
         self.pusher = HubPusher(config.hub, self.out_dir) if config.hub.push_checkpoints and self.is_main else None
