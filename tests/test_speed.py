@@ -43,7 +43,7 @@ def test_each_step_trains_on_its_own_batches_though_they_are_fetched_a_step_ahea
 
 def test_the_onednn_matmul_path_trains_like_the_default_one(prepared, tmp_path):
     if not onednn_is_exact():  # a CPU with AMX: oneDNN would round to bf16, so "auto" must not pick it
-        assert choose_cpu_matmul("auto", mlp_step(128, 768)).backend == "blas"
+        assert choose_cpu_matmul("auto", mlp_step(128, 768), 768).backend == "blas"
         return
     losses = {}
     for backend in ("blas", "onednn"):
@@ -64,14 +64,15 @@ def test_the_matmul_setting_is_scoped_to_training_steps():
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     with CpuMatmul("blas").active():
         assert torch.backends.mkldnn.matmul.fp32_precision == before
-    assert choose_cpu_matmul("blas", mlp_step(128, 768)).backend == "blas"
+    assert choose_cpu_matmul("blas", mlp_step(128, 768), 768).backend == "blas"
 
 
 def mlp_step(width: int, rows: int):
-    """A forward+backward of one MLP-sized matmul, as `choose_cpu_matmul` times a model's."""
+    """A forward+backward of one MLP-sized matmul over the first n of `rows` rows, as `choose_cpu_matmul`
+    times a model's over the first n blocks of a batch."""
     weight = torch.randn(width, 4 * width, requires_grad=True)
     inputs = torch.randn(rows, width)
-    return lambda: (inputs @ weight).sum().backward()
+    return lambda n: (inputs[:n] @ weight).sum().backward()
 
 
 @pytest.mark.parametrize("speedups, onednn", [
@@ -96,15 +97,15 @@ def test_the_backend_probe_leaves_the_random_generators_where_they_were():
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    choose_cpu_matmul("auto", lambda: dropout(torch.ones(128, 64) @ weight).sum().backward())
+    choose_cpu_matmul("auto", lambda rows: dropout(torch.ones(rows, 64) @ weight).sum().backward(), 128)
     assert torch.equal(torch.rand(4), expected)
 
 
 def test_a_step_too_slow_to_time_within_the_budget_keeps_the_default_blas(monkeypatch):
     """Fewer than three rounds fit in the probe's budget: not measured, the default BLAS, and the line says so."""
-    monkeypatch.setattr(hardware, "PROBE_BUDGET_S", 0.5)  # two warm-up steps of 0.1 s: 2 rounds fit, not 3
+    monkeypatch.setattr(hardware, "PROBE_BUDGET_S", 0.5)  # warm-up steps of 0.1 s: 3 rounds of two need 0.6 s
     calls = []
-    chosen = choose_cpu_matmul("auto", lambda: calls.append(time.sleep(0.1)))
+    chosen = choose_cpu_matmul("auto", lambda rows: calls.append(time.sleep(0.1)), 8)
     if not onednn_is_exact():  # a CPU with AMX: nothing is timed, oneDNN would round to bf16
         assert chosen.backend == "blas" and not calls
         return
@@ -173,7 +174,7 @@ def test_peak_flops_come_from_the_device_name_and_precision(name, precision, pea
 def test_a_resumed_auto_run_keeps_the_matmul_backend_it_started_with(prepared, tmp_path):
     # The first run's backend is forced the other way from what "auto" would pick on a fresh start,
     # so a resume that re-measured instead of keeping it would say so.
-    fresh = choose_cpu_matmul("auto", mlp_step(32, 64)).backend
+    fresh = choose_cpu_matmul("auto", mlp_step(32, 64), 64).backend
     started_with = "blas" if fresh == "onednn" else "onednn"
     first = write_config(tmp_path / "first.toml", prepared, tmp_path / "ckpt",
                          training={"cpu_matmul": started_with, "max_iters": 4})

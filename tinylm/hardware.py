@@ -139,21 +139,23 @@ class CpuMatmul:
 ONEDNN_MIN_SPEEDUP = 1.15
 PROBE_BUDGET_S = 4.0  # the most "auto" spends timing the two backends at start
 PROBE_ROUNDS = (3, 7)  # fewer than 3 rounds fit the budget: not measured, the default BLAS
+PROBE_STEP_S = 0.25  # a timed step: the run's micro-batch, or as many of its blocks as run in about this long
 
 
 def cpu_matmul_for_run(setting: str, device: str, started_with: str | None,
-                       forward_backward: Callable[[], object]) -> CpuMatmul:
+                       forward_backward: Callable[[int], object], rows: int) -> CpuMatmul:
     """The CPU matmul backend of a run; a resumed "auto" run keeps the one it `started_with`, so its
     losses stay bit-identical to an uninterrupted run's (the choice involves a timing).
-    `forward_backward` runs one of the run's micro-batches through the model and back (see `choose_cpu_matmul`)."""
+    `forward_backward(n)` runs the first `n` of the `rows` blocks of the run's first micro-batch through the
+    model and back (see `choose_cpu_matmul`)."""
     if device != "cpu":
         return CpuMatmul("blas")
     if setting == "auto" and started_with in ("blas", "onednn"):
         return CpuMatmul(started_with, f"{started_with} matmuls, as the run being resumed")
-    return choose_cpu_matmul(setting, forward_backward)
+    return choose_cpu_matmul(setting, forward_backward, rows)
 
 
-def choose_cpu_matmul(setting: str, forward_backward: Callable[[], object]) -> CpuMatmul:
+def choose_cpu_matmul(setting: str, forward_backward: Callable[[int], object], rows: int) -> CpuMatmul:
     """Resolve `training.cpu_matmul` ("auto", "blas", "onednn") on this CPU, saying which and why.
 
     MKL, PyTorch's BLAS on x86, runs a slow generic code path on some AMD processors, where oneDNN
@@ -174,7 +176,7 @@ def choose_cpu_matmul(setting: str, forward_backward: Callable[[], object]) -> C
     if setting == "onednn":
         return CpuMatmul("onednn", "oneDNN matmuls (training.cpu_matmul)")
     with torch.random.fork_rng(devices=[]):  # dropout draws: the run's generators must not move
-        speedups = _step_speedups(onednn, forward_backward)
+        speedups = _step_speedups(onednn, forward_backward, rows)
     if speedups is None:
         return CpuMatmul("blas", "default BLAS matmuls (a step is too slow to time both; training.cpu_matmul = "
                                  "\"onednn\" may be faster on AMD CPUs)")
@@ -201,20 +203,25 @@ def onednn_is_exact() -> bool:
     return (product.double() - a.double() @ b.double()).abs().max().item() < 1e-3
 
 
-def _step_speedups(onednn: CpuMatmul, forward_backward: Callable[[], object]) -> list[float] | None:
-    """(default BLAS time / oneDNN time) of `forward_backward`, per round, alternating; None when fewer
+def _step_speedups(onednn: CpuMatmul, forward_backward: Callable[[int], object], rows: int) -> list[float] | None:
+    """(default BLAS time / oneDNN time) of `forward_backward` on as many of the `rows` blocks as take
+    about PROBE_STEP_S (the matmuls keep the run's widths), per round, alternating; None when fewer
     than PROBE_ROUNDS[0] rounds fit in PROBE_BUDGET_S."""
-    def seconds(context, repeats: int) -> float:
+    def seconds(context, repeats: int, blocks: int) -> float:
         with context():
             started = time.perf_counter()
             for _ in range(repeats):
-                forward_backward()
+                forward_backward(blocks)
             return time.perf_counter() - started
 
     contexts = (contextlib.nullcontext, onednn.active)
-    one_step = min(seconds(context, 1) for context in contexts)  # also the warm-up: oneDNN builds its kernels
+    one_block = min(seconds(context, 1, 1) for context in contexts)  # also the warm-up: oneDNN builds its kernels
+    if 2 * PROBE_ROUNDS[0] * one_block > PROBE_BUDGET_S:
+        return None
+    blocks = max(1, min(rows, int(PROBE_STEP_S / one_block)))
+    one_step = min(seconds(context, 1, blocks) for context in contexts)
     repeats = max(1, round(0.05 / one_step))  # rounds of 50 ms at least, so a timer tick is no ratio
     rounds = min(PROBE_ROUNDS[1], int(PROBE_BUDGET_S / (2 * repeats * one_step)))
     if rounds < PROBE_ROUNDS[0]:
         return None
-    return [seconds(contexts[0], repeats) / seconds(contexts[1], repeats) for _ in range(rounds)]
+    return [seconds(contexts[0], repeats, blocks) / seconds(contexts[1], repeats, blocks) for _ in range(rounds)]

@@ -122,7 +122,8 @@ class Trainer:
             process_index=self.accelerator.process_index, device=self.accelerator.device)
         # Measured on the main process on the first step's blocks; every rank takes the same decisions.
         chosen = [cpu_matmul_for_run(training.cpu_matmul, hardware.device, checkpoint.started_cpu_matmul(resumed),
-                                     lambda: per_block_loss(model, self.batches.fetch(0)[0]).mean().backward())
+                                     lambda rows: per_block_loss(model, self.batches.fetch(0)[0][:rows]).mean().backward(),
+                                     rows=training.batch_size)
                   if self.is_main else None]
         self.cpu_matmul = broadcast_object_list(chosen)[0]
         model.zero_grad(set_to_none=True)
