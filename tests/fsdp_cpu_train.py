@@ -38,8 +38,11 @@ def set_up(self, resume):
     original_set_up(self, resume)
     weight = next(self.model.parameters())
     local = weight.to_local() if hasattr(weight, "to_local") else weight
-    print(f"fsdp-cpu: {self.accelerator.process_index} {self.chosen_by_accelerate.name} {type(weight).__name__} "
-          f"{local.shape[0]}/{weight.shape[0]}", file=sys.stderr, flush=True)
+    line = (f"fsdp-cpu: {self.accelerator.process_index} {self.chosen_by_accelerate.name} "
+            f"{type(weight).__name__} {local.shape[0]}/{weight.shape[0]}\n")
+    # One write per line: print() writes the text and its newline separately, so the two processes'
+    # lines could interleave on the shared stderr ("...22/45fsdp-cpu: 0 ...", seen in CI).
+    os.write(sys.stderr.fileno(), line.encode())
 
 
 def save_shards(out_dir, model, optimizer, *, step, is_main):
