@@ -19,8 +19,10 @@ process build Trainers of different precisions one after the other.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import weakref
+import warnings
 from pathlib import Path
 
 import torch
@@ -156,3 +158,44 @@ class TensorBytes(TorchDispatchMode):
     def _freed(self, address: int, size: int) -> None:
         self._alive.discard(address)
         self.now -= size
+
+
+# peft 0.21 asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecated in
+# favour of `is_activation_checkpointing` with a FutureWarning: noise in every LoRA run that its user cannot act on.
+PEFT_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around peft's `get_peft_model` and `PeftModel.from_pretrained`: without the deprecation warning peft's own
+    call to transformers causes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_WARNING, category=FutureWarning)
+        yield
+
+
+def peft_base_weights(weights: dict) -> dict:
+    """The wrapped model's own weights in a peft model's state dict, under the wrapped model's names.
+
+    peft keeps the wrapped model under `base_model.model.`, each adapted layer's weights under a
+    `base_layer.` of it, and the adapters as its `lora_*` submodules; peft exports the adapters'
+    state dict (`get_peft_model_state_dict`) but no function for the rest.
+    """
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix).replace(".base_layer.", "."): tensor for name, tensor in weights.items()
+            if not any(part.startswith("lora_") for part in name.split("."))}
+
+
+def causal_lm_from_pretrained(source: str, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(source, **kwargs)`, with `local_files_only` passed to its adapter lookup too.
+
+    Where peft is installed, transformers' Auto classes (5.24) first look for a PEFT adapter_config.json of
+    `source`, and give that lookup the revision and the token but not `local_files_only`: a Hub id read from
+    the cache because the Hub cannot be reached waited through huggingface_hub's retries (1+2+4+8+8 s) before
+    it loaded. (`GPT2LMHeadModel.from_pretrained` passes it on itself.) Pinned by tests/test_finetune.py's
+    unreachable-Hub tests, which fail without it when peft is installed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    adapter_kwargs = {"local_files_only": kwargs.get("local_files_only", False)}
+    return AutoModelForCausalLM.from_pretrained(source, adapter_kwargs=adapter_kwargs, **kwargs)

@@ -17,13 +17,13 @@ from huggingface_hub import constants, get_session
 from huggingface_hub.errors import HTTPError  # the base class of huggingface_hub's HTTP client's errors
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
 )
 
+from . import compat
 from .errors import UserError
 from .hub_names import is_local
 
@@ -113,7 +113,7 @@ def model_type(source: str, revision: str | None = None) -> str:
 
 def causal_lm(source: str, revision: str | None = None, **overrides):
     """Any causal language model, in eval mode; `overrides` are config values (e.g. dropout rates)."""
-    return load("model", AutoModelForCausalLM.from_pretrained, source, revision, **overrides).eval()
+    return load("model", compat.causal_lm_from_pretrained, source, revision, **overrides).eval()
 
 
 def gpt2(source: str, revision: str | None = None, dropout: float = 0.0) -> GPT2LMHeadModel:
