@@ -5,7 +5,11 @@ runs code from it. Layout (version 1):
 
     format            "tinylm-checkpoint"
     version           1
-    model             state dict of the GPT2LMHeadModel (fp32, on CPU)
+    model             state dict of the GPT2LMHeadModel (fp32, on CPU); of a LoRA run, the frozen
+                      pretrained weights, under the same names
+    adapter           a LoRA run's adapters (`lora.split`: peft's names, the tensors of an
+                      adapter_model.safetensors), built as the config's [lora] section says; absent
+                      without LoRA
     model_config      GPT2Config.to_dict()
     tokenizer         {"kind": "char"|"bpe", "path": str, "json": tokenizer.json text}
     config            the run's Config.to_dict()
@@ -40,10 +44,10 @@ from typing import Any, Callable, NamedTuple
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from . import paths, rng
+from . import lora, paths, rng
 from . import tokenizer as tok
 from .atomic import atomic_path
-from .config import SHAPE_KEYS
+from .config import SHAPE_KEYS, LoraConfig
 from .errors import UserError
 
 FORMAT = "tinylm-checkpoint"
@@ -51,6 +55,8 @@ VERSION = 1
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "iter")
 # The GPT2Config keys that fix every weight's shape: a checkpoint resumes only into a model that agrees.
 WEIGHT_SHAPE_KEYS = ("vocab_size", "n_positions", *SHAPE_KEYS)
+# The [lora] keys that fix what the adapters are (their dropout may change on resume, as model.dropout may).
+ADAPTER_KEYS = ("enabled", "r", "lora_alpha", "target_modules")
 
 
 @dataclass
@@ -134,7 +140,24 @@ def load(path: str | os.PathLike, flag: str = "--checkpoint") -> dict[str, Any]:
 
 
 def model_from(payload: dict[str, Any]) -> GPT2LMHeadModel:
-    """The GPT2LMHeadModel stored in a loaded checkpoint, in eval mode."""
+    """The GPT2LMHeadModel stored in a loaded checkpoint, in eval mode; a LoRA run's with its adapters merged
+    into its weights (`lora.merged`), a plain GPT-2 that needs no peft."""
+    model = trained_model(payload)
+    return (lora.merged(model) if "adapter" in payload else model).eval()
+
+
+def trained_model(payload: dict[str, Any]):
+    """The model a loaded checkpoint's run trained, in eval mode: its GPT2LMHeadModel, or a LoRA run's
+    peft model of it with its adapters."""
+    model = gpt2_from(payload)
+    if "adapter" in payload:
+        lora.require_peft("a checkpoint of a LoRA run")
+        model = lora.adapt(model, lora.section_of(payload), payload["adapter"])
+    return model.eval()
+
+
+def gpt2_from(payload: dict[str, Any]) -> GPT2LMHeadModel:
+    """The GPT2LMHeadModel of a loaded checkpoint's `model` weights (a LoRA run's: the pretrained model it adapts)."""
     config = GPT2Config.from_dict(payload["model_config"])
     model = GPT2LMHeadModel(config)
     try:
@@ -157,8 +180,13 @@ def run_payload(*, weights: dict, model: GPT2LMHeadModel, tokenizer, data, confi
                 scaler, rng_states: list, world_size: int, cpu_matmul: str) -> dict[str, Any]:
     """A training run's checkpoint (the layout above); `data` is the run's `data.PreparedData`. The optimizer's
     state is in the file (`optimizer_state`), or in the folder `optimizer_shards` names (under FSDP)."""
+    weights = {k: v.detach().to("cpu") for k, v in weights.items()}
+    adapter = {}
+    if config.lora.enabled:
+        weights, adapter["adapter"] = lora.split(model, weights)
     return {
-        "model": {k: v.detach().to("cpu") for k, v in weights.items()},
+        "model": weights,
+        **adapter,
         "model_config": model.config.to_dict(),
         "tokenizer": {"kind": data.tokenizer_kind, "path": str(data.tokenizer_path), "json": tok.to_json(tokenizer)},
         "config": config.to_dict(),
@@ -269,14 +297,21 @@ def check_same_origin(payload: dict[str, Any], model_section, data, tokenizer) -
         )
 
 
-def check_resumable(payload: dict[str, Any], model_config: GPT2Config, max_iters: int) -> None:
-    """Refuse a resume into a model of another shape, or one with no steps left to train."""
-    saved = payload["model_config"]
+def check_resumable(payload: dict[str, Any], model_config: GPT2Config, adapters: LoraConfig, max_iters: int) -> None:
+    """Refuse a resume into a model of another shape or with other LoRA `adapters`, or one with no steps left."""
+    saved, saved_adapters = payload["model_config"], lora.section_of(payload)
     changed = [f"{key} {saved.get(key)} -> {getattr(model_config, key)}" for key in WEIGHT_SHAPE_KEYS
                if saved.get(key) != getattr(model_config, key)]
     if changed:
         raise UserError(
             f"cannot resume: the config changes the model shape ({', '.join(changed)}); "
+            "resume with the config the checkpoint was trained with, or start a new run in another out_dir"
+        )
+    changed = [f"lora.{key} {getattr(saved_adapters, key)!r} -> {getattr(adapters, key)!r}" for key in ADAPTER_KEYS
+               if getattr(saved_adapters, key) != getattr(adapters, key)]
+    if changed:
+        raise UserError(
+            f"cannot resume: the config changes the LoRA adapters ({', '.join(changed)}); "
             "resume with the config the checkpoint was trained with, or start a new run in another out_dir"
         )
     if payload["iter"] >= max_iters:

@@ -34,6 +34,12 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embd")
 # accelerate's trackers (accelerate.utils.LoggerType, less "all"); tinylm/tracking.py checks each is installed.
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 COMPILE_CHOICES = ("auto", "on", "off")
+# The layers of GPT-2 that LoRA can adapt (peft's target_modules, matched by name in every block), in words.
+LORA_TARGETS = {
+    "c_attn": "attention's query/key/value projection",
+    "c_proj": "attention's and the MLP's output projections",
+    "c_fc": "the MLP's first layer",
+}
 CPU_MATMULS = ("auto", "blas", "onednn")
 
 
@@ -121,6 +127,20 @@ class HubConfig:
     language: str = ""  # the training text's language ("en", ...); empty: the card names none
 
 
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning through `peft`: the pretrained weights stay frozen and only small low-rank
+    adapters train. The keys are peft's own (`peft.LoraConfig`); `enabled` turns it on, for a
+    fine-tune (`model.init_from`) only. Needs `pip install 'tinylm[lora]'`.
+    """
+
+    enabled: bool = False
+    r: int = 8  # the adapters' rank
+    lora_alpha: int = 8  # the adapters' output is scaled by lora_alpha / r
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+
+
 # Hub license ids are lowercase (https://huggingface.co/docs/hub/repositories-licenses); languages are
 # ISO 639 codes, optionally with subtags ("pt-BR"), or "code" / "multilingual".
 HUB_CARD_PATTERNS = {
@@ -142,11 +162,12 @@ def check_card_field(key: str, value: str, name: str) -> None:
 
 @dataclass
 class Config:
-    """A whole run: `[model]`, `[data]`, `[training]` and `[hub]`."""
+    """A whole run: `[model]`, `[data]`, `[training]`, `[lora]` and `[hub]`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     # The dotted keys the TOML file or a flag set, as opposed to defaults: a fine-tuned model's
     # shape comes from the model unless the config names it.
@@ -185,7 +206,8 @@ class Sampling:
             raise UserError(f"--top-p must be in (0, 1] (1 is off), got {self.top_p}")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "hub": HubConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "lora": LoraConfig,
+            "hub": HubConfig}
 
 CHOICES = {
     "training.device": DEVICES,
@@ -201,6 +223,7 @@ POSITIVE = {
     "training.batch_size", "training.grad_accum_steps", "training.max_iters",
     "training.learning_rate", "training.eval_interval", "training.eval_iters",
     "training.log_interval", "training.early_stopping_patience", "training.lr_decay_iters",
+    "lora.r", "lora.lora_alpha",
 }
 NON_NEGATIVE = {
     "training.min_lr", "training.warmup_iters", "training.weight_decay", "training.grad_clip",
@@ -208,7 +231,8 @@ NON_NEGATIVE = {
 }
 # numpy's seeds (accelerate's set_seed seeds numpy too) are 32-bit.
 MAX_SEED = 2**32 - 1
-UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "training.beta1": (0.0, 1.0), "training.beta2": (0.0, 1.0)}
+UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "training.beta1": (0.0, 1.0), "training.beta2": (0.0, 1.0),
+                 "lora.lora_dropout": (0.0, 1.0)}
 
 
 def check_seed_fits(seed: int, num_processes: int) -> None:
@@ -322,7 +346,21 @@ def _check_value(dotted: str, value: Any, expected: type, source: str) -> Any:
         low, high = UNIT_INTERVAL[dotted]
         if not low <= value < high:
             raise UserError(f"{source}: {dotted} must be in [{low}, {high}), got {value!r}")
+    if dotted == "lora.target_modules":
+        check_lora_targets(value, f"{source}: {dotted}")
     return value
+
+
+def check_lora_targets(targets: list, name: str) -> None:
+    """Refuse `lora.target_modules` (given as `name`) unless it names GPT-2 layers (`LORA_TARGETS`), each once."""
+    layers = ", ".join(f'"{layer}" ({what})' for layer, what in LORA_TARGETS.items())
+    if not targets:
+        raise UserError(f"{name} is empty: name at least one of GPT-2's layers: {layers}")
+    for target in targets:
+        if target not in LORA_TARGETS:  # no "did you mean": Llama's q_proj is nothing like GPT-2's c_proj
+            raise UserError(f"{name}: {target!r} is not a GPT-2 layer LoRA can adapt; choose from {layers}")
+    if len(set(targets)) < len(targets):
+        raise UserError(f"{name} names a layer twice: {targets!r}")
 
 
 def _check_consistency(config: Config, source: str) -> None:
@@ -342,6 +380,7 @@ def _check_consistency(config: Config, source: str) -> None:
     if config.hub.push_checkpoints and not config.hub.repo_id:
         raise UserError(f"{source}: hub.push_checkpoints needs hub.repo_id, the Hub repo to push to: set "
                         "[hub] repo_id = \"your-name/run-name\", or drop push_checkpoints")
+    _check_lora(config, source)
     training = config.training
     if training.min_lr > training.learning_rate:
         raise UserError(
@@ -354,6 +393,20 @@ def _check_consistency(config: Config, source: str) -> None:
             f"({training.lr_decay_iters}), where the decay to min_lr ends: the learning rate would drop from the "
             "peak straight to min_lr. Make warmup_iters at most lr_decay_iters (--warmup-iters, --lr-decay-iters)"
         )
+
+
+def _check_lora(config: Config, source: str) -> None:
+    """LoRA adapts a pretrained model; and `[lora]` keys that would do nothing (not enabled) are a mistake."""
+    lora = config.lora
+    if lora.enabled and config.model.init_from == SCRATCH:
+        raise UserError(f"{source}: lora.enabled fine-tunes a pretrained model through small adapters, but "
+                        "model.init_from is \"scratch\": a new model must train all its weights. Set model.init_from "
+                        "to the model to fine-tune, or lora.enabled = false")
+    unused = [f"lora.{key} = {value!r}" for key, value in dataclasses.asdict(lora).items()
+              if key != "enabled" and value != getattr(LoraConfig(), key)]
+    if unused and not lora.enabled:
+        raise UserError(f"{source}: {', '.join(unused)} does nothing while lora.enabled is false: set "
+                        "lora.enabled = true to fine-tune with LoRA, or remove the [lora] keys")
 
 
 def _suggest(word: str, options) -> str:

@@ -15,7 +15,7 @@ import json
 
 from . import config as cfg
 
-TOML_TYPES = {bool: "boolean", int: "integer", float: "float", str: "string"}
+TOML_TYPES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array of strings"}
 
 # What each key means, in Markdown: the page renders it with the type, default and allowed values read
 # from tinylm.config, and tests/test_docs_site.py checks that every field of every section has an entry.
@@ -80,6 +80,15 @@ KEY_HELP = {
                                        "the block in the backward (transformers' activation checkpointing): far "
                                        "less activation memory for about a third more compute, the same gradients. "
                                        "See [Fine-tune on a small GPU](small-gpu.md)",
+    "lora.enabled": "fine-tune through LoRA adapters (`peft`): the pretrained weights stay frozen and only the "
+                    "adapters train and are saved with the optimizer state; only with `model.init_from`. Needs "
+                    "`pip install 'tinylm[lora]'`. See [Fine-tuning with LoRA](training.md#fine-tuning-with-lora)",
+    "lora.r": "the adapters' rank: each adapted layer gains `r` x (inputs + outputs) trainable parameters",
+    "lora.lora_alpha": "the adapters' output is scaled by `lora_alpha / r`",
+    "lora.lora_dropout": "dropout on the adapters' input (may change when resuming, as `model.dropout` may)",
+    "lora.target_modules": "the GPT-2 layers that get adapters, in every block: `c_attn` (attention's query, key "
+                           "and value), `c_proj` (attention's and the MLP's output projections), `c_fc` (the MLP's "
+                           "first layer)",
     "hub.repo_id": '`"user/name"`: when training ends, export the best checkpoint and push it to this Hub repo; '
                    '`""`: don\'t push. See [Export & Deployment](export-and-deployment.md)',
     "hub.private": "create the Hub repo private",
@@ -99,6 +108,8 @@ def toml_literal(value) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(toml_literal, value)) + "]"
     return repr(value)
 
 
@@ -115,6 +126,8 @@ def allowed(dotted: str) -> str:
     if dotted in cfg.UNIT_INTERVAL:
         low, high = cfg.UNIT_INTERVAL[dotted]
         return f"at least {low} and less than {high}"
+    if dotted == "lora.target_modules":
+        return "one or more of " + ", ".join(f"`{toml_literal(layer)}`" for layer in cfg.LORA_TARGETS) + ", each once"
     key = dotted.split(".", 1)[1]
     if dotted.startswith("hub.") and key in cfg.HUB_CARD_PATTERNS:
         return f'`""`, or {cfg.HUB_CARD_PATTERNS[key][1]}'
@@ -147,7 +160,7 @@ def reference_markdown() -> str:
         "# Configuration reference",
         "",
         "A run is configured by a TOML file (`tinylm train --config FILE`; `configs/base.toml` by default)",
-        "with up to four sections. Every key is optional: a missing key takes its default. An unknown",
+        "with up to five sections. Every key is optional: a missing key takes its default. An unknown",
         "section or key is an error that names the closest valid one, and a wrong type or a value out of",
         "range is an error naming the key and what was expected. The `tinylm train` flag shown under a key",
         "overrides it (flags always win over the file). Presets and how the settings play together:",

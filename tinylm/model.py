@@ -119,9 +119,9 @@ def crop_positions(model: GPT2LMHeadModel, block_size: int) -> None:
     model.config.n_positions = block_size
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Trainable parameters, counting the tied embedding once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def count_parameters(model: torch.nn.Module, *, trainable: bool = False) -> int:
+    """The model's parameters (`trainable`: those that train), counting the tied embedding once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -169,7 +169,11 @@ def per_block_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor
 def flops_per_token(model: GPT2LMHeadModel) -> float:
     """Training FLOPs per token, forward and backward: 6N for the weights + 12 * layers * width * context
     for attention (PaLM's appendix B, as nanoGPT's estimate_mfu). N leaves out the position table,
-    which is looked up, not multiplied."""
+    which is looked up, not multiplied. Frozen weights (LoRA's) cost 4 of the 6: the backward pass
+    through them, but no gradient of their own."""
     config = model.config
-    weights = count_parameters(model) - model.transformer.wpe.weight.numel()
-    return 6 * weights + 12 * config.n_layer * config.n_embd * config.n_positions
+    looked_up = model.transformer.wpe.weight
+    multiplied = [param for param in model.parameters() if param is not looked_up]
+    weights = sum(param.numel() for param in multiplied)
+    frozen = sum(param.numel() for param in multiplied if not param.requires_grad)
+    return 6 * weights - 2 * frozen + 12 * config.n_layer * config.n_embd * config.n_positions

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from accelerate.utils import DistributedType
 
-from . import formats, pretrained, schedule
+from . import formats, lora, pretrained, schedule
 from .checkpoint import RunState
 from .config import SCRATCH, Config
 from .errors import command_line
@@ -28,6 +28,7 @@ def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, d
         f"model: {count_parameters(model) / 1e6:.2f}M parameters ({shape.n_layer} layers, {shape.n_head} heads, "
         f"{shape.n_embd} wide, block {shape.block_size}, vocab {data.vocab_size} {data.tokenizer_kind})"
         + ("" if shape.init_from == SCRATCH else f", fine-tuned from {pretrained.describe(shape.init_from, shape.init_revision)}"),
+        *([adapters_line(config, model)] if config.lora.enabled else []),
         f"data: {train_tokens:,} train / {val_tokens:,} val tokens from {data.meta_path}",
         f"      source: {formats.describe_source(data.meta)}",
         " | ".join([f"device: {device}", f"precision: {precision}", f"processes (world size): {world_size}", *speed]),
@@ -38,6 +39,13 @@ def banner(config: Config, model, data, train_tokens: int, val_tokens: int, *, d
         f"schedule: {schedule.describe(training)}",
         *([f"warning: {short}"] if (short := schedule.warning(training)) else []),
     ])
+
+
+def adapters_line(config: Config, model) -> str:
+    """How many of the model's parameters a LoRA run trains, and what they are."""
+    trained, total = count_parameters(model, trainable=True), count_parameters(model)
+    return (f"lora: {trained:,} of the {total:,} parameters train ({trained / total:.2%}): adapters of "
+            f"{lora.describe(config.lora)}; the pretrained weights stay frozen")
 
 
 def eval_record(step: int, losses: dict[str, float], *, lr: float, tokens_seen: int, elapsed_s: float,

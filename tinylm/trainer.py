@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.distributed.tensor import DTensor
 
-from . import checkpoint, data, memory, run_report, sampler, shards
+from . import checkpoint, data, lora, memory, run_report, sampler, shards
 from .checkpoint import Loaded, RunState
 from .compat import checkpoint_activations, close_process_group_at_exit, skip_next_step_where
 from .config import Config, Sampling, check_seed_fits
@@ -54,6 +54,7 @@ class Trainer:
         self.config, self.memory_limit = config, memory_limit
         training = config.training
         check_tracker_installed(training.tracker)  # before any work: not hours of training with no metrics
+        lora.check_installed(config.lora)
         self.hardware = hardware = self.choose_hardware()
         self.compiled = use_compile(training.compile, hardware.device)
         self.accelerator = self.make_accelerator()
@@ -111,9 +112,10 @@ class Trainer:
             checkpoint.check_same_origin(resumed, self.config.model, self.data, self.tokenizer)
         model, self.config, self.base_model = run_model(self.config, self.data, self.tokenizer, resumed)
         if resumed:
-            checkpoint.check_resumable(resumed, model.config, training.max_iters)
+            checkpoint.check_resumable(resumed, model.config, self.config.lora, training.max_iters)
             checkpoint.check_optimizer_fits(resumed, sharded_run=self.writer.sharded)
             model.load_state_dict(resumed["model"])
+        model = lora.adapt(model, self.config.lora, resumed.get("adapter") if resumed else None)
         if training.gradient_checkpointing:
             checkpoint_activations(model)
         self.batches = data.TrainBatches(
@@ -324,7 +326,7 @@ class Trainer:
         if not run_report.samples_here(training.eval_sample_tokens, self.is_main, self.accelerator.distributed_type):
             return None
         with self.cpu_matmul.active():
-            written = sampler.complete(self.accelerator.unwrap_model(self.model), self.tokenizer,
+            written = sampler.complete(lora.gpt2_of(self.accelerator.unwrap_model(self.model)), self.tokenizer,
                                        training.eval_sample_prompt,
                                        Sampling(max_new_tokens=training.eval_sample_tokens), seed=training.seed)
         return training.eval_sample_prompt + written
