@@ -1,11 +1,15 @@
 """`tinylm export`: turn a checkpoint into a folder plain `transformers` loads (and, with --onnx, model.onnx).
 
-    tinylm export --checkpoint checkpoints/ckpt_best.pt --out exported/NAME [--force] [--onnx]
+    tinylm export --checkpoint checkpoints/ckpt_best.pt --out exported/NAME [--force] [--onnx | --adapter]
                   [--license ID] [--language CODE] [--base-model ID]
 
 The folder holds config.json, model.safetensors, generation_config.json,
 tokenizer.json, tokenizer_config.json and a README.md model card (plus
-loss_curve.png when matplotlib is installed). It is written into a hidden
+loss_curve.png when matplotlib is installed). A LoRA run's model is exported
+with its adapters merged into its weights; with --adapter, the folder holds
+the adapters instead (adapter_config.json and adapter_model.safetensors, which
+peft's `PeftModel.from_pretrained` puts on the base model), with the tokenizer
+and the card. It is written into a hidden
 temp folder beside --out and renamed into place only when complete, so a
 failure never leaves half a folder behind, and an existing folder is only
 replaced with --force (and only if it is itself an earlier export). Every
@@ -30,7 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from . import checkpoint, onnx_export, paths
+from . import checkpoint, lora, onnx_export, paths
 from . import tokenizer as tok
 from .atomic import dir_mode, file_mode, replace_folder
 from .config import Sampling, check_card_field
@@ -40,6 +44,8 @@ from .model_card import (CARD_NAME, LOSS_CURVE_NAME, base_model_of, check_base_m
 
 # What makes a folder an export: `push` refuses anything without these, `--force` replaces nothing else.
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# What makes a folder an --adapter export, which --force replaces too.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json")
 # transformers v4's AutoTokenizer knows this class name and v5 keeps it as an alias of its
 # tokenizers backend, so naming it makes the folder load in both.
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -58,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace --out if it already holds an earlier export")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx with past key values (needs pip install 'tinylm[onnx]')")
+    parser.add_argument("--adapter", action="store_true",
+                        help="a LoRA run's adapters as a PEFT adapter folder, which PeftModel.from_pretrained puts "
+                        "on the base model, instead of the model with its adapters merged (needs peft)")
     parser.add_argument("--license", metavar="ID",
                         help="the model card's license, a Hub license id such as mit or apache-2.0 "
                         "(default: the training config's hub.license; none: the card says none is stated)")
@@ -68,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # transformers' per-file bars only clutter this command's output
 
-    out = export(args.checkpoint, args.out, force=args.force, onnx=args.onnx,
+    out = export(args.checkpoint, args.out, force=args.force, onnx=args.onnx, adapter=args.adapter,
                  license=args.license, language=args.language, base_model=args.base_model)
     for path in sorted(out.iterdir()):
         print(f"  {path.name:<24} {format_size(path.stat().st_size):>10}")
-    print(f"exported {args.checkpoint} to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    load = (f"PeftModel.from_pretrained(base_model, {str(out)!r}) on the model it was fine-tuned from" if args.adapter
+            else f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(f"exported {args.checkpoint} to {out}; load it with {load}")
     return 0
 
 
@@ -89,11 +100,12 @@ def export(
     *,
     force: bool = False,
     onnx: bool = False,
+    adapter: bool = False,
     license: str | None = None,
     language: str | None = None,
     base_model: str | None = None,
 ) -> Path:
-    """Write the export folder for `checkpoint_path` at `out`; return `out`.
+    """Write the export folder for `checkpoint_path` at `out` (`adapter`: a LoRA run's adapter folder); return `out`.
 
     `license` and `language` (for the model card) default to the run's `[hub]` settings;
     `base_model` (a Hub id) to `model.init_from` when that is a Hub model (see `base_model_of`).
@@ -104,9 +116,15 @@ def export(
     check_card_field("language", language or "", "--language")
     check_base_model(base_model)
     check_out_folder(out, force)
+    if onnx and adapter:
+        raise UserError("--onnx writes a whole model and --adapter only the LoRA adapters: drop one (without "
+                        "--adapter, the model is exported with its adapters merged)")
     if onnx:
         onnx_export.require_onnx()  # before any work, so a missing extra costs nothing
     payload = checkpoint.load(checkpoint_path)
+    if adapter and "adapter" not in payload:
+        raise UserError(f"--adapter: {checkpoint_path} is not a LoRA run's checkpoint (its config has no [lora] "
+                        "enabled), so it has no adapters; export it without --adapter")
     model = checkpoint.model_from(payload)
     tokenizer = tokenizer_of(payload, checkpoint_path)
     tok.check_fits(tokenizer, model.config.vocab_size, checkpoint_path)
@@ -115,16 +133,23 @@ def export(
 
     with staged_folder(out, force) as staging:
         save_tokenizer(tokenizer, model.config.n_positions, staging)
-        save_model(model, tokenizer, staging)
+        if adapter:
+            set_special_tokens_and_sampling(model, tokenizer)  # for the card, which describes the adapted model
+            lora.save_adapter(checkpoint.trained_model(payload), staging, base_model)
+        else:
+            save_model(model, tokenizer, staging)
         curve = draw_loss_curve(log_records, staging / LOSS_CURVE_NAME, title=name)
         card = model_card(name, payload, model, tokenizer, log_records, curve, license=license, language=language,
-                          base_model=base_model)
+                          base_model=base_model, adapter=adapter)
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
         if onnx:
             print("writing model.onnx (tracing and checking the graph takes a few seconds)", flush=True)
             onnx_export.export_onnx(model, staging / onnx_export.ONNX_NAME)
         normalise_modes(staging)
-        check_loads(staging)
+        if adapter:
+            check_adapter_loads(staging, payload)
+        else:
+            check_loads(staging)
     return out
 
 
@@ -132,11 +157,16 @@ def export(
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
-    """config.json, model.safetensors (the tied lm_head is stored once) and generation_config.json.
+    """config.json, model.safetensors (the tied lm_head is stored once) and generation_config.json,
+    with `set_special_tokens_and_sampling`."""
+    set_special_tokens_and_sampling(model, tokenizer)
+    model.save_pretrained(folder)
 
-    Their special token ids are the saved `tokenizer`'s: a fine-tuned GPT-2 keeps OpenAI's config,
-    which has no pad token, while the tokenizer pads with <|endoftext|> (`save_tokenizer`).
-    """
+
+def set_special_tokens_and_sampling(model, tokenizer) -> None:
+    """The saved `tokenizer`'s special token ids in `model.config`, and `tinylm generate`'s sampling in its
+    generation config: a fine-tuned GPT-2 keeps OpenAI's config, which has no pad token, while the
+    tokenizer pads with <|endoftext|> (`save_tokenizer`)."""
     config = model.config
     config.bos_token_id, config.eos_token_id, config.pad_token_id = (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -154,7 +184,6 @@ def save_model(model, tokenizer, folder: Path) -> None:
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
-    model.save_pretrained(folder)
 
 
 def save_tokenizer(tokenizer, n_positions: int, folder: Path) -> None:
@@ -191,6 +220,18 @@ def check_loads(folder: Path) -> None:
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for broken folders
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder} does not load with transformers: {reason[:300]}") from None
+
+
+def check_adapter_loads(folder: Path, payload: dict[str, Any]) -> None:
+    """Put the adapter `folder` on the checkpoint's base model with peft's `PeftModel.from_pretrained`
+    (local files only) and run one forward pass."""
+    try:
+        model = lora.from_adapter_folder(checkpoint.gpt2_from(payload), folder)
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long))
+    except Exception as exc:  # peft and transformers raise many types for broken folders
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{folder} does not load with peft: {reason[:300]}") from None
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -231,7 +272,7 @@ def check_out_folder(out: Path, force: bool) -> None:
         return
     if not force:
         raise UserError(f"--out {out} is not empty; pass --force to replace it, or choose another folder")
-    if not is_export_folder(out):
+    if not (is_export_folder(out) or all((out / name).is_file() for name in ADAPTER_FILES)):
         raise UserError(
             f"--out {out} is not empty and is not an earlier export (no {' + '.join(REQUIRED_FILES)}), "
             "so --force will not replace it; choose another folder"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from . import paths, plot
+from . import lora, paths, plot
 from . import tokenizer as tok
-from .config import SCRATCH
+from .config import SCRATCH, LoraConfig
 from .errors import UserError
 from .hub_names import hub_id, in_hub_cache
 from .model import count_parameters
@@ -75,12 +75,14 @@ def model_card(
     license: str | None = None,
     language: str | None = None,
     base_model: str | None = None,
+    adapter: bool = False,
 ) -> str:
     """README.md: Hub metadata, then what the model is, what it was trained on, how well, how to load it, its limits.
 
     `license` and `language` default to the run's `[hub]` settings (`payload["config"]["hub"]`,
     which checkpoints from before those keys lack: then the card states neither). `base_model`
     is the Hub model a fine-tuned checkpoint started from (see `base_model_of`), if known.
+    `adapter`: the card of a LoRA run's adapter folder (`model` is then the adapted model, merged).
     """
     meta = payload.get("meta") or {}
     run = payload.get("config") or {}
@@ -96,14 +98,16 @@ def model_card(
     val_loss = validation_loss(payload, record)
     n_positions = model.config.n_positions
     metadata = card_metadata(name, kind, eval_results(meta, dataset, val_loss), license=license, language=language,
-                             base_model=base_model, datasets=[dataset] if dataset else mixed)
+                             base_model=base_model, datasets=[dataset] if dataset else mixed, adapter=adapter)
+    adapters = lora.section_of(payload)
     sections = [
-        title_section(name, origin, source_text(meta, dataset)),
-        model_section(model, tokenizer, kind, origin=origin, license=license, language=language),
+        title_section(name, origin, source_text(meta, dataset), adapter=adapter),
+        model_section(model, tokenizer, kind, origin=origin, license=license, language=language, adapters=adapters),
         ["## Training data", "", *data_lines(meta, dataset)],
         ["## Training", "", *training_lines(record, iteration, val_loss), "",
          f"![loss curve]({LOSS_CURVE_NAME})" if no_curve is None else no_curve],
-        usage_lines(name, model.generation_config.to_dict(), n_positions, on_hub=False),
+        (adapter_usage_lines(name, base_model) if adapter else
+         usage_lines(name, model.generation_config.to_dict(), n_positions, on_hub=False)),
         limits_section(n_positions, kind),
     ]
     text = "\n\n".join("\n".join(section) for section in sections) + "\n"  # a blank line between sections
@@ -119,16 +123,18 @@ def card_metadata(
     language: str | None,
     base_model: str | None,
     datasets: list[str],
+    adapter: bool = False,
 ) -> ModelCardData:
-    """The card's Hub metadata: what the Hub files the model under, and the model-index of `evals`."""
+    """The card's Hub metadata: what the Hub files the model (or `adapter`) under, and the model-index of `evals`."""
     return ModelCardData(
         base_model=base_model,
         datasets=datasets or None,
         language=language,
-        library_name="transformers",
+        library_name="peft" if adapter else "transformers",
         license=license,
         pipeline_tag="text-generation",
-        tags=["tinylm", "gpt2", "text-generation", *(["character-level"] if kind == "char" else [])],
+        tags=["tinylm", "gpt2", "text-generation", *(["character-level"] if kind == "char" else []),
+              *(["lora"] if adapter else [])],
         model_name=name if evals else None,  # the model-index's name (huggingface_hub requires one with results)
         eval_results=evals or None,
     )
@@ -141,19 +147,24 @@ def origin_of(init_from: str, base_model: str | None) -> str | None:
     return origin_text(base_model) if base_model else f"the local model `{local_name(init_from)}`"
 
 
-def title_section(name: str, origin: str | None, source: str | None) -> list[str]:
-    """The title, and one sentence: from scratch or fine-tuned from `origin`, on `source` when known."""
+def title_section(name: str, origin: str | None, source: str | None, *, adapter: bool = False) -> list[str]:
+    """The title, and one sentence: from scratch or fine-tuned from `origin` (or an `adapter` for it), on `source`
+    when known."""
     if origin is None:
         intro = "A small GPT-2 language model trained from scratch with tinylm"
+    elif adapter:
+        intro = f"LoRA adapters for a GPT-2 language model, fine-tuned from {origin} with tinylm"
     else:
         intro = f"A GPT-2 language model fine-tuned from {origin} with tinylm"
     return [f"# {name}", "", intro + (f" on {source}." if source else ".")]
 
 
 def model_section(model, tokenizer, kind: str, *, origin: str | None, license: str | None,
-                  language: str | None) -> list[str]:
-    """The "Model" section: a table of the architecture, size, tokenizer, origin, license and language."""
+                  language: str | None, adapters: LoraConfig = LoraConfig()) -> list[str]:
+    """The "Model" section: a table of the architecture, size, tokenizer, origin, LoRA `adapters`, license and
+    language."""
     config = model.config
+    trained = lora.trainable_parameters(adapters, config.n_layer, config.n_embd)
     return [
         "## Model",
         "",
@@ -166,6 +177,8 @@ def model_section(model, tokenizer, kind: str, *, origin: str | None, license: s
         f"| tokenizer | {kind} ({'one token per character' if kind == 'char' else 'byte-level BPE'}), "
         f"{len(tokenizer):,} tokens |",
         *([f"| fine-tuned from | {origin} |"] if origin else []),
+        *([f"| LoRA adapters | {lora.describe(adapters)}: {trained:,} parameters trained, the rest frozen |"]
+          if adapters.enabled else []),
         f"| license | {f'`{license}`' if license else 'not stated by the author'} |",
         *([f"| language | `{language}` |"] if language else []),
         "",
@@ -210,6 +223,28 @@ def usage_lines(model_id: str, generation: dict, n_positions: int | None, *, on_
         "",
         f"{where}`generation_config.json` samples with temperature {generation.get('temperature')} and top-k "
         f"{generation.get('top_k')}, and caps the total length (prompt + new tokens) at {n_positions}.",
+    ]
+
+
+def adapter_usage_lines(folder_name: str, base_model: str | None) -> list[str]:
+    """The "How to use" section of an adapter folder: peft puts it on the base model."""
+    base = base_model or "the base model's folder"
+    return [
+        USAGE_HEADING,
+        "",
+        "The adapters load with `peft` on the model they were trained on:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+        f'model = PeftModel.from_pretrained(base, "{folder_name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")',
+        "```",
+        "",
+        f"Replace `{folder_name}` with the folder's path. `model.merge_and_unload()` gives a plain `transformers` "
+        "model; `tinylm export` without `--adapter` writes that model's folder.",
     ]
 
 
