@@ -146,3 +146,47 @@ def test_tensor_bytes_counts_each_new_storage_until_it_is_freed():
         assert counted.peak > 8000
         del second
         assert counted.now == before.grad.nbytes  # ...of which only before.grad is left
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def test_peft_wrapping_hides_peft_s_deprecation_warning_and_no_other():
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps. When this
+    fails because peft no longer warns, drop compat.peft_wrapping."""
+    import warnings
+
+    peft = pytest.importorskip("peft", reason="the lora extra is not installed: pip install -e '.[lora]'")
+    from tinylm import lora
+    from tinylm.config import LoraConfig
+
+    config = lora.peft_config(LoraConfig(enabled=True, target_modules=["c_attn", "c_proj", "c_fc"]))
+    with warnings.catch_warnings(record=True) as bare:
+        warnings.simplefilter("always")
+        peft.get_peft_model(tiny_gpt2(), config)
+    assert [str(warning.message) for warning in bare if compat.PEFT_CHECKPOINTING_WARNING in str(warning.message)]
+    with warnings.catch_warnings(record=True) as wrapped:
+        warnings.simplefilter("always")
+        with compat.peft_wrapping():
+            peft.get_peft_model(tiny_gpt2(), config)
+    assert not wrapped, [str(warning.message) for warning in wrapped]
+
+
+def test_peft_base_weights_are_the_wrapped_models_own_under_its_names():
+    """peft's names for a wrapped model's weights (`base_model.model.` + `base_layer.` in adapted layers), made
+    back into the model's own: every weight of the GPT-2, the same tensors, and no adapter."""
+    pytest.importorskip("peft", reason="the lora extra is not installed: pip install -e '.[lora]'")
+    from tinylm import lora
+    from tinylm.config import LoraConfig
+
+    model = tiny_gpt2()
+    expected = {name: weight.clone() for name, weight in model.state_dict().items()}
+    wrapped = lora.adapt(model, LoraConfig(enabled=True, target_modules=["c_attn", "c_proj", "c_fc"]))
+    base = compat.peft_base_weights(wrapped.state_dict())
+    assert set(base) == set(expected)
+    assert all(torch.equal(base[name], weight) for name, weight in expected.items())

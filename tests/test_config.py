@@ -13,7 +13,7 @@ from tinylm.config import Config, Sampling, apply_overrides, from_dict, load_con
 from tinylm.errors import UserError
 
 PRESETS = ["base", "baby", "rtx4060", "gpt2-124m", "finetune-gpt2", "finetune-cpu", "finetune-gpt2-8gb",
-           "finetune-gpt2-medium-8gb"]
+           "finetune-gpt2-medium-8gb", "finetune-gpt2-medium-lora"]
 
 
 # What each preset is for: (n_layer, n_embd, block_size, precision, batch_size, grad_accum_steps).
@@ -27,9 +27,11 @@ PRESET_SHAPES = {
     "finetune-cpu": (4, 128, 128, "fp32", 4, 2),
     "finetune-gpt2-8gb": (4, 128, 1024, "bf16", 4, 8),  # with gradient checkpointing: docs/small-gpu.md
     "finetune-gpt2-medium-8gb": (4, 128, 1024, "bf16", 1, 32),
+    "finetune-gpt2-medium-lora": (4, 128, 1024, "bf16", 1, 32),
 }
 FINETUNED = {"finetune-gpt2": "gpt2", "finetune-cpu": "distilgpt2", "finetune-gpt2-8gb": "gpt2",
-             "finetune-gpt2-medium-8gb": "gpt2-medium"}
+             "finetune-gpt2-medium-8gb": "gpt2-medium", "finetune-gpt2-medium-lora": "gpt2-medium"}
+LORA = {"finetune-gpt2-medium-lora": (16, 32, ["c_attn", "c_proj", "c_fc"])}  # r, lora_alpha, target_modules
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -41,6 +43,9 @@ def test_presets_load_with_the_shape_they_are_for(name):
     assert model.init_from == FINETUNED.get(name, "scratch")
     if name in FINETUNED:  # the model's shape, not the config's: no shape key is given
         assert not {"model.n_layer", "model.n_head", "model.n_embd"} & config.given
+    adapters = config.lora
+    assert adapters.enabled == (name in LORA)
+    assert (adapters.r, adapters.lora_alpha, adapters.target_modules) == LORA.get(name, (8, 8, ["c_attn"]))
 
 
 def test_page_defaults():
@@ -79,12 +84,12 @@ def as_value(literal: str):
 
 
 def test_every_default_is_the_one_the_docs_state():
-    """Each [model], [data], [training] and [hub] default is the one docs/training.md states, and each
+    """Each [model], [data], [training], [lora] and [hub] default is the one docs/training.md states, and each
     sampling default the one docs/inference-and-demo.md's flag table states."""
     config = Config()
     training_page = documented_defaults("training.md")
     checked = 0
-    for section in ("model", "data", "training", "hub"):
+    for section in ("model", "data", "training", "lora", "hub"):
         for key, default in config.to_dict()[section].items():
             if key in training_page:
                 assert as_value(training_page[key]) == default, f"{section}.{key}"
@@ -93,7 +98,7 @@ def test_every_default_is_the_one_the_docs_state():
     for key, default in vars(Sampling()).items():
         assert as_value(sampling_page[key]) == default, f"--{key.replace('_', '-')}"
         checked += 1
-    assert checked >= 40
+    assert checked >= 45
 
 
 def test_baby_preset_matches_nanogpt():
@@ -162,6 +167,24 @@ def test_sampling_settings_at_their_bounds(settings, message):
         ({"hub": {"license": "MIT"}}, "hub.license must be a Hub license id such as \"mit\""),
         ({"hub": {"license": "my license"}}, "hub.license must be a Hub license id"),
         ({"hub": {"language": "English"}}, "hub.language must be an ISO 639 language code"),
+        ({"lora": {"enabled": True, "r": 0}}, "lora.r must be greater than 0, got 0"),
+        ({"lora": {"enabled": True, "lora_alpha": -8}}, "lora.lora_alpha must be greater than 0, got -8"),
+        ({"lora": {"enabled": True, "lora_dropout": 1.0}}, "lora.lora_dropout must be in [0.0, 1.0), got 1.0"),
+        ({"lora": {"enabled": True, "target_modules": "c_attn"}},
+         "lora.target_modules must be an array, got a string 'c_attn'"),
+        ({"lora": {"enabled": True, "target_modules": ["c_attn", "q_proj"]}},
+         "lora.target_modules: 'q_proj' is not a GPT-2 layer LoRA can adapt; choose from \"c_attn\" (attention's "
+         "query/key/value projection), \"c_proj\" (attention's and the MLP's output projections), \"c_fc\" (the "
+         "MLP's first layer)"),
+        ({"lora": {"enabled": True, "target_modules": [1]}}, "1 is not a GPT-2 layer LoRA can adapt"),
+        ({"lora": {"enabled": True, "target_modules": []}}, "lora.target_modules is empty"),
+        ({"lora": {"enabled": True, "target_modules": ["c_fc", "c_fc"]}},
+         "lora.target_modules names a layer twice: ['c_fc', 'c_fc']"),
+        ({"lora": {"rank": 8}}, "unknown key lora.rank (valid: enabled, lora_alpha, lora_dropout, r, target_modules)"),
+        ({"lora": {"enabled": True}}, 'lora.enabled fine-tunes a pretrained model through small adapters, but '
+                                      'model.init_from is "scratch": a new model must train all its weights'),
+        ({"lora": {"r": 16, "target_modules": ["c_fc"]}}, "lora.r = 16, lora.target_modules = ['c_fc'] does nothing "
+                                                          "while lora.enabled is false: set lora.enabled = true"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

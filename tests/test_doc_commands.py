@@ -61,8 +61,8 @@ RULES: list[tuple[str, str, str]] = [
     (r"\[--", "synopsis", "a usage synopsis: [optional] flags and NAME placeholders"),
     # A dry run estimates for a GPU on any machine, offline for OpenAI's GPT-2 sizes: those run here.
     (r"^(?!.*--dry-run).*--device cuda\b", "gpu", "--device cuda"),
-    (r"^(?!.*--dry-run).*configs/(gpt2-124m|rtx4060|finetune-gpt2|finetune-gpt2-8gb|finetune-gpt2-medium-8gb)\.toml",
-     "gpu", "the preset sets device = cuda and bf16/fp16 precision"),
+    (r"^(?!.*--dry-run).*configs/(gpt2-124m|rtx4060|finetune-gpt2|finetune-gpt2-8gb|finetune-gpt2-medium-8gb"
+     r"|finetune-gpt2-medium-lora)\.toml", "gpu", "the preset sets device = cuda and bf16/fp16 precision"),
     (r"configs/accelerate/(multi-gpu|multi-node|fsdp)\.yaml", "gpu", "an NCCL launch over GPUs or machines"),
     (r"(^| )\.\.\.( |$)", "elided", "elided arguments (`...`)"),
     (r"^python benchmarks/gpu_check\.py\b(?!.*--smoke)", "gpu", "benchmarks/gpu_check.py needs one NVIDIA GPU"),
@@ -80,6 +80,8 @@ RULES: list[tuple[str, str, str]] = [
     (r"^tinylm demo\b", "interactive", "serves the demo until stopped (tests/test_demo.py drives it)"),
     (r"^lm_eval\b", "external", "EleutherAI's lm-evaluation-harness: another project's command, not installed here, "
      "whose tasks download their data (not run, and its flags are its own)"),
+    (r"--adapter\b", "slow",
+     "needs a LoRA run's checkpoint; executed in tests/test_lora.py::test_the_adapter_export_loads_with_peft_on_the_base"),
     (r"--onnx\b", "slow",
      "slow (torch.onnx.export); executed in tests/test_onnx.py::test_graph_has_past_key_values_and_dynamic_axes"),
     (r"^accelerate launch --config_file accelerate_config\.yaml ", "slow",

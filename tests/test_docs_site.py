@@ -115,6 +115,8 @@ def section_rows(markdown: str, name: str) -> dict[str, str]:
 def toml(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(map(toml, value)) + "]"
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
@@ -129,7 +131,8 @@ def test_reference_names_every_key_with_its_default_and_choices():
             dotted, row = f"{name}.{field.name}", rows[field.name]
             default = getattr(defaults, field.name)
             cells = [c.strip() for c in row.strip("|").split(" | ")]
-            assert cells[1] == {bool: "boolean", int: "integer", float: "float", str: "string"}[type(default)]
+            assert cells[1] == {bool: "boolean", int: "integer", float: "float", str: "string",
+                                list: "array of strings"}[type(default)]
             assert cells[2] == f"`{toml(default)}`", dotted
             for choice in cfg.CHOICES.get(dotted, ()):
                 assert f'`"{choice}"`' in cells[3], f"{dotted}: choice {choice!r} is not listed"
@@ -144,6 +147,7 @@ def test_reference_names_every_key_with_its_default_and_choices():
             flag = [f"--{flag.replace('_', '-')}" for flag, key in OVERRIDES.items() if key == dotted]
             assert (f"<br>`{flag[0]}`" in cells[0]) if flag else cells[0] == f"`{field.name}`", dotted
     assert str(cfg.MAX_SEED) in section_rows(markdown, "training")["seed"]
+    assert all(f'`"{layer}"`' in section_rows(markdown, "lora")["target_modules"] for layer in cfg.LORA_TARGETS)
 
 
 def test_every_key_has_a_meaning_and_every_meaning_a_key():
