@@ -48,5 +48,9 @@ def check_tracker_installed(tracker: str) -> None:
 
 
 def flat_config(config: dict) -> dict:
-    """A run's Config.to_dict() as one level of "section.key" names: what trackers show as hyperparameters."""
-    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+    """A run's Config.to_dict() as one level of "section.key" names: what trackers show as hyperparameters.
+
+    Trackers take numbers, strings and booleans (tensorboard refuses anything else), so a list
+    (`lora.target_modules`) becomes one string: `c_attn, c_fc`."""
+    return {f"{section}.{key}": ", ".join(value) if isinstance(value, list) else value
+            for section, values in config.items() for key, value in values.items()}
