@@ -4,8 +4,9 @@ Both sides train the same GPT2LMHeadModel (GPT-2's 50257-token vocabulary, a sma
 batch with tinylm's loss (`model.per_block_loss`) and optimizer (`model.build_optimizer`); the LoRA side
 wraps a copy in adapters (`lora.adapt`: rank 16 on c_attn, c_proj and c_fc, as
 configs/finetune-gpt2-medium-lora.toml). They alternate in rounds (never timed at once); printed: the
-median ratio of LoRA's time per step to full fine-tuning's, and what each keeps for the optimizer
-(gradients and AdamW's moments: counted, not measured).
+median ratio of LoRA's time per step to full fine-tuning's, and each step's memory: the weights and
+AdamW's moments held between steps, plus the peak of what one step allocates (gradients and
+activations, measured by compat.TensorBytes: every CPU tensor an op makes, while it is alive).
 
     python benchmarks/lora_step.py [--layers 6] [--width 384] [--block 256] [--batch 4] [--rounds 7] [--steps 5]
 """
@@ -21,6 +22,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tinylm import lora
+from tinylm.compat import TensorBytes
 from tinylm.config import LoraConfig, TrainingConfig
 from tinylm.model import build_optimizer, count_parameters, per_block_loss
 
@@ -28,7 +30,8 @@ ADAPTERS = LoraConfig(enabled=True, r=16, lora_alpha=32, target_modules=["c_attn
 
 
 def step_function(model, blocks: torch.Tensor):
-    """One training step of `model` on `blocks`: forward, backward, AdamW step (tinylm's groups)."""
+    """One training step of `model` on `blocks`: forward, backward, AdamW step (tinylm's groups); and the
+    bytes it holds between steps (weights, AdamW's moments)."""
     optimizer = build_optimizer(model, TrainingConfig())
 
     def step():
@@ -36,7 +39,19 @@ def step_function(model, blocks: torch.Tensor):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    def held() -> int:
+        moments = [value for state in optimizer.state.values() for value in state.values()
+                   if isinstance(value, torch.Tensor)]
+        return sum(tensor.nbytes for tensor in [*model.parameters(), *moments])
+
+    return step, held
+
+
+def peak_bytes(step, held) -> int:
+    """What one step needs at its peak: what it holds between steps, and the most its own tensors take at once."""
+    with TensorBytes() as counted:
+        step()
+    return held() + counted.peak
 
 
 def time_steps(step, steps: int) -> float:
@@ -62,9 +77,11 @@ def main() -> int:
                                       n_positions=args.block)).train()
     adapted = lora.adapt(copy.deepcopy(full), ADAPTERS).train()
     blocks = torch.randint(0, full.config.vocab_size, (args.batch, args.block + 1))
-    steps = {"full": step_function(full, blocks), "lora": step_function(adapted, blocks)}
+    sides = {"full": step_function(full, blocks), "lora": step_function(adapted, blocks)}
+    steps = {name: step for name, (step, _) in sides.items()}
     for step in steps.values():  # warm up: first-call allocations, the optimizer's state
         step()
+    peaks = {name: peak_bytes(step, held) for name, (step, held) in sides.items()}
     ratios = []
     for _ in range(args.rounds):
         seconds = {name: time_steps(step, args.steps) for name, step in steps.items()}
@@ -76,6 +93,9 @@ def main() -> int:
           f"({trained / count_parameters(adapted):.2%} of its {count_parameters(adapted):,})")
     print(f"gradients + AdamW moments: full {12 * count_parameters(full) / 2**20:.1f} MiB, "
           f"LoRA {12 * trained / 2**20:.1f} MiB")
+    print(f"peak of a step (weights, moments, then the step's own tensors at their most): full "
+          f"{peaks['full'] / 2**20:.0f} MiB, LoRA {peaks['lora'] / 2**20:.0f} MiB, LoRA / full "
+          f"{peaks['lora'] / peaks['full']:.2f}")
     print(f"time per step, LoRA / full: median {statistics.median(ratios):.2f} "
           f"(rounds: {', '.join(f'{ratio:.2f}' for ratio in ratios)})")
     return 0

@@ -203,6 +203,20 @@ def test_lora_comes_near_full_fine_tuning_on_the_same_steps(world, lora_run, tmp
     assert start - lora_loss > 0.5 * (start - full_loss)
 
 
+def test_gradient_checkpointing_with_lora_trains_as_without(world, tmp_path):
+    """transformers' activation checkpointing on the peft model: every block checkpointed (the adapters' dropout
+    masks drawn again alike), and the same losses to float rounding as the run without it."""
+    runs = {}
+    for checkpointing in (False, True):
+        trainer, _ = fit_quietly(write_run(tmp_path / str(checkpointing), world, max_iters=8, lr_decay_iters=8,
+                                           eval_interval=4, gradient_checkpointing=checkpointing))
+        blocks = lora.gpt2_of(trainer.accelerator.unwrap_model(trainer.model)).transformer.h
+        assert all(block.gradient_checkpointing == checkpointing for block in blocks)
+        runs[checkpointing] = [record[split] for record in trainer.state.records for split in ("train_loss", "val_loss")]
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
+    assert runs[False][-1] < runs[False][1] - 0.01  # it trained: the last val loss against the first
+
+
 # --- checkpoints, resume ----------------------------------------------------------------------------------
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
-import weakref
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
