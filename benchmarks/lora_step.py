@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
+from train_step import time_steps
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tinylm import lora
@@ -52,13 +52,6 @@ def peak_bytes(step, held) -> int:
     with TensorBytes() as counted:
         step()
     return held() + counted.peak
-
-
-def time_steps(step, steps: int) -> float:
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps
 
 
 def main() -> int:
