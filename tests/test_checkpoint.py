@@ -204,3 +204,46 @@ def test_fsdp_refuses_a_checkpoint_that_keeps_the_whole_optimizer_state_in_the_f
         "cannot resume under FSDP from a checkpoint written without it (at iter 3, on 2 process(es)): its optimizer "
         "state is one unsharded file; resume it the way it was launched (one process, or DDP: "
         "configs/accelerate/multi-gpu.yaml), or start a new run under FSDP")
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_loaded_model_is_the_stored_one_as_a_model_built_and_copied_into_would_be(tmp_path, stored):
+    """`model_from` builds the model on the meta device and takes the file's tensors as its weights. The
+    model must be what building it on the CPU and copying the weights in gives: every parameter on the
+    CPU (none left on meta), fp32 whatever the file stores, trainable, the embeddings tied, eval mode,
+    and the same logits. The weights are random, not an initialisation, so a weight left out shows.
+
+    Nothing is initialised to be overwritten (the random state is untouched), and in fp32 the weights
+    are the file's tensors, not copies: the start-up speed of `tinylm generate` on a large model.
+
+    Kills: the weights not converted to the model's dtype; `tie_weights()` left out; `.eval()` left out;
+    `load_state_dict` without `assign=True`; the model built on the CPU (initialised, then overwritten).
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=2, n_head=2)
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(tensor.shape, generator=generator).to(stored)
+               for name, tensor in GPT2LMHeadModel(config).state_dict().items()}
+    weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied, as a saved model has them
+    torch.save({"model": weights, "model_config": config.to_dict()}, tmp_path / "weights.pt")
+
+    payload = torch.load(tmp_path / "weights.pt", weights_only=True)
+    random_state = torch.get_rng_state()
+    loaded = checkpoint.model_from(payload)
+    assert torch.equal(torch.get_rng_state(), random_state)  # no random initialisation ran, to be overwritten
+    expected = GPT2LMHeadModel(config)
+    expected.load_state_dict(weights)
+    expected.eval()
+    assert not loaded.training
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    for (name, param), (_, want) in zip(loaded.named_parameters(), expected.named_parameters(), strict=True):
+        assert (param.device.type, param.dtype, param.requires_grad) == ("cpu", torch.float32, True), name
+        assert torch.equal(param, want), name
+    assert not [name for name, buffer in loaded.named_buffers() if buffer.is_meta]
+    if stored == torch.float32:  # the file's tensors themselves: nothing copied
+        stored_weight = payload["model"]["transformer.h.1.mlp.c_fc.weight"]
+        assert loaded.transformer.h[1].mlp.c_fc.weight.data_ptr() == stored_weight.data_ptr()
+    ids = torch.tensor([[1, 5, 3, 19, 0, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)
