@@ -289,6 +289,20 @@ def test_the_merged_export_loads_without_peft_and_gives_the_adapted_models_logit
     assert (exported - base).abs().max() > 0.1
 
 
+def test_merging_leaves_the_loaded_checkpoint_as_it_was(world, lora_run):
+    """The merged model shares no tensor the merge changes with the loaded payload: export builds it and then,
+    for --adapter, the adapted model from the same payload, which must still hold the base the adapters were
+    trained on (else the adapters would be added twice).
+
+    Kills: "checkpoint: a LoRA run's adapters merged into the loaded payload's own tensors".
+    """
+    _, _, ckpt = lora_run
+    payload = load_checkpoint(ckpt / paths.LAST_NAME)
+    ids = val_ids(world)
+    merged = logits(checkpoint.model_from(payload), ids)
+    torch.testing.assert_close(logits(checkpoint.trained_model(payload), ids), merged, rtol=0, atol=1e-5)
+
+
 @pytest.mark.filterwarnings(f"ignore:{compat.PEFT_CHECKPOINTING_WARNING}:FutureWarning")  # the test's own peft call
 def test_the_adapter_export_loads_with_peft_on_the_base(world, lora_run, tmp_path, capsys):
     """`--adapter` writes peft's adapter folder: `PeftModel.from_pretrained` on the pretrained folder gives the

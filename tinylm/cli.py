@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from . import startup
 from .errors import run_cli
 
 COMMANDS = {
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    startup.command_process()
     module = importlib.import_module(COMMANDS[name][0])
     return run_cli(module.main, rest)
 

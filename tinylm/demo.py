@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from . import paths, sampler
+from . import paths, sampler, startup
 from .config import DEVICES
 from .errors import UserError, run_cli
 from .generate import add_model_arguments, load_chosen_model
@@ -117,4 +117,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    startup.command_process()
     sys.exit(run_cli(main))

@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import startup
 from .errors import UserError, run_cli
 
 BLOCKS = ("all", "training")
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     from .plain_text import Source
 
     text = Source.open(args.input) if args.input else None  # a missing or empty file: said before loading a model
-    from . import sampler  # torch and transformers: only once the flags are known to be good
+    with startup.heavy_imports():
+        from . import sampler  # torch and transformers: only once the flags are known to be good
 
     model, tokenizer, run_config = load_model(args, sampler.pick_device(args.device))
     counts = byte_counts(tokenizer)
@@ -363,4 +365,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    startup.command_process()
     sys.exit(run_cli(main))

@@ -34,7 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from . import checkpoint, lora, onnx_export, paths
+from . import checkpoint, lora, onnx_export, paths, startup
 from . import tokenizer as tok
 from .atomic import dir_mode, file_mode, replace_folder
 from .config import Sampling, check_card_field
@@ -309,4 +309,5 @@ def format_size(size: int) -> str:
 
 
 if __name__ == "__main__":
+    startup.command_process()
     sys.exit(run_cli(main))

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import paths
+from . import paths, startup
 from .config import DEVICES, Sampling
 from .errors import UserError, run_cli
 
@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
         raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
     prompt = read_prompt(args)
-    from . import (
-        sampler,  # torch and transformers: only once the flags are known to be good
-    )
+    with startup.heavy_imports():
+        from . import sampler  # torch and transformers: only once the flags are known to be good
 
     device = sampler.pick_device(args.device)
     model, tokenizer = load_chosen_model(args, device)
@@ -122,4 +121,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    startup.command_process()
     sys.exit(run_cli(main))

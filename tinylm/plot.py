@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import metrics_log
+from . import metrics_log, startup
 from .errors import UserError, run_cli
 from .paths import METRICS_NAME, TRAIN_LOG_NAME
 
@@ -195,4 +195,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    startup.command_process()
     sys.exit(run_cli(main))

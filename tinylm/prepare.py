@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from . import corpus, formats, locks, paths
+from . import corpus, formats, locks, paths, startup
 from . import tokenizer as tok
 from .config import DATA_FORMATS
 from .encoding import Settings, prepare_documents, prepare_text, retokenize
@@ -334,4 +334,5 @@ def check_options(args: argparse.Namespace) -> Settings:
 
 
 if __name__ == "__main__":
+    startup.command_process()
     sys.exit(run_cli(main))

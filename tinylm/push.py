@@ -32,6 +32,7 @@ from huggingface_hub.utils import (
 )
 from transformers.utils import logging as hf_logging
 
+from . import startup
 from .errors import UserError, run_cli
 from .export import REQUIRED_FILES, add_base_model_argument, check_loads, format_size, is_export_folder
 from .model_card import CARD_NAME, card_for_repo
@@ -218,4 +219,5 @@ def upload(
 
 
 if __name__ == "__main__":
+    startup.command_process()
     sys.exit(run_cli(main))

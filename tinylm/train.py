@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinylm import paths
+from tinylm import paths, startup
 from tinylm.config import DATA_FORMATS, PRECISIONS, TOKENIZERS, Config, from_dict, load_config
 from tinylm.errors import run_cli
 
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         config, resumed = load_config(args.config or paths.CONFIG_EXAMPLE, overrides), None
     else:
         config, resumed = resume_config(args, overrides)
-    from tinylm import memory
+    with startup.heavy_imports():  # torch and transformers: only once the flags and the config are valid
+        from tinylm import memory
 
     memory_limit = None if args.memory is None else memory.parse_size(args.memory)
     if args.dry_run:
@@ -100,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                              resumed=resumed.payload if resumed else None))
         return 0
 
-    # heavy imports (torch, transformers) only once flags are valid
-    from accelerate import PartialState
+    with startup.heavy_imports():  # the trainer's: accelerate, datasets...
+        from accelerate import PartialState
 
-    from tinylm.run_folder import EXPORT_NAME, final_checkpoint
-    from tinylm.trainer import train
+        from tinylm.run_folder import EXPORT_NAME, final_checkpoint
+        from tinylm.trainer import train
 
     if config.hub.repo_id:  # only runs that push need the Hub client
         from tinylm import push
@@ -130,7 +131,8 @@ def resume_config(args: argparse.Namespace, overrides: dict):
     --out-dir or the file's training.out_dir names another. Every difference is printed. A run on the
     Hub (`--resume OWNER/NAME[@REVISION]`) is first fetched into its out_dir (`hub_run.fetch_run`).
     """
-    from tinylm import checkpoint, hub_run
+    with startup.heavy_imports():
+        from tinylm import checkpoint, hub_run
 
     target = hub_run.resume_target(args.resume) if args.resume else None
     if target:
@@ -166,4 +168,5 @@ def config_changes(before: Config, after: Config) -> list[str]:
 
 
 if __name__ == "__main__":
+    startup.command_process()
     sys.exit(run_cli(main))
