@@ -63,6 +63,20 @@ def test_generate_imports_only_what_sampling_needs_and_freezes_it(ckpt):
     assert report["collector_on"]
 
 
+def test_eval_of_a_text_imports_no_datasets(ckpt, tmp_path):
+    """`tinylm eval --input` scores a text file: tinylm.data is imported (for prepared data), but not the
+    datasets and pyarrow that only its evaluation blocks and `load_blocks` use.
+
+    Kills: an eager `import datasets` at the top of tinylm/data.py.
+    """
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 4, encoding="utf-8")
+    report = run_command("eval", "--checkpoint", str(ckpt), "--input", str(text), "--device", "cpu")
+    assert report["code"] == 0
+    assert "tinylm.data" in report["modules"]
+    assert [name for name in NOT_FOR_SAMPLING if name in report["modules"]] == []
+
+
 def test_train_freezes_its_imports_and_imports_no_extra(tmp_path):
     """`tinylm train` stopped by a user error right after its imports (no prepared data): the imports
     are frozen, the collector is back on, and no optional extra was imported.

@@ -20,10 +20,9 @@ import functools
 import mmap
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
@@ -40,6 +39,9 @@ from .errors import (
     command_line,
 )
 from .formats import DTYPES, open_tokens
+
+if TYPE_CHECKING:  # imported where used: datasets (and pandas with it) costs a command 0.3 s to import
+    import datasets
 
 
 def resolve(processed_dir: str, data_format: str, tokenizer_kind: str) -> "PreparedData":
@@ -351,6 +353,8 @@ def eval_dataset(stream: TokenStream, *, block_size: int, num_blocks: int) -> da
     The dataset holds only the block offsets (in memory, so nothing is cached on disk and a
     rewritten token file can never come back stale); its transform slices the memory map.
     """
+    import datasets
+
     stream.num_starts(block_size)  # a clear error when the split is shorter than one block
     starts = eval_starts(stream.num_tokens, block_size, num_blocks)
     offsets = datasets.Dataset.from_dict({"start": starts})
@@ -407,6 +411,8 @@ def load_blocks(folder: str | Path = paths.DATA_DIR, *, block_size: int, split: 
     is; `with_format("torch")` gives int64 tensors. The arrow arrays are views of the memory-mapped
     files: nothing is read until a row is, and nothing is written to the `datasets` cache.
     """
+    import pyarrow as pa
+
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
     meta_path = Path(folder) / paths.META_NAME
