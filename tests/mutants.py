@@ -689,6 +689,9 @@ MUTANTS = [
     ("data: datasets imported with tinylm.data", "tinylm/data.py",
      "import numpy as np\nimport torch\n", "import datasets  # noqa: F401\nimport numpy as np\nimport torch\n",
      ["tests/test_startup.py", "-k", "eval_of_a_text"]),
+    ("train: datasets imported after the frozen imports, by the evaluation's set-up", "tinylm/train.py",
+     "        import datasets  # noqa: F401  (the evaluation blocks: tinylm.data imports it only when it builds them)\n",
+     "", ["tests/test_startup.py", "-k", "train"]),
     ("startup: a command's imports not frozen", "tinylm/startup.py",
      "        if _command:\n            gc.freeze()\n", "",
      ["tests/test_startup.py", "-k", "generate"]),
@@ -706,6 +709,7 @@ MUTANTS = [
      ["tests/test_startup.py", "-k", "library"]),
     ("train: the trainer's imports not frozen", "tinylm/train.py",
      "    with startup.heavy_imports():  # the trainer's: accelerate, datasets...\n"
+     "        import datasets  # noqa: F401  (the evaluation blocks: tinylm.data imports it only when it builds them)\n"
      "        from accelerate import PartialState\n\n"
      "        from tinylm.run_folder import EXPORT_NAME, final_checkpoint\n"
      "        from tinylm.trainer import train\n",

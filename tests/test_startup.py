@@ -78,15 +78,17 @@ def test_eval_of_a_text_imports_no_datasets(ckpt, tmp_path):
 
 
 def test_train_freezes_its_imports_and_imports_no_extra(tmp_path):
-    """`tinylm train` stopped by a user error right after its imports (no prepared data): the imports
-    are frozen, the collector is back on, and no optional extra was imported.
+    """`tinylm train` stopped by a user error right after its imports (no prepared data): the imports,
+    datasets among them (the evaluation blocks need it before the first step), are frozen, the
+    collector is back on, and no optional extra was imported.
 
-    Kills: `heavy_imports` dropped around the trainer's imports; the collector left off after them.
+    Kills: `heavy_imports` dropped around the trainer's imports; datasets left to the evaluation's set-up,
+    after them; the collector left off after them.
     """
     report = run_command("train", "--config", str(REPO / "configs" / "baby.toml"),
                          "--processed-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path / "run"))
     assert report["code"] == 2  # the missing data, after the imports
-    assert "tinylm.trainer" in report["modules"]
+    assert "tinylm.trainer" in report["modules"] and "datasets" in report["modules"]
     assert [name for name in NOT_FOR_TRAINING if name in report["modules"]] == []
     assert report["frozen"] >= FROZEN_AT_LEAST
     assert report["collector_on"]

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     with startup.heavy_imports():  # the trainer's: accelerate, datasets...
+        import datasets  # noqa: F401  (the evaluation blocks: tinylm.data imports it only when it builds them)
         from accelerate import PartialState
 
         from tinylm.run_folder import EXPORT_NAME, final_checkpoint
