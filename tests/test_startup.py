@@ -2,7 +2,7 @@
 
 Each command runs in a fresh process through the `tinylm` entry point (`tinylm.cli.main`), which
 then reports what that process holds: the modules imported, how many objects `gc.freeze()` keeps
-off the collector's walks, and whether the collector runs. No timing: the times are in
+off the collector's walks, how many full collections ran, and whether the collector runs. No timing: the times are in
 benchmarks/generate.py and docs/inference-and-demo.md#start-up.
 """
 
@@ -24,13 +24,16 @@ NOT_FOR_SAMPLING = ("datasets", "pandas", "pyarrow", "gradio", "matplotlib", "on
 NOT_FOR_TRAINING = ("gradio", "matplotlib", "onnx", "onnxruntime")
 # torch and transformers' GPT-2 alone build about 580,000 objects; a process that froze nothing has 0.
 FROZEN_AT_LEAST = 100_000
+# Full collections by the time the command returns: 0 here with the collector paused during the imports
+# (1 allowed for the light imports before them); 6 when it walks torch's and transformers' imports.
+FULL_COLLECTIONS_AT_MOST = 1
 
 REPORT = """
 import gc, json, sys
 from tinylm.cli import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "modules": sorted(sys.modules), "frozen": gc.get_freeze_count(),
-                  "collector_on": gc.isenabled()}))
+                  "full_collections": gc.get_stats()[2]["collections"], "collector_on": gc.isenabled()}))
 """
 
 
@@ -49,16 +52,19 @@ def ckpt(tmp_path_factory):
 
 
 def test_generate_imports_only_what_sampling_needs_and_freezes_it(ckpt):
-    """`tinylm generate` samples without importing datasets, pandas, gradio...; the objects its imports
-    built are frozen, and the collector runs again for the sampling.
+    """`tinylm generate` samples without importing datasets, pandas, gradio...; the collector made no
+    full collection over its imports, the objects they built are frozen, and the collector runs again
+    for the sampling.
 
     Kills: an eager `import datasets` in the sampler; the `gc.freeze()` of `heavy_imports` left out, or
-    `command_process()` not called by the entry point; the collector left off after the imports.
+    `command_process()` not called by the entry point; the collector left off after the imports; the
+    sampler imported outside `heavy_imports`.
     """
     report = run_command("generate", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--device", "cpu")
     assert report["code"] == 0
     assert "tinylm.sampler" in report["modules"]
     assert [name for name in NOT_FOR_SAMPLING if name in report["modules"]] == []
+    assert report["full_collections"] <= FULL_COLLECTIONS_AT_MOST
     assert report["frozen"] >= FROZEN_AT_LEAST
     assert report["collector_on"]
 
@@ -78,18 +84,19 @@ def test_eval_of_a_text_imports_no_datasets(ckpt, tmp_path):
 
 
 def test_train_freezes_its_imports_and_imports_no_extra(tmp_path):
-    """`tinylm train` stopped by a user error right after its imports (no prepared data): the imports,
-    datasets among them (the evaluation blocks need it before the first step), are frozen, the
-    collector is back on, and no optional extra was imported.
+    """`tinylm train` stopped by a user error right after its imports (no prepared data): the collector
+    made no full collection over the imports, datasets among them (the evaluation blocks need it before
+    the first step); they are frozen, the collector is back on, and no optional extra was imported.
 
-    Kills: `heavy_imports` dropped around the trainer's imports; datasets left to the evaluation's set-up,
-    after them; the collector left off after them.
+    Kills: `heavy_imports` dropped around the memory module's or the trainer's imports; datasets left to
+    the evaluation's set-up, after them.
     """
     report = run_command("train", "--config", str(REPO / "configs" / "baby.toml"),
                          "--processed-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path / "run"))
     assert report["code"] == 2  # the missing data, after the imports
     assert "tinylm.trainer" in report["modules"] and "datasets" in report["modules"]
     assert [name for name in NOT_FOR_TRAINING if name in report["modules"]] == []
+    assert report["full_collections"] <= FULL_COLLECTIONS_AT_MOST
     assert report["frozen"] >= FROZEN_AT_LEAST
     assert report["collector_on"]
 
