@@ -19,7 +19,7 @@ import pytest
 import torch
 from accelerate.commands.estimate import estimate_training_usage
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from training_helpers import REPO, make_trainer, run, train_error_in_process, write_config
+from training_helpers import REPO, make_trainer, run, train_here, write_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tinylm import memory
@@ -175,12 +175,12 @@ def test_a_run_that_does_not_fit_stops_before_its_first_step_and_loses_nothing(p
     skipped on the CPU when a limit is given; the shortfall computed the other way round."""
     config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", model={"n_layer": 3},
                           training={"max_iters": 2})
-    fits = train_error_in_process(config, "--memory", "1GB", capsys=capsys)
+    fits = train_here(config, "--memory", "1GB", capsys=capsys, check=False)
     assert fits.returncode == 0, fits.stderr
     peak_mib = float(re.search(r"^memory: about ([\d.]+) MiB at the peak", fits.stdout, re.M).group(1))
     before = snapshot(tmp_path / "ckpt")
     limit_mib = round(peak_mib * 0.9, 2)
-    refused = train_error_in_process(config, "--memory", f"{limit_mib}MB", "--overwrite", capsys=capsys)
+    refused = train_here(config, "--memory", f"{limit_mib}MB", "--overwrite", capsys=capsys, check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     (line,) = refused.stderr.splitlines()
     needs, short = (float(x) for x in re.search(

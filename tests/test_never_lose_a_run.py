@@ -17,7 +17,7 @@ import time
 
 import pytest
 from training_helpers import (
-    REPO, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, read_log, run, start_slow, train, train_error_in_process,
+    REPO, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, read_log, run, start_slow, train, train_here,
     write_config,
 )
 
@@ -124,15 +124,15 @@ def test_not_a_checkpoint_is_not_called_dangerous(prepared, tmp_path, capsys):
     noise = tmp_path / "noise.pt"
     noise.write_bytes(os.urandom(4096))
     for path in (noise, tmp_path / "ckpt" / "train_log.json"):
-        result = train_error_in_process(config, "--resume", str(path), capsys=capsys)
+        result = train_here(config, "--resume", str(path), capsys=capsys, check=False)
         assert_clean_error(result, str(path), "is not a checkpoint", "--resume")
         assert "could run code" not in result.stderr
     truncated = tmp_path / "truncated.pt"
     whole = (tmp_path / "ckpt" / "ckpt_last.pt").read_bytes()
     truncated.write_bytes(whole[: len(whole) // 2])
-    assert_clean_error(train_error_in_process(config, "--resume", str(truncated), capsys=capsys),
+    assert_clean_error(train_here(config, "--resume", str(truncated), capsys=capsys, check=False),
                        "truncated or damaged")
-    missing = train_error_in_process(config, "--resume", str(tmp_path / "nope.pt"), capsys=capsys)
+    missing = train_here(config, "--resume", str(tmp_path / "nope.pt"), capsys=capsys, check=False)
     assert_clean_error(missing, "does not exist", "--resume")
     assert "--checkpoint" not in missing.stderr
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import WORDS, load_checkpoint, make_trainer, train_error_in_process, write_config
+from training_helpers import WORDS, load_checkpoint, make_trainer, train_here, write_config
 
 from tinylm import prepare
 from tinylm.config import MAX_SEED, load_config
@@ -317,8 +317,8 @@ def test_a_run_that_pushes_without_a_license_is_warned_at_the_start(data, tmp_pa
         (folder / "ckpt").mkdir(parents=True)
         (folder / "ckpt" / "train_log.json").write_text("{}")
         hub = {"repo_id": "someone/tiny"} | ({"license": license} if license else {})
-        result = train_error_in_process(write_config(folder / "run.toml", data, folder / "ckpt", hub=hub),
-                                        capsys=capsys)
+        result = train_here(write_config(folder / "run.toml", data, folder / "ckpt", hub=hub), capsys=capsys,
+                            check=False)
         assert result.returncode == 2 and "already holds a training run" in result.stderr
         assert ("warning: hub.license is not set, so the model card pushed to someone/tiny" in result.stdout) is warned
 

@@ -104,16 +104,36 @@ def train(config: Path, *flags: str, check: bool = True, **kwargs) -> subprocess
     return run([sys.executable, str(TRAIN_SCRIPT), "--config", str(config), *flags], check=check, **kwargs)
 
 
-def train_error_in_process(config: Path, *flags: str, capsys) -> subprocess.CompletedProcess:
-    """`tinylm train --config CONFIG FLAGS...` through its entry point in this process, for a run that must
-    stop with a user error before any training (no Trainer is built, so no accelerate state is left)."""
-    from tinylm import train as train_module
+def cli_here(main, argv: list, capsys, *, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """A tinylm command's `main(argv)` through its entry point (`errors.run_cli`) in this process, as
+    `CompletedProcess(argv, exit code, stdout, stderr)`: what `python -m tinylm.X ARGV` gives, without a
+    fresh interpreter's 2-3 s of imports (most of this suite's time, run by run). accelerate's per-process
+    state is reset after, so the next command picks its own device and precision. What only a process
+    shows (signals, its exit, several processes, a fresh interpreter's imports, environment variables
+    read at import) needs `run`."""
+    from accelerate.state import AcceleratorState
+
     from tinylm.errors import run_cli
 
-    argv = ["--config", str(config), *flags]
-    code = run_cli(train_module.main, argv)
+    argv = [str(arg) for arg in argv]
+    capsys.readouterr()  # what the test printed before is not the command's
+    try:
+        with contextlib.chdir(cwd or Path.cwd()):
+            code = run_cli(main, argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     out, err = capsys.readouterr()
+    if check and code != 0:
+        raise AssertionError(f"{argv} exited {code}\n{out}\n{err}")
     return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def train_here(config: Path, *flags: str, capsys, check: bool = True, cwd: Path | None = None
+               ) -> subprocess.CompletedProcess:
+    """`tinylm train --config CONFIG FLAGS...` in this process (`cli_here`); `train` runs it in a fresh one."""
+    from tinylm import train as train_module
+
+    return cli_here(train_module.main, ["--config", config, *flags], capsys, check=check, cwd=cwd)
 
 
 # Runs `python -m tinylm.prepare ARGS` and prints the process's peak resident memory (VmHWM) on exit.
