@@ -726,6 +726,9 @@ MUTANTS = [
      "    from tinylm.run_folder import EXPORT_NAME, final_checkpoint\n"
      "    from tinylm.trainer import train\n",
      ["tests/test_startup.py", "-k", "train"]),
+    ("hardware: the probe takes a block's time from the cold first calls", "tinylm/hardware.py",
+     "for context in (*contexts, contexts[0]))", "for context in contexts)",
+     ["tests/test_speed.py", "-k", "slow_first_call"]),
 ]
 
 

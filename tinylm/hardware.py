@@ -215,7 +215,9 @@ def _step_speedups(onednn: CpuMatmul, forward_backward: Callable[[int], object],
             return time.perf_counter() - started
 
     contexts = (contextlib.nullcontext, onednn.active)
-    one_block = min(seconds(context, 1, 1) for context in contexts)  # also the warm-up: oneDNN builds its kernels
+    # A backend's first call is also its warm-up (autograd's first backward, oneDNN building its kernels), which
+    # can take several times a block: the default's second call says how long a block takes.
+    one_block = min(seconds(context, 1, 1) for context in (*contexts, contexts[0]))
     if 2 * PROBE_ROUNDS[0] * one_block > PROBE_BUDGET_S:
         return None
     blocks = max(1, min(rows, int(PROBE_STEP_S / one_block)))
