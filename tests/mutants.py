@@ -729,6 +729,9 @@ MUTANTS = [
     ("hardware: the probe takes a block's time from the cold first calls", "tinylm/hardware.py",
      "for context in (*contexts, contexts[0]))", "for context in contexts)",
      ["tests/test_speed.py", "-k", "slow_first_call"]),
+    ("memory: a LoRA run estimated as a full fine-tune", "tinylm/memory.py",
+     "world_size=world_size, trainable=trainable))", "world_size=world_size))",
+     ["tests/test_lora.py", "-k", "memory_estimate"]),
 ]
 
 

@@ -203,6 +203,31 @@ def test_lora_comes_near_full_fine_tuning_on_the_same_steps(world, lora_run, tmp
     assert start - lora_loss > 0.5 * (start - full_loss)
 
 
+def test_a_lora_runs_memory_estimate_is_its_step_peak(world, tmp_path, fresh_accelerate_state):
+    """The run's estimate (the banner's, the dry run's) keeps gradients and AdamW moments for the adapters
+    only: within 2% of the tensor bytes a real LoRA step holds at its peak, adapters on every layer kind and
+    no adapter dropout (docs/small-gpu.md gives the cases it is further from).
+
+    Kills: "memory: a LoRA run estimated as a full fine-tune" (12-30% over in the shapes of docs/small-gpu.md).
+    """
+    from tinylm import memory
+    from tinylm.compat import TensorBytes
+
+    trainer = Trainer(load_config(write_run(tmp_path, world, adapters={**ADAPTERS, "lora_dropout": 0.0},
+                                            grad_accum_steps=2)))
+    trainer.close()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainer.train_step(0)
+    with TensorBytes() as counted:
+        trainer.train_step(1)
+    held = sum(p.nbytes for p in model.parameters()) + sum(
+        value.nbytes for state in trainer.optimizer.state.values() for name, value in state.items() if name != "step")
+    found = memory.of_run(trainer.config, model.config, device="cpu", precision="fp32",
+                          cpu_matmul=trainer.cpu_matmul.backend)
+    assert found.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert found.peak == pytest.approx(held + counted.peak, rel=0.02)
+
+
 def test_gradient_checkpointing_with_lora_trains_as_without(world, tmp_path):
     """transformers' activation checkpointing on the peft model: every block checkpointed (the adapters' dropout
     masks drawn again alike), and the same losses to float rounding as the run without it."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2Config
 
-from . import data, pretrained
+from . import data, lora, pretrained
 from .checkpoint import started_cpu_matmul
 from .config import SCRATCH, Config
 from .errors import UserError
@@ -230,9 +230,11 @@ def step_for(config: Config, *, device: str, precision: str, cpu_matmul: str, wo
 
 def of_run(config: Config, shape: GPT2Config, *, device: str, precision: str, cpu_matmul: str,
            world_size: int = 1) -> Estimate:
-    """The estimate for a run of `config` on a model of `shape` (see `step_for`)."""
+    """The estimate for a run of `config` on a model of `shape` (see `step_for`); a LoRA run keeps gradients
+    and moments for its adapters only."""
+    trainable = lora.trainable_parameters(config.lora, shape.n_layer, shape.n_embd) if config.lora.enabled else None
     return estimate(shape, step_for(config, device=device, precision=precision, cpu_matmul=cpu_matmul,
-                                    world_size=world_size))
+                                    world_size=world_size, trainable=trainable))
 
 
 def parse_size(text: str, flag: str = "--memory") -> int:
