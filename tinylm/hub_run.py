@@ -2,7 +2,7 @@
 `checkpoints` of `[hub] repo_id` as it trains, and `tinylm train --resume OWNER/NAME[@REVISION]` brings
 them back, on any machine.
 
-Pushing (`HubPusher`, main process). After each save the trainer hands over the run's files:
+Pushing (`HubPusher`, main process). After each save `run_writer` hands over the run's files:
 ckpt_last.pt and ckpt_best.pt when they changed since the last push that got through, and always
 train_log.json and metrics.jsonl. They are staged at once in out_dir/.hub-uploads (a hard link to a
 checkpoint, which the next save replaces with a new file and never rewrites; a copy of the logs) and

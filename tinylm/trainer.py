@@ -30,7 +30,6 @@ from .hardware import (
     device_peak_flops,
     use_compile,
 )
-from .hub_run import HubPusher, check_can_push
 from .interrupts import InterruptFlag
 from .model import build_optimizer, flops_per_token, per_block_loss, run_model
 from .paths import BEST_NAME, LAST_NAME
@@ -76,11 +75,8 @@ class Trainer:
         if isinstance(resume, (str, Path)):
             resume = Loaded(Path(resume), checkpoint.load(resume, flag="--resume"))
         check_seed_fits(training.seed, self.accelerator.num_processes)
-        self.writer = RunWriter(self.accelerator, self.out_dir)
-        check_can_push(config.hub, sharded=self.writer.sharded)
+        self.writer = RunWriter(self.accelerator, self.out_dir, config.hub)
         self.writer.claim(resumed_from=resume.path if resume else None, overwrite=overwrite, say=self.print)
-        # The Hub as the run's home: its files pushed after each save, in the background (main process).
-        self.pusher = HubPusher(config.hub, self.out_dir) if config.hub.push_checkpoints and self.is_main else None
         try:
             self._set_up(resume)
         except BaseException:
@@ -160,11 +156,7 @@ class Trainer:
     def close(self) -> None:
         """Wait for the last upload to the Hub, then let another run use out_dir (fit does this at its end;
         call it for a Trainer never fitted)."""
-        try:
-            if self.pusher is not None:
-                self.pusher.close(say=self.print)
-        finally:
-            self.writer.close()
+        self.writer.close(say=self.print)
 
     def _fit(self) -> dict:
         training = self.config.training
@@ -309,8 +301,7 @@ class Trainer:
         state.records.append(record)
         log.evaluation(record, improved)
         self._save([LAST_NAME, BEST_NAME] if improved and training.save_best else [LAST_NAME], val_loss)
-        if self.pusher is not None:
-            self.pusher.report(say=log.write)
+        self.writer.report(say=log.write)
         stop = training.early_stopping and state.evals_without_improvement >= training.early_stopping_patience
         if stop:
             log.write(run_report.early_stopping_line(step, state, training.early_stopping_min_delta))
@@ -343,8 +334,6 @@ class Trainer:
 
         train_log = {"config": self.config.to_dict(), "records": self.state.records, "summary": summary}
         self.writer.save(names, self.model, self.optimizer.optimizer, payload, train_log, step=self.state.iter)
-        if self.pusher is not None:
-            self.pusher.push(self.state.iter, train_log)
 
     # ------------------------------------------------------------------ resume
 
