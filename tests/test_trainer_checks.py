@@ -411,7 +411,7 @@ def test_evaluation_builds_no_autograd_graph(data, tmp_path):
     """Every forward of an evaluation runs with autograd off (no graph kept: the memory of a training
     step for nothing).
 
-    Kills: @torch.no_grad() removed from `evaluate`.
+    Kills: @torch.no_grad() removed from `run_eval.Evaluation.losses`.
     """
     trainer = make_trainer(data, tmp_path, max_iters=1)
     trainer.close()

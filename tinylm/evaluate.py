@@ -14,8 +14,8 @@ How a text is scored (docs/inference-and-demo.md, "Scoring a model"):
   targets spell (special tokens spell none). Unlike a loss per token, it does not depend on how
   the tokenizer cuts the text, so a char model and a BPE model on the same text compare.
 
-`--blocks training` scores instead the blocks training evaluates (`data.eval_dataset`), as
-`Trainer.evaluate` does, so the loss is the run's recorded val_loss.
+`--blocks training` scores instead the blocks a training run evaluates (`data.eval_dataset`, as
+`run_eval` does), so the loss is the run's recorded val_loss.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def batches_to_score(args, text, model, tokenizer, run_config, counts):
     if args.blocks == "all":
         reader = prepared_reader(stream, bos)
         return window_batches(reader, stream.num_tokens + 1, context, stride, batch_size), context, stride
-    # Exactly what the Trainer's evaluation serves (data.eval_loader): the run's block_size and
+    # Exactly what a run's evaluation serves (run_eval.loaders): the run's block_size and
     # eval_iters * batch_size blocks.
     training, block_size = run_config["training"], run_config["model"]["block_size"]
     blocks = data.eval_dataset(stream, block_size=block_size, num_blocks=training["eval_iters"] * training["batch_size"])

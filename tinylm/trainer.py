@@ -1,7 +1,8 @@
 """The training loop: a GPT2LMHeadModel trained in a custom loop driven by `accelerate`.
 
 The accelerate calls appear explicitly and in order: `prepare`, `accumulate`,
-`backward`, `sync_gradients` / `clip_grad_norm_`, `gather_for_metrics`.
+`backward`, `sync_gradients` / `clip_grad_norm_`; the evaluation's `gather_for_metrics` is in
+`tinylm.run_eval`.
 Everything here works unchanged on one process or many: batches are a pure
 function of (seed, rank, step, micro_step), only the main process writes files
 and prints, and every rank takes the same stop decisions.
@@ -18,10 +19,10 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.distributed.tensor import DTensor
 
-from . import checkpoint, data, lora, memory, run_report, sampler, shards
+from . import checkpoint, data, lora, memory, run_eval, run_report, shards
 from .checkpoint import Loaded, RunState
 from .compat import checkpoint_activations, close_process_group_at_exit, skip_next_step_where
-from .config import Config, Sampling, check_seed_fits
+from .config import Config, check_seed_fits
 from .hardware import (
     Hardware,
     cpu_matmul_for_run,
@@ -130,11 +131,10 @@ class Trainer:
             # state dict keeps transformers' names ("_orig_mod." would break every checkpoint).
             model.compile()
         optimizer = build_optimizer(model, training)
-        eval_loaders = [data.eval_loader(tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
-                                         num_blocks=training.eval_iters * training.batch_size)
-                        for tokens in (self.train_tokens, self.val_tokens)]
-        self.model, self.optimizer, train_eval, val_eval = self.accelerator.prepare(model, optimizer, *eval_loaders)
-        self.eval_loaders = {"train": train_eval, "val": val_eval}
+        eval_loaders = run_eval.loaders(self.config, {"train": self.train_tokens, "val": self.val_tokens})
+        self.model, self.optimizer, *prepared = self.accelerator.prepare(model, optimizer, *eval_loaders.values())
+        self.evaluation = run_eval.Evaluation(dict(zip(eval_loaders, prepared)), self.accelerator, training,
+                                              self.tokenizer, self.cpu_matmul)
         if resume:
             self._restore(resume)
         # Built for this config at the step the run is at: the schedule is a function of the step,
@@ -271,18 +271,9 @@ class Trainer:
         due = step % training.eval_interval == 0 or step >= training.max_iters
         return due and not self.state.logged(step)
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed evaluation blocks of each split, gathered from all processes."""
-        self.model.eval()
-        losses = {}
-        with self.cpu_matmul.active():
-            for split, loader in self.eval_loaders.items():
-                per_block = [self.accelerator.gather_for_metrics(per_block_loss(self.model, batch["input_ids"]))
-                             for batch in loader]
-                losses[split] = torch.cat(per_block).float().mean().item()
-        self.model.train()
-        return losses
+        """Mean loss over the fixed evaluation blocks of each split (`run_eval.Evaluation.losses`)."""
+        return self.evaluation.losses(self.model)
 
     def _evaluate_and_checkpoint(self, step: int, log: RunLog) -> bool:
         """Evaluate at `step`, log, save checkpoints; return True when early stopping says stop."""
@@ -295,7 +286,7 @@ class Trainer:
         record = run_report.eval_record(step, losses, lr=self.scheduler.get_last_lr()[0],
                                         tokens_seen=step * self.tokens_per_step, elapsed_s=state.elapsed_s,
                                         tokens_per_s=log.progress.tokens_per_s)
-        sample = self._sample()
+        sample = self.evaluation.sample(self.model)
         if sample is not None:
             record["sample"] = sample
         state.records.append(record)
@@ -306,21 +297,6 @@ class Trainer:
         if stop:
             log.write(run_report.early_stopping_line(step, state, training.early_stopping_min_delta))
         return stop
-
-    def _sample(self) -> str | None:
-        """The evaluation's sample (main process): the prompt and what the model writes after it, seeded.
-
-        Its own random generator leaves training's untouched, so a run with samples trains
-        exactly like one without. Not under FSDP, where no process holds the whole model.
-        """
-        training = self.config.training
-        if not run_report.samples_here(training.eval_sample_tokens, self.is_main, self.accelerator.distributed_type):
-            return None
-        with self.cpu_matmul.active():
-            written = sampler.complete(lora.gpt2_of(self.accelerator.unwrap_model(self.model)), self.tokenizer,
-                                       training.eval_sample_prompt,
-                                       Sampling(max_new_tokens=training.eval_sample_tokens), seed=training.seed)
-        return training.eval_sample_prompt + written
 
     def _save(self, names: list[str], val_loss: float | None, summary: dict | None = None) -> None:
         """One checkpoint under each of `names`, then train_log.json; see `RunWriter.save`."""
