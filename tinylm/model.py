@@ -7,7 +7,8 @@ import dataclasses
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from . import pretrained
+from . import checkpoint, lora, pretrained
+from .compat import checkpoint_activations
 from .config import SCRATCH, SHAPE_KEYS, Config, ModelConfig, TrainingConfig
 from .errors import UserError, command_line
 from .hub_names import is_local
@@ -75,8 +76,31 @@ def fitted_config(config: Config, pretrained: GPT2Config) -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, block_size=block_size, **shape))
 
 
-def run_model(config: Config, data, tokenizer, resumed: dict | None) -> tuple[GPT2LMHeadModel, Config, str | None]:
-    """The model a run trains, the run's config fitted to it, and the Hub model it fine-tunes.
+def run_model(config: Config, data, tokenizer, resumed: dict | None, *, sharded: bool
+              ) -> tuple[torch.nn.Module, Config, str | None]:
+    """The model a run trains, the run's config fitted to it, and the Hub model it fine-tunes (`base_model`).
+
+    With LoRA, the peft model of it with its adapters (those of `resumed`, the checkpoint being
+    resumed, whose weights and settings are checked against this run's first); with
+    training.gradient_checkpointing, its activations checkpointed.
+    """
+    if resumed:
+        checkpoint.check_same_origin(resumed, config.model, data, tokenizer)
+    model, config, base_model = base_model_of_run(config, data, tokenizer, resumed)
+    if resumed:
+        checkpoint.check_resumable(resumed, model.config, config.lora, config.training.max_iters)
+        checkpoint.check_optimizer_fits(resumed, sharded_run=sharded)
+        model.load_state_dict(resumed["model"])
+    model = lora.adapt(model, config.lora, resumed.get("adapter") if resumed else None)
+    if config.training.gradient_checkpointing:
+        checkpoint_activations(model)
+    return model, config, base_model
+
+
+def base_model_of_run(config: Config, data, tokenizer, resumed: dict | None
+                      ) -> tuple[GPT2LMHeadModel, Config, str | None]:
+    """The GPT-2 a run trains (before adapters and weights from a checkpoint), the run's config fitted to it,
+    and the Hub model it fine-tunes.
 
     A new GPT-2 of the config's shape, or the pretrained one `model.init_from` names (whose
     tokenizer must be the one `data`, a `data.PreparedData`, was prepared with); a resumed

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from . import checkpoint, data, lora, memory, run_eval, run_report, shards
 from .checkpoint import Loaded, RunState
-from .compat import checkpoint_activations, close_process_group_at_exit, skip_next_step_where
+from .compat import close_process_group_at_exit, skip_next_step_where
 from .config import Config, check_seed_fits
 from .hardware import (
     Hardware,
@@ -105,16 +105,8 @@ class Trainer:
         self.state = RunState()
         # Seeds differ per process, so dropout masks differ across ranks like their batches do.
         set_seed(training.seed, device_specific=True)
-        if resumed:
-            checkpoint.check_same_origin(resumed, self.config.model, self.data, self.tokenizer)
-        model, self.config, self.base_model = run_model(self.config, self.data, self.tokenizer, resumed)
-        if resumed:
-            checkpoint.check_resumable(resumed, model.config, self.config.lora, training.max_iters)
-            checkpoint.check_optimizer_fits(resumed, sharded_run=self.writer.sharded)
-            model.load_state_dict(resumed["model"])
-        model = lora.adapt(model, self.config.lora, resumed.get("adapter") if resumed else None)
-        if training.gradient_checkpointing:
-            checkpoint_activations(model)
+        model, self.config, self.base_model = run_model(self.config, self.data, self.tokenizer, resumed,
+                                                        sharded=self.writer.sharded)
         self.batches = data.TrainBatches(
             self.train_tokens, block_size=self.config.model.block_size, batch_size=training.batch_size,
             seed=training.seed, grad_accum_steps=training.grad_accum_steps,
