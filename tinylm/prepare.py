@@ -259,7 +259,21 @@ def abridged(names: list[str], meta: dict) -> list[str]:
 
 
 def check_options(args: argparse.Namespace) -> Settings:
-    """Refuse bad flag values before any work is done."""
+    """Refuse bad flag values before any work is done; the settings they make."""
+    check_source_flags(args)
+    check_shard_flags(args)
+    shard_tokens = formats.DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
+    val_fraction = args.val_fraction if args.dataset or args.val_fraction is not None else DEFAULT_VAL_FRACTION
+    sample = args.tokenizer_sample
+    if sample is None and args.streaming:
+        sample = STREAMING_TOKENIZER_SAMPLE
+    settings = Settings(args.tokenizer, None, args.format, shard_tokens, val_fraction, sample, args.num_proc,
+                        args.from_model, args.revision)
+    return with_tokenizer_flags(args, settings)
+
+
+def check_source_flags(args: argparse.Namespace) -> None:
+    """What to read (--input, one --dataset or a mix) and where validation comes from."""
     if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise UserError(
             f"--val-fraction {args.val_fraction} is out of range: it must be between 0 and 1 "
@@ -291,6 +305,10 @@ def check_options(args: argparse.Namespace) -> Settings:
     if args.num_proc and args.streaming:
         raise UserError("--num-proc applies to a map over a whole dataset, not to --streaming, which tokenizes "
                         "as it reads (on every core through tokenizers): drop one of them")
+
+
+def check_shard_flags(args: argparse.Namespace) -> None:
+    """--shard-tokens: bin only, at least one token a shard."""
     if args.shard_tokens is not None:
         if args.format != "bin":
             raise UserError(
@@ -302,13 +320,10 @@ def check_options(args: argparse.Namespace) -> Settings:
                 f"--shard-tokens {args.shard_tokens} is out of range: a shard holds at least 1 token; "
                 f"the default is {formats.DEFAULT_SHARD_TOKENS}"
             )
-    shard_tokens = formats.DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
-    val_fraction = args.val_fraction if args.dataset or args.val_fraction is not None else DEFAULT_VAL_FRACTION
-    sample = args.tokenizer_sample
-    if sample is None and args.streaming:
-        sample = STREAMING_TOKENIZER_SAMPLE
-    settings = Settings(args.tokenizer, None, args.format, shard_tokens, val_fraction, sample, args.num_proc,
-                        args.from_model, args.revision)
+
+
+def with_tokenizer_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    """`settings` with the tokenizer flags checked (--tokenizer, --vocab-size, --from, --revision) and applied."""
     if args.tokenizer == "pretrained":
         if not args.from_model:
             raise UserError("--tokenizer pretrained needs --from MODEL: the Hub id or folder of the model you "
