@@ -25,8 +25,7 @@ def snapshot():
     return take
 
 
-@pytest.fixture
-def one_torch_thread():
+def one_thread():
     """One intra-op thread for tests that train tiny models in process: on a busy 2-core machine two
     threads spent most of each step waiting for each other (a step took ~25x longer)."""
     import torch
@@ -35,6 +34,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+one_torch_thread = pytest.fixture(one_thread, name="one_torch_thread")
+# The same for a whole module, its module-scoped fixtures (a shared run, a pretrained base) included.
+one_torch_thread_per_module = pytest.fixture(one_thread, scope="module", name="one_torch_thread_per_module")
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -17,6 +18,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tinylm" / "train.py"
 SLOW_TRAIN = REPO / "tests" / "slow_train.py"
+
+# The environment of a training subprocess on one thread, as the runs in the test's own process (conftest's
+# one_torch_thread): their numbers agree bit for bit (on two threads torch sums in another order, and the last
+# digits differ), and on a busy machine its threads do not wait for each other.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 # A model and a run small enough to train in a few seconds on 2 CPU cores.
 TINY = {
@@ -52,6 +58,15 @@ def prepare(corpus: Path, out: Path, *, tokenizer: str = "char", fmt: str = "bin
     """Run `python -m tinylm.prepare` on `corpus` into `out`."""
     return run([sys.executable, "-m", "tinylm.prepare", "--input", str(corpus), "--tokenizer", tokenizer,
                 "--format", fmt, "--out", str(out)], check=True)
+
+
+def prepare_here(corpus: Path, out: Path, *, capsys=None, tokenizer: str = "char", fmt: str = "bin"
+                 ) -> subprocess.CompletedProcess:
+    """`prepare`, in this process (`cli_here`)."""
+    from tinylm import prepare as prepare_module
+
+    return cli_here(prepare_module.main, ["--input", corpus, "--tokenizer", tokenizer, "--format", fmt, "--out", out],
+                    capsys, check=True)
 
 
 def write_config(path: Path, processed_dir: Path, out_dir: Path, **sections) -> Path:
@@ -104,31 +119,45 @@ def train(config: Path, *flags: str, check: bool = True, **kwargs) -> subprocess
     return run([sys.executable, str(TRAIN_SCRIPT), "--config", str(config), *flags], check=check, **kwargs)
 
 
-def cli_here(main, argv: list, capsys, *, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli_here(main, argv: list, capsys=None, *, check: bool = False, cwd: Path | None = None
+             ) -> subprocess.CompletedProcess:
     """A tinylm command's `main(argv)` through its entry point (`errors.run_cli`) in this process, as
     `CompletedProcess(argv, exit code, stdout, stderr)`: what `python -m tinylm.X ARGV` gives, without a
     fresh interpreter's 2-3 s of imports (most of this suite's time, run by run). accelerate's per-process
     state is reset after, so the next command picks its own device and precision. What only a process
     shows (signals, its exit, several processes, a fresh interpreter's imports, environment variables
-    read at import) needs `run`."""
+    read at import) needs `run`. `capsys` is the test's; a fixture wider than a test, which has none,
+    passes None and the output is caught here (sys.stdout and sys.stderr, as capsys does)."""
     from accelerate.state import AcceleratorState
 
     from tinylm.errors import run_cli
 
     argv = [str(arg) for arg in argv]
-    capsys.readouterr()  # what the test printed before is not the command's
+    out, err = io.StringIO(), io.StringIO()
+    if capsys is None:
+        catching = redirected(out, err)
+    else:
+        capsys.readouterr()  # what the test printed before is not the command's
+        catching = contextlib.nullcontext()
     try:
-        with contextlib.chdir(cwd or Path.cwd()):
+        with contextlib.chdir(cwd or Path.cwd()), catching:
             code = run_cli(main, argv)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    out, err = capsys.readouterr()
+    out, err = (out.getvalue(), err.getvalue()) if capsys is None else capsys.readouterr()
     if check and code != 0:
         raise AssertionError(f"{argv} exited {code}\n{out}\n{err}")
     return subprocess.CompletedProcess(argv, code, out, err)
 
 
-def train_here(config: Path, *flags: str, capsys, check: bool = True, cwd: Path | None = None
+@contextlib.contextmanager
+def redirected(out: io.StringIO, err: io.StringIO):
+    """sys.stdout into `out` and sys.stderr into `err` for the block (what capsys catches)."""
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield
+
+
+def train_here(config: Path, *flags: str, capsys=None, check: bool = True, cwd: Path | None = None
                ) -> subprocess.CompletedProcess:
     """`tinylm train --config CONFIG FLAGS...` in this process (`cli_here`); `train` runs it in a fresh one."""
     from tinylm import train as train_module
