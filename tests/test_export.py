@@ -16,6 +16,7 @@ from helpers_checkpoint import BLOCK_SIZE, TEXT, assert_one_line_error, save_che
 from huggingface_hub import ModelCard, constants
 from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
+from training_helpers import cli_here
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from tinylm import checkpoint, export, model as tinymodel, sampler, tokenizer as tok
@@ -34,6 +35,7 @@ RECORDS = [
      "elapsed_s": i / 10, "tokens_per_s": 1920.0}
     for i, loss in ((0, 3.4012), (30, 1.9876), (60, 1.2345), (90, 1.3010))
 ]
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,15 @@ def current_umask() -> int:
     return mask
 
 
-def run_export(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_export(*args) -> subprocess.CompletedProcess:
+    """`python -m tinylm.export ARGS` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "tinylm.export", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env)
+                          text=True, timeout=300)
+
+
+def export_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`tinylm export ARGS` in this process (`cli_here`): the tests below are not about the process."""
+    return cli_here(export.main, list(args), capsys)
 
 
 def sample_ids(tokenizer) -> torch.Tensor:
@@ -363,12 +371,11 @@ def test_the_card_publishes_no_local_path_wherever_export_runs(tmp_path, trained
     assert cards[0] == cards[1]
 
 
-def test_base_model_names_the_hub_model_of_a_local_folder(tmp_path, trained, empty_hub_cache):
+def test_base_model_names_the_hub_model_of_a_local_folder(tmp_path, trained, empty_hub_cache, capsys):
     path = checkpoint_with(tmp_path / "ckpt.pt", trained, model={"init_from": "/home/me/models/tiny"},
                            source=LOCAL_SOURCE)
-    env = {**os.environ, "HF_HUB_CACHE": str(empty_hub_cache), "HF_HUB_OFFLINE": "1"}
-    result = run_export("--checkpoint", path, "--out", tmp_path / "out", "--base-model", "openai-community/gpt2",
-                        env=env)
+    result = export_here(capsys, "--checkpoint", path, "--out", tmp_path / "out", "--base-model",
+                         "openai-community/gpt2")
     assert result.returncode == 0, result.stderr
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.base_model == "openai-community/gpt2"
@@ -376,7 +383,7 @@ def test_base_model_names_the_hub_model_of_a_local_folder(tmp_path, trained, emp
     assert f"fine-tuned from {link} with tinylm" in card.text and f"| fine-tuned from | {link} |" in card.text
     assert "/home/me" not in (tmp_path / "out" / "README.md").read_text()
     # Without the flag: no base model, and a note on how to name one.
-    result = run_export("--checkpoint", path, "--out", tmp_path / "plain", env=env)
+    result = export_here(capsys, "--checkpoint", path, "--out", tmp_path / "plain")
     assert result.returncode == 0, result.stderr
     assert "not a Hub model in this machine's Hugging Face cache" in result.stderr and "--base-model" in result.stderr
     assert ModelCard.load(tmp_path / "plain" / "README.md").data.base_model is None
@@ -386,9 +393,9 @@ def test_base_model_names_the_hub_model_of_a_local_folder(tmp_path, trained, emp
     ("./tiny", "is not a Hub model id"),
     ("gpt2", "was trained from scratch"),
 ], ids=["a-path", "from-scratch"])
-def test_a_base_model_that_cannot_be_is_one_line(tmp_path, ckpt, base_model, needle):
+def test_a_base_model_that_cannot_be_is_one_line(tmp_path, ckpt, base_model, needle, capsys):
     out = tmp_path / "out"
-    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out, "--base-model", base_model),
+    assert_one_line_error(export_here(capsys, "--checkpoint", ckpt, "--out", out, "--base-model", base_model),
                           "--base-model", needle)
     assert not out.exists()
 
@@ -500,18 +507,19 @@ def test_a_folder_transformers_cannot_load_is_named_with_its_reason(tmp_path):
     assert str(refused.value) == f"{tmp_path} does not load with transformers: {raised.value}"
 
 
-def test_cli_refuses_a_non_empty_out_and_force_replaces_an_earlier_export(tmp_path, ckpt, snapshot):
+def test_cli_refuses_a_non_empty_out_and_force_replaces_an_earlier_export(tmp_path, ckpt, snapshot, capsys):
     out = tmp_path / "exported" / "runs" / "model"  # two folders to create
-    first = run_export("--checkpoint", ckpt, "--out", out)
+    first = export_here(capsys, "--checkpoint", ckpt, "--out", out)
     assert first.returncode == 0, first.stderr
     assert "model.safetensors" in first.stdout and "Traceback" not in first.stderr
     before = snapshot(out)
 
+    # The command as a user types it, in its own process: exit 2, one line, no traceback.
     refused = run_export("--checkpoint", ckpt, "--out", out)
     assert_one_line_error(refused, str(out), "--force")
     assert snapshot(out) == before
 
-    replaced = run_export("--checkpoint", ckpt, "--out", out, "--force")
+    replaced = export_here(capsys, "--checkpoint", ckpt, "--out", out, "--force")
     assert replaced.returncode == 0, replaced.stderr
     after = snapshot(out)
     assert after.keys() == before.keys()
@@ -519,12 +527,13 @@ def test_cli_refuses_a_non_empty_out_and_force_replaces_an_earlier_export(tmp_pa
     assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no temp or retired folders left
 
 
-def test_force_never_replaces_a_folder_that_is_not_an_export(tmp_path, ckpt, snapshot):
+def test_force_never_replaces_a_folder_that_is_not_an_export(tmp_path, ckpt, snapshot, capsys):
     out = tmp_path / "notes"
     out.mkdir()
     (out / "thesis.txt").write_text("months of work")
     before = snapshot(out)
-    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out, "--force"), str(out), "not an earlier export")
+    assert_one_line_error(export_here(capsys, "--checkpoint", ckpt, "--out", out, "--force"), str(out),
+                          "not an earlier export")
     assert snapshot(out) == before
 
 
@@ -549,38 +558,39 @@ def write_checkpoint_with_tokenizer(tmp_path: Path, stored: dict) -> Path:
     (lambda tmp: write_checkpoint_with_tokenizer(tmp, {"kind": "char", "path": "", "json": "{not json"}),
      "holds a tokenizer that does not parse"),
 ], ids=["missing", "folder", "not-a-checkpoint", "no-tokenizer", "tokenizer-does-not-parse"])
-def test_bad_checkpoints_give_one_line_and_write_nothing(tmp_path, make_checkpoint, needle):
+def test_bad_checkpoints_give_one_line_and_write_nothing(tmp_path, make_checkpoint, needle, capsys):
     path = make_checkpoint(tmp_path)
     out = tmp_path / "exported" / "model"
-    result = run_export("--checkpoint", path, "--out", out)
+    result = export_here(capsys, "--checkpoint", path, "--out", out)
     assert_one_line_error(result, needle)
     assert not out.exists()
     assert not (out.parent.exists() and any(out.parent.iterdir()))
 
 
-def test_a_license_the_hub_would_refuse_is_one_line(tmp_path, ckpt):
+def test_a_license_the_hub_would_refuse_is_one_line(tmp_path, ckpt, capsys):
     out = tmp_path / "model"
-    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out, "--license", "MIT"),
+    assert_one_line_error(export_here(capsys, "--checkpoint", ckpt, "--out", out, "--license", "MIT"),
                           "--license must be a Hub license id", "did you mean 'mit'?")
     assert not out.exists()
 
 
-def test_out_that_is_a_file_is_refused(tmp_path, ckpt):
+def test_out_that_is_a_file_is_refused(tmp_path, ckpt, capsys):
     out = tmp_path / "model"
     out.write_text("keep me")
-    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", out), "is a file")
+    assert_one_line_error(export_here(capsys, "--checkpoint", ckpt, "--out", out), "is a file")
     assert out.read_text() == "keep me"
 
 
-def test_out_is_required(ckpt):
-    result = run_export("--checkpoint", ckpt)
-    assert result.returncode == 2
-    assert "the following arguments are required: --out" in result.stderr
+def test_out_is_required(ckpt, capsys):
+    with pytest.raises(SystemExit) as exited:  # argparse exits
+        export_here(capsys, "--checkpoint", ckpt)
+    assert exited.value.code == 2
+    assert "the following arguments are required: --out" in capsys.readouterr().err
 
 
-def test_an_out_inside_a_file_is_one_line(tmp_path, ckpt):
+def test_an_out_inside_a_file_is_one_line(tmp_path, ckpt, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
-    assert_one_line_error(run_export("--checkpoint", ckpt, "--out", tmp_path / "notes.txt" / "model"),
+    assert_one_line_error(export_here(capsys, "--checkpoint", ckpt, "--out", tmp_path / "notes.txt" / "model"),
                           f"cannot write into {tmp_path / 'notes.txt'}")
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
