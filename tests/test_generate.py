@@ -17,6 +17,7 @@ from tinylm import generate, sampler, tokenizer as tok
 from tinylm.errors import UserError, run_cli as run_cli_in_process
 
 GREEDY = sampler.Sampling(stop_at_eos=False, max_new_tokens=10 * BLOCK_SIZE, temperature=0.0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")
@@ -323,8 +324,8 @@ def test_exported_folder_gives_the_same_text_as_the_checkpoint(tmp_path, ckpt):
 
 # --- the command line ------------------------------------------------------------------------
 # Subprocesses (about 4 s each, mostly importing torch + transformers) where the process itself
-# matters: streaming, repeatability across runs, exit code 2 without a traceback. The rest run
-# `main` in-process through the same `run_cli` wrapper the `tinylm` command uses.
+# matters: streaming, repeatability across runs, exit code 2 without a traceback (one case). The rest
+# run `main` in-process through the same `run_cli` wrapper the `tinylm` command uses.
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
     code = run_cli_in_process(generate.main, list(args))
@@ -360,14 +361,16 @@ def test_cli_output_arrives_while_generating(ckpt):
 
 
 @pytest.mark.parametrize("what", ["missing", "not a checkpoint"])
-def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, what):
+def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, what):
     path = tmp_path / "ckpt_best.pt"
     if what == "not a checkpoint":
         path.write_text("just some text\n", encoding="utf-8")
-    assert_one_line_error(run_cli("--checkpoint", str(path), "--prompt", "the"), str(path))
+    code, out, err = run_main(capsys, "--checkpoint", str(path), "--prompt", "the")
+    assert_one_line_error(subprocess.CompletedProcess([], code, out, err), str(path))
 
 
 def test_cli_unknown_characters(ckpt):
+    """In a process of its own: the exit code and the one line a user sees."""
     assert_one_line_error(run_cli("--checkpoint", str(ckpt), "--prompt", "Hello"), "'H' (U+0048)")
 
 
