@@ -5,6 +5,11 @@ a small HTTP server on 127.0.0.1 that stands in for the Hub API routes an upload
 uses (create repo, create branch, validate the card's YAML, preupload, commit). It answers every file
 as a "regular" upload, so the file bytes travel base64-encoded in the commit; the real Hub would
 send model.safetensors through its Xet/LFS storage instead, which this test does not exercise.
+
+huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE once, at import: the tests about those
+settings (a stored login or none, offline mode, the endpoint a user sets) run `tinylm push` in a fresh
+process. The refusals and dry runs that need none of them, and the uploads that only need the FakeHub
+(`hub_here`), run in this process.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, serve
 from helpers_checkpoint import assert_one_line_error, tiny_checkpoint
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, constants
+from training_helpers import cli_here
 
-from tinylm import checkpoint, export, model_card
+from tinylm import checkpoint, export, model_card, push
 
 TOKEN = "hf_tinylmTestTokenNeverPrinted0123"
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def licensed_checkpoint(path: Path, **payload_values) -> Path:
@@ -49,6 +56,13 @@ def run_push(*args, tmp_path: Path, token: str | None = TOKEN, **env_vars: str) 
         env["HF_TOKEN"] = token
     result = subprocess.run([sys.executable, "-m", "tinylm.push", *map(str, args)], capture_output=True, text=True,
                             timeout=300, env=env)
+    assert TOKEN not in result.stdout + result.stderr
+    return result
+
+
+def push_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`tinylm push ARGS` in this process (`cli_here`)."""
+    result = cli_here(push.main, list(args), capsys)
     assert TOKEN not in result.stdout + result.stderr
     return result
 
@@ -79,27 +93,26 @@ def test_dry_run_lists_every_file_with_its_size_and_sends_nothing(exported, tmp_
     assert "token not found" in summary
 
 
-def test_pushing_a_folder_that_is_not_an_export_is_refused(tmp_path):
+def test_pushing_a_folder_that_is_not_an_export_is_refused(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "notes.txt").write_text("hello")
-    assert_one_line_error(run_push(folder, "--repo-id", "someone/tiny", "--dry-run", tmp_path=tmp_path),
+    assert_one_line_error(push_here(capsys, folder, "--repo-id", "someone/tiny", "--dry-run"),
                           str(folder), "not a folder written by tinylm export")
-    assert_one_line_error(run_push(tmp_path / "nowhere", "--repo-id", "someone/tiny", tmp_path=tmp_path),
-                          "does not exist")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # read when asked for: a push without --dry-run gets that far
+    assert_one_line_error(push_here(capsys, tmp_path / "nowhere", "--repo-id", "someone/tiny"), "does not exist")
 
 
-def test_a_broken_export_fails_validation(exported, tmp_path):
+def test_a_broken_export_fails_validation(exported, tmp_path, capsys):
     broken = shutil.copytree(exported, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not safetensors")
-    assert_one_line_error(run_push(broken, "--repo-id", "someone/tiny", "--dry-run", tmp_path=tmp_path),
+    assert_one_line_error(push_here(capsys, broken, "--repo-id", "someone/tiny", "--dry-run"),
                           "does not load with transformers")
 
 
 @pytest.mark.parametrize("repo_id, needle", [("not a repo!", "not a valid Hub repo id"), ("tiny", "needs a namespace")])
-def test_invalid_repo_id_is_refused_before_any_network(exported, tmp_path, repo_id, needle):
-    result = run_push(exported, "--repo-id", repo_id, "--dry-run", tmp_path=tmp_path, HF_HUB_OFFLINE="1")
-    assert_one_line_error(result, needle)
+def test_invalid_repo_id_is_refused_before_any_network(exported, capsys, repo_id, needle):
+    assert_one_line_error(push_here(capsys, exported, "--repo-id", repo_id, "--dry-run"), needle)
 
 
 def test_missing_token_is_one_clear_line(exported, tmp_path):
@@ -119,6 +132,18 @@ def test_unreachable_hub_is_one_clear_line(exported, tmp_path):
 def fake_hub():
     with serve() as url:
         yield url
+
+
+@pytest.fixture
+def hub_here(fake_hub, monkeypatch):
+    """This process's huggingface_hub pointed at the FakeHub, online, with HF_TOKEN set: what HF_ENDPOINT gives a
+    fresh process. `HfApi()` takes its endpoint from `constants.ENDPOINT` (HF_ENDPOINT, read at import) when it
+    is made, and every request checks `constants.HF_HUB_OFFLINE`; HF_TOKEN is read when a token is asked for.
+    A request that went anywhere else would fail (no network) or not show in `FakeHub.requests`."""
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return fake_hub
 
 
 def test_push_creates_the_repo_and_uploads_every_file(exported, tmp_path, fake_hub):
@@ -142,10 +167,9 @@ def test_push_creates_the_repo_and_uploads_every_file(exported, tmp_path, fake_h
     assert {n: b for n, b in uploaded.items() if n != "README.md"} == {n: b for n, b in on_disk.items() if n != "README.md"}
 
 
-def test_rejected_token_is_one_clear_line(exported, tmp_path, fake_hub):
+def test_rejected_token_is_one_clear_line(exported, hub_here, capsys):
     FakeHub.refuse_with = 401
-    result = run_push(exported, "--repo-id", "someone/tiny", tmp_path=tmp_path, HF_ENDPOINT=fake_hub)
-    assert_one_line_error(result, "HTTP 401", "token was rejected")
+    assert_one_line_error(push_here(capsys, exported, "--repo-id", "someone/tiny"), "HTTP 401", "token was rejected")
 
 
 def test_offline_mode_makes_a_real_push_one_clear_line(exported, tmp_path):
@@ -153,16 +177,11 @@ def test_offline_mode_makes_a_real_push_one_clear_line(exported, tmp_path):
     assert_one_line_error(result, "HF_HUB_OFFLINE")
 
 
-def test_push_folder_for_callers_uses_the_token_it_is_given(exported, tmp_path, fake_hub):
+def test_push_folder_for_callers_uses_the_token_it_is_given(exported, hub_here, monkeypatch):
     # What the training loop would call at the end of a run; no HF_TOKEN in the environment here.
-    code = ("import sys; from tinylm.push import push_folder; "
-            "print(push_folder(sys.argv[1], 'someone/tiny', token=sys.argv[2], commit_message='from code'))")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT=fake_hub, HF_HUB_DISABLE_TELEMETRY="1")
-    result = subprocess.run([sys.executable, "-c", code, str(exported), TOKEN], capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{fake_hub}/someone/tiny/commit/{FakeHub.repos['someone/tiny'].branches['main']}"
+    monkeypatch.delenv("HF_TOKEN")
+    url = push.push_folder(exported, "someone/tiny", token=TOKEN, commit_message="from code")
+    assert url == f"{hub_here}/someone/tiny/commit/{FakeHub.repos['someone/tiny'].branches['main']}"
     assert {auth for _, auth, _ in FakeHub.requests if auth} == {f"Bearer {TOKEN}"}
     commit = next(body for path, _, body in FakeHub.requests if "/commit/" in path)
     assert commit[0]["value"]["summary"] == "from code"
@@ -180,9 +199,9 @@ def licensed(tmp_path_factory) -> Path:
     return export.export(path, tmp_path_factory.mktemp("run") / "exported")
 
 
-def test_the_pushed_card_names_the_repo_and_the_folder_keeps_its_own(licensed, tmp_path, fake_hub, snapshot):
+def test_the_pushed_card_names_the_repo_and_the_folder_keeps_its_own(licensed, hub_here, snapshot, capsys):
     before = snapshot(licensed)
-    result = run_push(licensed, "--repo-id", "someone/renamed-model", tmp_path=tmp_path, HF_ENDPOINT=fake_hub)
+    result = push_here(capsys, licensed, "--repo-id", "someone/renamed-model")
     assert result.returncode == 0, result.stderr
     assert "license" not in result.stderr  # the card states one: no warning
     commit = next(body for path, _, body in FakeHub.requests if "/commit/" in path)
@@ -203,18 +222,18 @@ def test_the_pushed_card_names_the_repo_and_the_folder_keeps_its_own(licensed, t
     assert 'from_pretrained("exported")' in (licensed / "README.md").read_text()
 
 
-def test_a_card_without_a_license_is_pushed_with_a_warning(exported, tmp_path):
+def test_a_card_without_a_license_is_pushed_with_a_warning(exported, tmp_path, capsys):
     unlicensed = shutil.copytree(exported, tmp_path / "unlicensed")
     card = ModelCard.load(unlicensed / "README.md")
     card.data.license = None  # what an export of a run without [hub] license writes
     card.save(unlicensed / "README.md")
-    result = run_push(unlicensed, "--repo-id", "someone/tiny", "--dry-run", tmp_path=tmp_path, HF_HUB_OFFLINE="1")
+    result = push_here(capsys, unlicensed, "--repo-id", "someone/tiny", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "warning: the model card of" in result.stderr and "states no license" in result.stderr
     assert "--license" in result.stderr
 
 
-def test_base_model_names_the_hub_model_in_the_pushed_card(tmp_path, fake_hub, snapshot):
+def test_base_model_names_the_hub_model_in_the_pushed_card(tmp_path, hub_here, snapshot, capsys):
     """A model fine-tuned from a local folder: its card names no base model until push's --base-model does."""
     ckpt = tmp_path / "ckpt_best.pt"
     licensed_checkpoint(ckpt)
@@ -223,8 +242,7 @@ def test_base_model_names_the_hub_model_in_the_pushed_card(tmp_path, fake_hub, s
     checkpoint.save(ckpt, payload)
     folder = export.export(ckpt, tmp_path / "exported")
     before = snapshot(folder)
-    result = run_push(folder, "--repo-id", "someone/tiny", "--base-model", "openai-community/gpt2",
-                      tmp_path=tmp_path, HF_ENDPOINT=fake_hub)
+    result = push_here(capsys, folder, "--repo-id", "someone/tiny", "--base-model", "openai-community/gpt2")
     assert result.returncode == 0, result.stderr
     commit = next(body for path, _, body in FakeHub.requests if "/commit/" in path)
     uploaded = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in commit[1:]}
@@ -236,7 +254,6 @@ def test_base_model_names_the_hub_model_in_the_pushed_card(tmp_path, fake_hub, s
     assert snapshot(folder) == before and ModelCard.load(folder / "README.md").data.base_model is None
 
 
-def test_base_model_for_a_model_trained_from_scratch_is_one_line(exported, tmp_path):
-    result = run_push(exported, "--repo-id", "someone/tiny", "--base-model", "gpt2", "--dry-run", tmp_path=tmp_path,
-                      HF_HUB_OFFLINE="1")
+def test_base_model_for_a_model_trained_from_scratch_is_one_line(exported, capsys):
+    result = push_here(capsys, exported, "--repo-id", "someone/tiny", "--base-model", "gpt2", "--dry-run")
     assert_one_line_error(result, "--base-model gpt2", "not fine-tuned")
