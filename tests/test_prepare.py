@@ -1,4 +1,9 @@
-"""`tinylm prepare` end to end, in subprocesses: outputs, read-back, and every bad input."""
+"""`tinylm prepare` end to end: outputs, read-back, and every bad input.
+
+Most runs go through the command's entry point in this process (`cli_here`); fresh processes where the
+process matters: killed or paused while it works, holding the lock, its peak memory, the console script,
+and one refusal's exit code.
+"""
 
 from __future__ import annotations
 
@@ -17,20 +22,27 @@ import numpy as np
 import pytest
 import torch
 import training_helpers
-from training_helpers import prepare_peak_mib
+from training_helpers import cli_here, prepare_peak_mib
 
 from tinylm import corpus, data, formats, locks, paths
 from tinylm import prepare as prepare_module
 from tinylm.errors import UserError
 
 BLOCK = 32
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")  # for the runs that train
 WORDS = "the king my lord thou art good night sweet prince what is this speak to me come hither".split()
 
 
 def prepare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m tinylm.prepare ARGS` in a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "tinylm.prepare", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
     )
+
+
+def prepare_in(cwd: Path, *args, capsys=None, check: bool = False) -> subprocess.CompletedProcess:
+    """`tinylm prepare ARGS` run from `cwd`, in this process (`cli_here`; a fixture passes no `capsys`)."""
+    return cli_here(prepare_module.main, list(args), capsys, check=check, cwd=cwd)
 
 
 def play_text(chars: int, seed: int = 0) -> str:
@@ -65,8 +77,7 @@ def shakespeare(tmp_path_factory):
     """The built-in corpus prepared with the char tokenizer in both formats, plus its text."""
     root = tmp_path_factory.mktemp("shakespeare")
     for fmt in ("txt", "bin"):
-        result = prepare(root, "--format", fmt)
-        assert result.returncode == 0, result.stderr
+        prepare_in(root, "--format", fmt, check=True)
     return root, corpus.text()
 
 
@@ -130,11 +141,12 @@ def test_builtin_txt_outputs_and_read_back(shakespeare):
     assert_blocks_match_text(prepared, "val", text, char_offset=train_chars)
 
 
-def test_user_file_with_bpe_reads_back_exactly(tmp_path):
+def test_user_file_with_bpe_reads_back_exactly(tmp_path, capsys):
     text = play_text(30_000)
     source = tmp_path / "plays.txt"
     source.write_text(text, encoding="utf-8")
-    result = prepare(tmp_path, "--input", source, "--tokenizer", "bpe", "--vocab-size", 340, "--out", "out")
+    result = prepare_in(tmp_path, "--input", source, "--tokenizer", "bpe", "--vocab-size", 340, "--out", "out",
+                        capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "vocab size 340" in result.stdout
     prepared = data.resolve(str(tmp_path / "out"), "bin", "bpe")
@@ -154,11 +166,11 @@ def test_user_file_with_bpe_reads_back_exactly(tmp_path):
             assert expected[offset:].startswith(tokenizer.decode(row))
 
 
-def test_user_file_keeps_unicode_tabs_and_crlf_exactly(tmp_path):
+def test_user_file_keeps_unicode_tabs_and_crlf_exactly(tmp_path, capsys):
     text = play_text(4_000, seed=1).replace("\n", "\r\n") + "\tcafé 日本語 🙂\n" + play_text(1_000, seed=2)
     source = tmp_path / "mixed.txt"
     source.write_bytes(text.encode("utf-8"))
-    result = prepare(tmp_path, "--input", source, "--format", "txt", "--out", "out")
+    result = prepare_in(tmp_path, "--input", source, "--format", "txt", "--out", "out", capsys=capsys)
     assert result.returncode == 0, result.stderr
     prepared = data.resolve(str(tmp_path / "out"), "txt", "char")
     train_chars = int(len(text) * 0.9)
@@ -167,13 +179,14 @@ def test_user_file_keeps_unicode_tabs_and_crlf_exactly(tmp_path):
     assert_blocks_match_text(prepared, "val", text, char_offset=train_chars)
 
 
-def test_folder_input_joins_sorted_files_with_newlines(tmp_path):
+def test_folder_input_joins_sorted_files_with_newlines(tmp_path, capsys):
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "b.txt").write_text("second file\n" * 20)
     (folder / "a.txt").write_text("first file, no final newline")
     (folder / ".hidden").write_text("never read")
-    result = prepare(tmp_path, "--input", folder, "--format", "txt", "--out", "out", "--val-fraction", 0.5)
+    result = prepare_in(tmp_path, "--input", folder, "--format", "txt", "--out", "out", "--val-fraction", 0.5,
+                        capsys=capsys)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     joined = (out / "train.txt").read_text() + (out / "val.txt").read_text()
@@ -225,12 +238,12 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_leaves_outputs_intact(case, existing, snapshot, tmp_path):
+def test_bad_input_is_one_line_and_leaves_outputs_intact(case, existing, snapshot, tmp_path, capsys):
     out, before = existing, snapshot(existing)
     make_args, message = BAD_INPUTS[case]
     args = make_args(tmp_path)
     # --overwrite: even a run allowed to replace the data leaves it as it was when it fails.
-    result = prepare(tmp_path, *args, "--out", out, "--overwrite")
+    result = prepare_in(tmp_path, *args, "--out", out, "--overwrite", capsys=capsys)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -240,11 +253,11 @@ def test_bad_input_is_one_line_and_leaves_outputs_intact(case, existing, snapsho
 
 
 @pytest.mark.parametrize("blocker", ["file", "under a file"])
-def test_unwritable_output_folder_is_refused_before_any_work(blocker, tmp_path):
+def test_unwritable_output_folder_is_refused_before_any_work(blocker, tmp_path, capsys):
     source = write(tmp_path / "text.txt", play_text(2_000))
     afile = write(tmp_path / "afile", "not a folder")
     out = afile if blocker == "file" else afile / "sub"
-    result = prepare(tmp_path, "--input", source, "--out", out)
+    result = prepare_in(tmp_path, "--input", source, "--out", out, capsys=capsys)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"output folder {out}" in result.stderr and "--out" in result.stderr
     assert afile.read_text() == "not a folder"
@@ -270,8 +283,7 @@ def sharded(tmp_path_factory):
     text = play_text(6_000, seed=3)
     source = write(root / "plays.txt", text)
     for name, flags in (("whole", []), ("sharded", ["--shard-tokens", SHARD])):
-        result = prepare(root, "--input", source, "--out", name, *flags)
-        assert result.returncode == 0, result.stderr
+        prepare_in(root, "--input", source, "--out", name, *flags, check=True)
     return root, text
 
 
@@ -315,12 +327,12 @@ def test_sharded_split_reads_exactly_as_the_whole_one(sharded):
         assert torch.equal(*evaluation)
 
 
-def test_training_on_sharded_data_matches_unsharded(sharded, tmp_path):
+def test_training_on_sharded_data_matches_unsharded(sharded, tmp_path, capsys):
     root, _ = sharded
     runs = {}
-    for name in ("sharded", "whole"):
+    for name in ("sharded", "whole"):  # both in this process: the same arithmetic
         config = training_helpers.write_config(tmp_path / f"{name}.toml", root / name, tmp_path / name)
-        result = training_helpers.train(config)
+        result = training_helpers.train_here(config, capsys=capsys)
         assert str(root / name / paths.META_NAME) in result.stdout
         runs[name] = training_helpers.losses(tmp_path / name)
     assert len(runs["sharded"]) >= 3 and all(np.isfinite(loss) for record in runs["sharded"] for loss in record[1:])
@@ -328,24 +340,24 @@ def test_training_on_sharded_data_matches_unsharded(sharded, tmp_path):
     assert (tmp_path / "sharded" / paths.LAST_NAME).is_file()
 
 
-def test_training_with_a_shard_missing_is_a_clean_error(sharded, tmp_path):
+def test_training_with_a_shard_missing_is_a_clean_error(sharded, tmp_path, capsys):
     out = shutil.copytree(sharded[0] / "sharded", tmp_path / "data")
     (out / "train_001.bin").unlink()
     config = training_helpers.write_config(tmp_path / "tiny.toml", out, tmp_path / "ckpt")
-    result = training_helpers.train(config, check=False)
+    result = training_helpers.train_here(config, capsys=capsys, check=False)
     training_helpers.assert_clean_error(
         result, f"{out / 'train_001.bin'} is missing (listed in {out / paths.META_NAME})", "tinylm prepare --format bin"
     )
     assert not (tmp_path / "ckpt" / paths.LAST_NAME).exists()
 
 
-def test_re_preparing_removes_the_files_the_old_meta_listed(sharded, tmp_path):
+def test_re_preparing_removes_the_files_the_old_meta_listed(sharded, tmp_path, capsys):
     source = sharded[0] / "plays.txt"
     out = tmp_path / "out"
     write(out / "notes.txt", "mine, not prepare's")
     for flags, expected in (([], ["train.bin", "val.bin"]), (["--shard-tokens", SHARD], ["train_000.bin", "val_002.bin"]),
                             ([], ["train.bin", "val.bin"])):
-        result = prepare(tmp_path, "--input", source, "--out", out, "--overwrite", *flags)
+        result = prepare_in(tmp_path, "--input", source, "--out", out, "--overwrite", *flags, capsys=capsys)
         assert result.returncode == 0, result.stderr
         bins = sorted(path.name for path in out.glob("*.bin"))
         meta = json.loads((out / paths.META_NAME).read_text())
@@ -400,14 +412,14 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> No
         time.sleep(0.005)
 
 
-def test_a_folder_of_prepared_data_is_refused_without_overwrite(sharded, snapshot, tmp_path):
+def test_a_folder_of_prepared_data_is_refused_without_overwrite(sharded, snapshot, tmp_path, capsys):
     source = sharded[0] / "plays.txt"
     out = tmp_path / "out"
-    assert prepare(tmp_path, "--input", source, "--out", out, "--shard-tokens", SHARD).returncode == 0
+    assert prepare_in(tmp_path, "--input", source, "--out", out, "--shard-tokens", SHARD, capsys=capsys).returncode == 0
     write(out / "notes.txt", "mine, not prepare's")
     before = snapshot(out)
     again = ["--input", source, "--out", out, "--format", "txt", "--tokenizer", "bpe", "--vocab-size", 300]
-    result = prepare(tmp_path, *again)
+    result = prepare_in(tmp_path, *again, capsys=capsys)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert (f"error: output folder {out} already holds bin data prepared from {source} with the char tokenizer "
             "(vocab size ") in result.stderr
@@ -416,7 +428,7 @@ def test_a_folder_of_prepared_data_is_refused_without_overwrite(sharded, snapsho
     # --overwrite replaces it, leaving no file of the old data to be read with the new: neither the other
     # format's shards (the old meta.json lists them) nor a shard no meta.json lists. Other files stay.
     write(out / "train_999.bin", b"\0\0" * 10)
-    result = prepare(tmp_path, *again, "--overwrite")
+    result = prepare_in(tmp_path, *again, "--overwrite", capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert listing(out) == {paths.META_NAME, paths.TOKENIZER_NAME, "tokenizer_config.json", "train.txt", "val.txt",
                             "train.npy", "val.npy", "notes.txt"}
@@ -430,7 +442,8 @@ def test_a_folder_of_prepared_data_is_refused_without_overwrite(sharded, snapsho
 
 
 def test_an_input_given_twice_is_refused(tmp_path):
-    """(Several --dataset are a mix: tests/test_prepare_dataset.py.)"""
+    """(Several --dataset are a mix: tests/test_prepare_dataset.py.) In a fresh process: the exit code a user
+    sees (found before any heavy import, so it costs little)."""
     first, second = write(tmp_path / "a.txt", play_text(3_000)), write(tmp_path / "b.txt", play_text(3_000, 1))
     result = prepare(tmp_path, "--input", first, "--input", second, "--out", tmp_path / "out")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
@@ -448,7 +461,7 @@ def test_a_failed_prepare_removes_the_out_folder_it_created(tmp_path):
     assert kept.is_dir() and listing(kept) == set()  # not the run's: kept
 
 
-def test_a_killed_prepare_leaves_litter_that_the_next_one_removes(big_text, tmp_path):
+def test_a_killed_prepare_leaves_litter_that_the_next_one_removes(big_text, tmp_path, capsys):
     out = tmp_path / "out"
     first = subprocess.Popen(cli("--input", big_text, "--out", out), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -458,7 +471,7 @@ def test_a_killed_prepare_leaves_litter_that_the_next_one_removes(big_text, tmp_
         first.kill()
         first.wait()
     (staging,) = out.glob(f"{formats.STAGING_PREFIX}*")
-    result = subprocess.run(cli("--input", big_text, "--out", out), capture_output=True, text=True, timeout=300)
+    result = prepare_in(tmp_path, "--input", big_text, "--out", out, capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert f"removed 1 unfinished file(s) a stopped prepare left in {out}: {staging.name}\n" in result.stdout
     assert listing(out) == {paths.META_NAME, paths.TOKENIZER_NAME, "tokenizer_config.json", "train.bin", "val.bin"}
@@ -467,7 +480,7 @@ def test_a_killed_prepare_leaves_litter_that_the_next_one_removes(big_text, tmp_
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="pauses the first prepare with SIGSTOP")
-def test_a_second_prepare_on_a_folder_being_prepared_is_refused(big_text, tmp_path):
+def test_a_second_prepare_on_a_folder_being_prepared_is_refused(big_text, tmp_path, capsys):
     out = tmp_path / "out"
     first = subprocess.Popen(cli("--input", big_text, "--out", out), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -481,7 +494,7 @@ def test_a_second_prepare_on_a_folder_being_prepared_is_refused(big_text, tmp_pa
     try:
         wait_for(lock_held, first)
         first.send_signal(signal.SIGSTOP)  # paused while it holds the lock: the second surely finds it held
-        second = subprocess.run(cli("--input", big_text, "--out", out), capture_output=True, text=True, timeout=300)
+        second = prepare_in(tmp_path, "--input", big_text, "--out", out, capsys=capsys)  # the lock is another process's
         first.send_signal(signal.SIGCONT)
         _, stderr = first.communicate(timeout=300)
     finally:
