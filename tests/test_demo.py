@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import pytest
 from helpers_checkpoint import tiny_checkpoint
+from training_helpers import ONE_THREAD
 
 from tinylm import demo, generate, sampler
 
@@ -31,9 +32,12 @@ PROMPT = "the quick "
 NEW_TOKENS = 2000
 SERVER_START_TIMEOUT = 120
 GENERATION_TIMEOUT = 120
-# No usage reports or update checks from Gradio, and no proxy between the browser and localhost.
+# No usage reports or update checks from Gradio, and no proxy between the browser and localhost. One torch
+# thread, as in this process (`one_torch_thread_per_module`): the server samples with the arithmetic of the
+# text the test expects.
 QUIET_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost",
-             "no_proxy": "127.0.0.1,localhost", "PYTHONIOENCODING": "utf-8"}
+             "no_proxy": "127.0.0.1,localhost", "PYTHONIOENCODING": "utf-8", **ONE_THREAD}
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +65,15 @@ def wait_for_page(url: str, server: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"the demo server did not answer at {url} within {SERVER_START_TIMEOUT}s:\n{log.read_text()}")
 
 
-@pytest.fixture
-def server_log(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def server_log(tmp_path_factory) -> Path:
     """What the demo server prints (stdout and stderr): its console."""
-    return tmp_path / "server.log"
+    return tmp_path_factory.mktemp("server") / "server.log"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(ckpt, server_log):
+    """One demo server for the module's tests (each starts in seconds): they only send it requests."""
     pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
     port = free_port()
     log = server_log

@@ -15,18 +15,20 @@ import numpy as np
 import pytest
 import torch
 from helpers_checkpoint import TEXT, save_checkpoint, train_tiny_model
+from training_helpers import cli_here
 
-from tinylm import checkpoint, onnx_export
+from tinylm import checkpoint, export, onnx_export
 
 TOLERANCE = 1e-4
 MISSING = [name for name in onnx_export.REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
 needs_onnx = pytest.mark.skipif(
     bool(MISSING), reason=f"{', '.join(MISSING)} not installed: pip install 'tinylm[onnx]' to run the ONNX tests"
 )
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def run_export(*args, prelude: str = "") -> subprocess.CompletedProcess:
-    """`tinylm export ARGS` in a fresh interpreter; `prelude` runs first (to hide a package)."""
+    """`tinylm export ARGS` in a fresh interpreter; `prelude` runs first (to hide a package before any import)."""
     code = f"{prelude}\nimport sys\nfrom tinylm.cli import main\nsys.exit(main(['export', *sys.argv[1:]]))"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
 
@@ -42,8 +44,7 @@ def session_and_model(tmp_path_factory, ckpt):
     import onnxruntime
 
     out = tmp_path_factory.mktemp("exported") / "model"
-    result = run_export("--checkpoint", ckpt, "--out", out, "--onnx")
-    assert result.returncode == 0, result.stderr
+    result = cli_here(export.main, ["--checkpoint", ckpt, "--out", out, "--onnx"], check=True)
     assert "model.onnx" in result.stdout
     payload = checkpoint.load(ckpt)
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -139,11 +140,11 @@ def test_left_padded_batch_matches_each_prompt_alone(session_and_model):
 
 
 @needs_onnx
-def test_a_failed_onnx_export_leaves_no_folder_behind(tmp_path):
+def test_a_failed_onnx_export_leaves_no_folder_behind(tmp_path, capsys):
     model, config, tokenizer = train_tiny_model(block_size=4, steps=0)
     ckpt = save_checkpoint(tmp_path / "ckpt_best.pt", model, config, tokenizer)
     out = tmp_path / "exported" / "model"
-    result = run_export("--checkpoint", ckpt, "--out", out, "--onnx")
+    result = cli_here(export.main, ["--checkpoint", ckpt, "--out", out, "--onnx"], capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "block_size" in result.stderr.strip().splitlines()[-1]
     assert list(out.parent.iterdir()) == []  # neither the folder nor its hidden staging copy
