@@ -67,6 +67,13 @@ def push_here(capsys, *args) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.fixture
+def offline_here(monkeypatch):
+    """This process's huggingface_hub offline, as HF_HUB_OFFLINE=1 makes a fresh one (it is read at import, into
+    `constants.HF_HUB_OFFLINE`, which every request checks): a dry run that sent anything would fail."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -111,7 +118,7 @@ def test_a_broken_export_fails_validation(exported, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("repo_id, needle", [("not a repo!", "not a valid Hub repo id"), ("tiny", "needs a namespace")])
-def test_invalid_repo_id_is_refused_before_any_network(exported, capsys, repo_id, needle):
+def test_invalid_repo_id_is_refused_before_any_network(exported, capsys, offline_here, repo_id, needle):
     assert_one_line_error(push_here(capsys, exported, "--repo-id", repo_id, "--dry-run"), needle)
 
 
@@ -222,7 +229,7 @@ def test_the_pushed_card_names_the_repo_and_the_folder_keeps_its_own(licensed, h
     assert 'from_pretrained("exported")' in (licensed / "README.md").read_text()
 
 
-def test_a_card_without_a_license_is_pushed_with_a_warning(exported, tmp_path, capsys):
+def test_a_card_without_a_license_is_pushed_with_a_warning(exported, tmp_path, capsys, offline_here):
     unlicensed = shutil.copytree(exported, tmp_path / "unlicensed")
     card = ModelCard.load(unlicensed / "README.md")
     card.data.license = None  # what an export of a run without [hub] license writes
@@ -254,6 +261,6 @@ def test_base_model_names_the_hub_model_in_the_pushed_card(tmp_path, hub_here, s
     assert snapshot(folder) == before and ModelCard.load(folder / "README.md").data.base_model is None
 
 
-def test_base_model_for_a_model_trained_from_scratch_is_one_line(exported, capsys):
+def test_base_model_for_a_model_trained_from_scratch_is_one_line(exported, capsys, offline_here):
     result = push_here(capsys, exported, "--repo-id", "someone/tiny", "--base-model", "gpt2", "--dry-run")
     assert_one_line_error(result, "--base-model gpt2", "not fine-tuned")
