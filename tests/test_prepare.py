@@ -29,8 +29,8 @@ from tinylm import prepare as prepare_module
 from tinylm.errors import UserError
 
 BLOCK = 32
-pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")  # for the runs that train
 WORDS = "the king my lord thou art good night sweet prince what is this speak to me come hither".split()
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")  # for the runs that train
 
 
 def prepare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
