@@ -210,7 +210,8 @@ def serve() -> Iterator[str]:
     """Run a FakeHub (its state reset) on a free port of 127.0.0.1; yield its URL (for HF_ENDPOINT)."""
     FakeHub.reset()
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the loop's next poll: 0.5 s by default, at the end of every test that serves.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
