@@ -23,7 +23,7 @@ import pytest
 import torch
 from test_finetune import BLOCK, pretrain
 from test_loop_guards import assert_same_files, fit
-from training_helpers import WORDS, load_checkpoint, make_corpus, write_toml
+from training_helpers import WORDS, estimate_and_step_peak, load_checkpoint, make_corpus, write_toml
 from transformers import GPT2LMHeadModel
 
 from tinylm import checkpoint, compat, evaluate, export, lora, paths, prepare, sampler
@@ -210,22 +210,12 @@ def test_a_lora_runs_memory_estimate_is_its_step_peak(world, tmp_path, fresh_acc
 
     Kills: "memory: a LoRA run estimated as a full fine-tune" (12-30% over in the shapes of docs/small-gpu.md).
     """
-    from tinylm import memory
-    from tinylm.compat import TensorBytes
-
     trainer = Trainer(load_config(write_run(tmp_path, world, adapters={**ADAPTERS, "lora_dropout": 0.0},
                                             grad_accum_steps=2)))
     trainer.close()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    trainer.train_step(0)
-    with TensorBytes() as counted:
-        trainer.train_step(1)
-    held = sum(p.nbytes for p in model.parameters()) + sum(
-        value.nbytes for state in trainer.optimizer.state.values() for name, value in state.items() if name != "step")
-    found = memory.of_run(trainer.config, model.config, device="cpu", precision="fp32",
-                          cpu_matmul=trainer.cpu_matmul.backend)
-    assert found.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert found.peak == pytest.approx(held + counted.peak, rel=0.02)
+    found, peak = estimate_and_step_peak(trainer)
+    assert found.trainable == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert found.peak == pytest.approx(peak, rel=0.02)
 
 
 def test_gradient_checkpointing_with_lora_trains_as_without(world, tmp_path):
@@ -285,7 +275,7 @@ import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True)
 with torch.no_grad():
-    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+    torch.save(model(input_ids=torch.load(sys.argv[2], weights_only=True)).logits, sys.argv[3])
 print(type(model).__name__, sorted(name for name, module in sys.modules.items()
                                    if module is not None and name.split(".")[0] in ("peft", "tinylm")))
 """

@@ -19,7 +19,7 @@ import pytest
 import torch
 from accelerate.commands.estimate import estimate_training_usage
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from training_helpers import REPO, make_trainer, run, train_here, write_config
+from training_helpers import REPO, estimate_and_step_peak, make_trainer, run, train_here, write_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tinylm import memory
@@ -144,15 +144,8 @@ def test_a_real_runs_estimate_is_its_step_peak(checkpointing, prepared, tmp_path
         "max_iters": 2, "batch_size": 8, "grad_accum_steps": 2, "gradient_checkpointing": checkpointing})
     trainer = Trainer(load_config(config))  # 3 blocks: checkpointing lowers the peak by a third
     trainer.close()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    trainer.train_step(0)
-    with TensorBytes() as counted:
-        trainer.train_step(1)
-    held = sum(p.nbytes for p in model.parameters()) + sum(
-        value.nbytes for state in trainer.optimizer.state.values() for name, value in state.items() if name != "step")
-    found = memory.of_run(trainer.config, model.config, device="cpu", precision="fp32",
-                          cpu_matmul=trainer.cpu_matmul.backend)
-    assert found.peak == pytest.approx(held + counted.peak, rel=0.02)
+    found, peak = estimate_and_step_peak(trainer)
+    assert found.peak == pytest.approx(peak, rel=0.02)
 
 
 @pytest.mark.parametrize(("text", "size"), [("8GB", 8 * GIB), ("7.5GiB", int(7.5 * GIB)), ("6000MB", 6000 * 2**20),

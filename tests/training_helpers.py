@@ -228,6 +228,24 @@ def make_trainer(prepared: Path, folder: Path, *, trainer_class=None, **training
     return (trainer_class or Trainer)(config)
 
 
+def estimate_and_step_peak(trainer) -> tuple:
+    """A Trainer's memory estimate (`memory.of_run`, as its banner gives it) and the tensor bytes its training
+    step holds at the peak: the weights and AdamW's state, plus the most its own tensors take at once
+    (`compat.TensorBytes`) in its second step (the first makes AdamW's state)."""
+    from tinylm import memory
+    from tinylm.compat import TensorBytes
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    found = memory.of_run(trainer.config, model.config, device="cpu", precision="fp32",
+                          cpu_matmul=trainer.cpu_matmul.backend)
+    trainer.train_step(0)
+    with TensorBytes() as counted:
+        trainer.train_step(1)
+    held = sum(p.nbytes for p in model.parameters()) + sum(
+        value.nbytes for state in trainer.optimizer.state.values() for name, value in state.items() if name != "step")
+    return found, held + counted.peak
+
+
 def use_fsdp_on_cpu(accelerator) -> None:
     """Make `accelerator`, on CPU processes over gloo, prepare the model with FSDP2 as it would on GPUs.
 
