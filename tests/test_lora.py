@@ -36,14 +36,9 @@ peft = pytest.importorskip("peft", reason="the lora extra is not installed: pip 
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread_here():
-    """One intra-op thread for the module's fixtures too (see conftest's one_torch_thread): on a busy 2-core
-    machine, pretraining the base took 30 s with two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread for the module's fixtures too: on a busy 2-core machine, pretraining the base took 30 s
+# with two.
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 ADAPTERS = {"enabled": True, "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_proj", "c_fc"]}
 STEPS = 24
