@@ -23,7 +23,9 @@ import pytest
 import torch
 from test_finetune import BLOCK, pretrain
 from test_loop_guards import assert_same_files, fit
-from training_helpers import WORDS, estimate_and_step_peak, load_checkpoint, make_corpus, write_toml
+from training_helpers import (
+    TRAIN_SCRIPT, WORDS, estimate_and_step_peak, load_checkpoint, losses, make_corpus, run, train_here, write_toml,
+)
 from transformers import GPT2LMHeadModel
 
 from tinylm import checkpoint, compat, evaluate, export, lora, paths, prepare, sampler
@@ -211,6 +213,30 @@ def test_a_lora_runs_memory_estimate_is_its_step_peak(world, tmp_path, fresh_acc
     found, peak = estimate_and_step_peak(trainer)
     assert found.trainable == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     assert found.peak == pytest.approx(peak, rel=0.02)
+
+
+def test_two_processes_train_lora_as_one_process_with_twice_the_batch(world, tmp_path):
+    """LoRA under DDP, two real gloo processes through `accelerate launch`: the same evaluations, to float
+    noise, as one process with twice the batch (each rank's adapters start as rank 0's and their gradients
+    are all-reduced; the frozen base has none).
+
+    Kills (planted by hand): the gradients never all-reduced (`accumulate` -> `no_sync` in train_step).
+    """
+    from test_multiprocess import launch
+
+    adapters = {**ADAPTERS, "lora_dropout": 0.0}  # dropout draws differ by rank
+    one = write_run(tmp_path / "one", world, adapters=adapters, max_iters=8, eval_interval=4, batch_size=4,
+                    eval_iters=2)
+    two = write_run(tmp_path / "two", world, adapters=adapters, max_iters=8, eval_interval=4, batch_size=2,
+                    eval_iters=4)
+    train_here(one)
+    launched = run(launch(TRAIN_SCRIPT, "--config", str(two)), check=True)
+    assert "processes (world size): 2" in launched.stdout and "lora: " in launched.stdout
+    single, double = losses(tmp_path / "one" / "ckpt"), losses(tmp_path / "two" / "ckpt")
+    assert [r[0] for r in single] == [r[0] for r in double] == [0, 4, 8]
+    assert single[-1][2] < single[0][2] - 0.01  # the adapters learned something, so unsynced ones would show
+    for a, b in zip(single, double):
+        assert b[1:] == pytest.approx(a[1:], abs=1e-4)
 
 
 def test_gradient_checkpointing_with_lora_trains_as_without(world, tmp_path):
