@@ -45,10 +45,10 @@ one_torch_thread_per_module = pytest.fixture(one_thread, scope="module", name="o
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state (device, precision); reset it after a test that
     builds Trainers in process, so the next one can pick its own. accelerate's tests do the same."""
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="session")

@@ -498,7 +498,7 @@ def make_bare_project(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def pieces(tmp_path_factory):
     """The prerequisites, made once in process: {piece: [paths relative to the project]} and their folder."""
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
     from tinylm import checkpoint, export, prepare, train
 
@@ -513,7 +513,7 @@ def pieces(tmp_path_factory):
                     assert train.main(["--config", "configs/base.toml", "--device", "cpu", "--out-dir", out_dir,
                                        *TINY_FLAGS]) == 0
                 finally:
-                    AcceleratorState._reset_state(reset_partial_state=True)
+                    reset_accelerate_state()
                 # What Ctrl-C at iter 2 of a 4-iteration run leaves: --resume has something to do.
                 path = Path(out_dir) / "ckpt_last.pt"
                 payload = checkpoint.load(path)

@@ -126,9 +126,9 @@ def test_fine_tuning_starts_from_the_pretrained_weights_and_improves(world, tmp_
 def test_a_fine_tuned_run_resumes_and_exports(world, tmp_path, fresh_accelerate_state):
     _, straight = fine_tune(world, tmp_path / "straight")
     first, _ = fine_tune(world, tmp_path / "split", max_iters=8)
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     config = load_config(write_run(tmp_path / "split" / "run.toml", world, tmp_path / "split" / "ckpt"))
     resumed = Trainer(config, resume=tmp_path / "split" / "ckpt" / paths.LAST_NAME).fit()
     assert resumed["best_val_loss"] == pytest.approx(straight["best_val_loss"], abs=1e-6)
@@ -151,10 +151,10 @@ def test_a_resume_that_names_another_starting_model_is_refused(world, tmp_path, 
 
     Kills (trainer): the init_from/init_revision check skipped (its loop run zero times).
     """
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
     fine_tune(world, tmp_path, max_iters=2)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     other = tmp_path / "other-base"
     shutil.copytree(world / "base", other)
     config = load_config(write_run(tmp_path / "resume.toml", world, tmp_path / "ckpt", model={"init_from": str(other)}))

@@ -185,7 +185,7 @@ def assert_same_files(folder: Path, reference: Path) -> None:
 
 def fit(config: Path, resume: Path | None = None, interrupt_at: int | None = None) -> Trainer:
     """A whole in-process run of `config`; with `interrupt_at`, stopped there the way Ctrl-C stops it."""
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
     trainer = Trainer(load_config(config), resume=resume)
     if interrupt_at is not None:
@@ -199,7 +199,7 @@ def fit(config: Path, resume: Path | None = None, interrupt_at: int | None = Non
 
         trainer.train_step = step_then_interrupt
     trainer.fit()
-    AcceleratorState._reset_state(reset_partial_state=True)  # the next run builds its own Accelerator
+    reset_accelerate_state()  # the next run builds its own Accelerator
     return trainer
 
 

@@ -85,14 +85,14 @@ def write_run(folder: Path, world: Path, *, adapters: dict | None = ADAPTERS, **
 
 def fit_quietly(config: Path) -> tuple[Trainer, str]:
     """An in-process run of `config`, and what it printed (the warnings it raised too)."""
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), warnings.catch_warnings(record=True) as raised:
         warnings.simplefilter("always")
         trainer = Trainer(load_config(config))
         trainer.fit()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     return trainer, printed.getvalue() + "".join(f"warning: {warning.message}\n" for warning in raised)
 
 

@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 import training_helpers
-from accelerate.state import AcceleratorState
 from training_helpers import cpu_trainer
 
+from tinylm.compat import reset_accelerate_state
 from tinylm.config import load_config
 from tinylm.errors import UserError
 from tinylm.metrics_log import read_lines
@@ -181,13 +181,13 @@ def test_an_fp16_resume_continues_with_the_loss_scale_it_had(prepared, tmp_path)
     overflow_at(trainer, {1, 2})
     trainer.fit()
     assert trainer.accelerator.scaler.get_scale() == INIT_SCALE / 4
-    AcceleratorState._reset_state(reset_partial_state=True)  # the resumed run builds its own Accelerator
+    reset_accelerate_state()  # the resumed run builds its own Accelerator
 
     config = load_config(tmp_path / "run.toml", {"training.max_iters": 6})
     resumed = cpu_trainer("fp16", cpu_scaler())(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
     assert resumed.accelerator.scaler.get_scale() == INIT_SCALE / 4
     resumed.close()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     # Resumed in fp32 instead: no scaler, and the saved scale is simply not used.
     in_fp32 = cpu_trainer("fp32")(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
     in_fp32.close()

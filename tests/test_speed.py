@@ -11,10 +11,10 @@ import time
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from training_helpers import REPO, benchmark_script, load_checkpoint, make_trainer, read_log, train, write_config
 
 from tinylm import checkpoint, data
+from tinylm.compat import reset_accelerate_state
 from tinylm.config import ModelConfig
 from tinylm import hardware
 from tinylm.hardware import CpuMatmul, choose_cpu_matmul, onednn_is_exact, peak_flops, reliably_faster, use_compile
@@ -51,7 +51,7 @@ def test_the_onednn_matmul_path_trains_like_the_default_one(prepared, tmp_path):
         trainer = make_trainer(prepared, tmp_path / backend, cpu_matmul=backend)
         assert trainer.cpu_matmul.backend == backend
         losses[backend] = torch.stack([trainer.train_step(step) for step in range(8)])
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate_state()
     # The same arithmetic in another order: equal to fp32 rounding, not bitwise.
     assert torch.allclose(losses["blas"], losses["onednn"], rtol=0, atol=1e-4)
     assert losses["blas"][-1] < losses["blas"][0] - 0.3
@@ -146,7 +146,7 @@ def test_an_auto_run_trains_exactly_as_a_run_naming_the_backend_it_chose(prepare
         backends[name] = trainer.cpu_matmul.backend
         losses[name] = torch.stack([trainer.train_step(step) for step in range(4)])
         trainer.close()
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate_state()
     assert backends["auto"] == backends["named"]
     assert torch.equal(losses["auto"], losses["named"])
 

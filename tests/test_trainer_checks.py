@@ -69,9 +69,9 @@ def test_a_resume_keeps_the_started_backend_only_when_told_auto(data, tmp_path):
         pytest.skip("this torch build has no oneDNN: every run is on blas")
     make_trainer(data, tmp_path, cpu_matmul="onednn", max_iters=1, eval_interval=100).fit()
     assert load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["cpu_matmul"] == "onednn"
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     config = load_config(tmp_path / "run.toml", {"training.max_iters": 2, "training.cpu_matmul": "blas"})
     trainer = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt")
     trainer.close()
@@ -334,9 +334,9 @@ def test_a_resumed_run_goes_on_counting_its_training_time(data, tmp_path, capsys
     make_trainer(data, tmp_path, max_iters=2, eval_interval=100).fit()
     saved = load_checkpoint(tmp_path / "ckpt" / "ckpt_last.pt")["train_state"]["run"]["elapsed_s"]
     assert saved > 0
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     config = load_config(tmp_path / "run.toml", {"training.max_iters": 4})
     capsys.readouterr()
     summary = Trainer(config, resume=tmp_path / "ckpt" / "ckpt_last.pt").fit()

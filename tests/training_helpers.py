@@ -128,7 +128,7 @@ def cli_here(main, argv: list, capsys=None, *, check: bool = False, cwd: Path | 
     shows (signals, its exit, several processes, a fresh interpreter's imports, environment variables
     read at import) needs `run`. `capsys` is the test's; a fixture wider than a test, which has none,
     passes None and the output is caught here (sys.stdout and sys.stderr, as capsys does)."""
-    from accelerate.state import AcceleratorState
+    from tinylm.compat import reset_accelerate_state
 
     from tinylm.errors import run_cli
 
@@ -143,7 +143,7 @@ def cli_here(main, argv: list, capsys=None, *, check: bool = False, cwd: Path | 
         with contextlib.chdir(cwd or Path.cwd()), catching:
             code = run_cli(main, argv)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate_state()
     out, err = (out.getvalue(), err.getvalue()) if capsys is None else capsys.readouterr()
     if check and code != 0:
         raise AssertionError(f"{argv} exited {code}\n{out}\n{err}")
