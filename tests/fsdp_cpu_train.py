@@ -8,12 +8,15 @@ accelerator is switched to FSDP before it prepares the model, and each process p
 test sees the model really was sharded.
 KILL_AT: an iter, or 0 for none. Every process SIGKILLs itself at the save of that iter, once the
 optimizer shards are written and before any checkpoint file is: a preemption at the worst moment.
+STEP_DELAY_S (environment, default 0): seconds every process sleeps before each step, so the
+background uploads of a run that pushes to the Hub keep up with its evaluations.
 The product code is untouched.
 """
 
 import os
 import signal
 import sys
+import time
 
 import tinylm.shards as shards_module
 import tinylm.trainer as trainer_module
@@ -25,6 +28,8 @@ kill_at = int(sys.argv[1])
 original_make_accelerator = trainer_module.Trainer.make_accelerator
 original_set_up = trainer_module.Trainer._set_up
 original_save_shards = shards_module.save
+original_step = trainer_module.Trainer.train_step
+step_delay = float(os.environ.get("STEP_DELAY_S", "0"))
 
 
 def make_accelerator(self):
@@ -52,7 +57,14 @@ def save_shards(out_dir, model, optimizer, *, step, is_main):
     return name
 
 
+def slow_step(self, step):
+    time.sleep(step_delay)
+    return original_step(self, step)
+
+
 trainer_module.Trainer.make_accelerator = make_accelerator
+if step_delay:
+    trainer_module.Trainer.train_step = slow_step
 trainer_module.Trainer._set_up = set_up
 shards_module.save = save_shards
 sys.exit(run_cli(main, sys.argv[2:]))

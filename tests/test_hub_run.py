@@ -23,7 +23,8 @@ import pytest
 import torch
 from fake_hub import FakeHub, serve
 from training_helpers import (
-    REPO, SLOW_TRAIN, TRAIN_SCRIPT, assert_clean_error, losses, read_log, run, start_slow, train, write_config,
+    REPO, SLOW_TRAIN, TRAIN_SCRIPT, assert_clean_error, load_checkpoint, losses, read_log, run, start_slow, train,
+    write_config,
 )
 
 from tinylm import checkpoint, hub_run
@@ -180,6 +181,63 @@ def test_each_commit_leaves_the_branch_with_this_runs_files_only(hub_api, tmp_pa
     files = FakeHub.branch_files("someone/reused", BRANCH)
     assert sorted(files) == [".gitattributes", "ckpt_last.pt", "train_log.json"]
     assert pushed_checkpoint("someone/reused")["iter"] == 0
+
+
+def shards_folder(out_dir: Path, step: int) -> str:
+    """A folder of optimizer shards as an FSDP save leaves it (tinylm.shards), its files' bytes its own."""
+    name = f"ckpt_shards-{step}-x{step}"
+    (out_dir / name).mkdir()
+    for part in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        (out_dir / name / part).write_bytes(f"{name}/{part}".encode())
+    return name
+
+
+def shards_on_branch(repo_id: str) -> dict[str, list[str]]:
+    files = FakeHub.branch_files(repo_id, BRANCH)
+    return {folder: sorted(name.split("/")[1] for name in files if name.startswith(f"{folder}/"))
+            for folder in sorted({name.split("/")[0] for name in files if "/" in name})}
+
+
+def test_an_fsdp_runs_shards_go_with_its_checkpoints_through_failed_uploads(hub_api, tmp_path):
+    """The shards folders an upload that failed held go with the next upload when out_dir still holds them
+    (ckpt_best.pt names them), and not when a later save removed them; the branch keeps only the
+    folders out_dir holds. iter 4 and iter 12 are refused once (403), while iter 8 and 16 wait.
+    Kills: a failed upload's folder handed on though no checkpoint names it any more; folders never deleted."""
+    FakeHub.refuse_commits = {"tinylm: iter 4": [403, 1], "tinylm: iter 12": [403, 1]}
+    pusher = hub_run.HubPusher(HubConfig(repo_id="someone/shards", push_checkpoints=True), tmp_path)
+
+    def evaluation(step: int, *, best_too: bool, held: bool, keep: tuple[str, ...] = ()) -> None:
+        """Save iter `step` as an FSDP run does: a new folder, the checkpoints naming it, then the folders
+        no checkpoint names removed (`keep`: the one ckpt_best.pt still names). With `held`, the push is
+        held at the fake Hub until `release` is set."""
+        folder = shards_folder(tmp_path, step)
+        for name in ("ckpt_last.pt", "ckpt_best.pt") if best_too else ("ckpt_last.pt",):
+            save(tmp_path, name, step)
+        for path in tmp_path.glob("ckpt_shards-*"):
+            if path.name not in (folder, *keep):
+                shutil.rmtree(path)
+        if held:
+            FakeHub.release = threading.Event()
+        pusher.push(step, train_log(tmp_path, step))
+        if held:
+            wait_for(lambda: FakeHub.in_flight == 1, timeout=30)
+
+    whole = [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    evaluation(4, best_too=True, held=True)  # refused once: its ckpt_best.pt and folder go with iter 8
+    evaluation(8, best_too=False, held=False, keep=("ckpt_shards-4-x4",))
+    FakeHub.release.set()
+    wait_for(lambda: "tinylm: iter 8" in FakeHub.summaries("someone/shards", BRANCH), timeout=30)
+    assert shards_on_branch("someone/shards") == {"ckpt_shards-4-x4": whole, "ckpt_shards-8-x8": whole}
+    assert pushed_checkpoint("someone/shards", "ckpt_best.pt")["iter"] == 4
+
+    evaluation(12, best_too=False, held=True, keep=("ckpt_shards-4-x4",))  # refused once
+    evaluation(16, best_too=True, held=False)  # removes the folders of iter 4 and 12
+    FakeHub.release.set()
+    pusher.close(print)
+    assert FakeHub.summaries("someone/shards", BRANCH) == ["tinylm: iter 8", "tinylm: iter 16"]
+    assert shards_on_branch("someone/shards") == {"ckpt_shards-16-x16": whole}
+    assert FakeHub.branch_files("someone/shards", BRANCH)["ckpt_shards-16-x16/.metadata"] == \
+        b"ckpt_shards-16-x16/.metadata"
 
 
 # --- real runs ----------------------------------------------------------------------------------------
@@ -366,16 +424,43 @@ def test_failed_uploads_are_retried_reported_and_training_goes_on(prepared, hub_
     assert pushed_checkpoint("someone/flaky", "ckpt_best.pt")["iter"] == local_best
 
 
-def test_an_fsdp_run_that_would_push_unresumable_checkpoints_is_refused():
-    """Under FSDP the optimizer state is a shard folder the pusher leaves out: refused before any work.
+def test_an_fsdp_runs_checkpoints_go_with_their_optimizer_shards_and_resume_from_the_hub_exactly(
+        prepared, hub_env, tmp_path):
+    """Two FSDP processes (tests/fsdp_cpu_train.py) push each evaluation: every commit holds the shards
+    folders its checkpoints name, and no other. The run's folder deleted, an evaluation's commit resumes on
+    two new FSDP processes and logs, step for step, the numbers the pushing run logged after it.
 
-    Kills: the refusal's condition dropped."""
-    from tinylm.config import HubConfig
-    from tinylm.errors import UserError
-    from tinylm.hub_run import check_can_push
+    Kills: the shards not staged; a replaced shards folder left on the branch; the shards not downloaded,
+    or copied where the checkpoint does not look; the other process's shards looked for in out_dir."""
+    from test_multiprocess import FSDP_ON_CPU, fsdp_launch, logged
 
-    pushing = HubConfig(repo_id="me/run", push_checkpoints=True)
-    with pytest.raises(UserError, match=r"^\[hub\] push_checkpoints cannot push an FSDP run yet"):
-        check_can_push(pushing, sharded=True)
-    check_can_push(pushing, sharded=False)
-    check_can_push(HubConfig(repo_id="me/run"), sharded=True)
+    out_dir = tmp_path / "ckpt"
+    config = write_config(tmp_path / "run.toml", prepared, out_dir, model={"dropout": 0.1}, hub=hub("someone/fsdp"))
+    pushing = run(fsdp_launch(0, "--config", str(config)), env={**hub_env, **FSDP_ON_CPU, "STEP_DELAY_S": "0.3"})
+    assert pushing.returncode == 0 and "DTensor" in pushing.stderr, pushing.stdout + pushing.stderr
+    commits = {}
+    for commit in FakeHub.repos["someone/fsdp"].history(BRANCH):
+        named = {torch.load(io.BytesIO(commit.files[name]), weights_only=True)["train_state"]["optimizer_shards"]
+                 for name in ("ckpt_last.pt", "ckpt_best.pt") if name in commit.files}
+        folders = {name.split("/")[0] for name in commit.files if "/" in name}
+        assert folders == named - {None}, commit.summary  # iter 0's checkpoints name none: no step taken yet
+        assert all(f"{folder}/.metadata" in commit.files for folder in folders)
+        commits[int(commit.summary.split()[2].rstrip(":"))] = commit
+    middle = min(step for step in commits if 0 < step < 12)  # 4, unless its upload had to give way to 8's
+    reference = logged(out_dir)
+    expected = load_checkpoint(out_dir / "ckpt_last.pt")["model"]
+    shutil.rmtree(out_dir)
+
+    elsewhere = tmp_path / "elsewhere"
+    resumed = run(fsdp_launch(0, "--resume", f"someone/fsdp@{commits[middle].oid}", "--out-dir", str(elsewhere),
+                              "--processed-dir", str(prepared)), env={**hub_env, **FSDP_ON_CPU})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from iter {middle}" in resumed.stdout and "reseeded" not in resumed.stdout + resumed.stderr
+    assert re.search(rf"fetched someone/fsdp@\w+ \(commit \w+\) into {re.escape(str(elsewhere))}: "
+                     rf"ckpt_best.pt, ckpt_last.pt, train_log.json, metrics.jsonl, ckpt_shards-{middle}-\w+/",
+                     resumed.stdout), resumed.stdout
+    for mine, theirs in zip(logged(elsewhere), reference):
+        print("resumed from the Hub", dict(mine), "\npushing run         ", dict(theirs))
+    assert logged(elsewhere) == reference
+    weights = load_checkpoint(elsewhere / "ckpt_last.pt")["model"]
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)

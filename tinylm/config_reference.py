@@ -92,7 +92,8 @@ KEY_HELP = {
     "hub.repo_id": '`"user/name"`: when training ends, export the best checkpoint and push it to this Hub repo; '
                    '`""`: don\'t push. See [Export & Deployment](export-and-deployment.md)',
     "hub.private": "create the Hub repo private",
-    "hub.push_checkpoints": "at each evaluation, push `ckpt_last.pt` (and `ckpt_best.pt` when it changed), "
+    "hub.push_checkpoints": "at each evaluation, push `ckpt_last.pt` (and `ckpt_best.pt` when it changed; "
+                            "under FSDP the optimizer shards they name), "
                             "`train_log.json` and `metrics.jsonl` to the repo's `checkpoints` branch, in the "
                             "background, so `tinylm train --resume REPO_ID` resumes the run on any machine. "
                             "Needs `repo_id`. See [The Hub as the run's home](training.md#the-hub-as-the-runs-home)",

@@ -3,16 +3,19 @@
 them back, on any machine.
 
 Pushing (`HubPusher`, main process). After each save `run_writer` hands over the run's files:
-ckpt_last.pt and ckpt_best.pt when they changed since the last push that got through, and always
-train_log.json and metrics.jsonl. They are staged at once in out_dir/.hub-uploads (a hard link to a
-checkpoint, which the next save replaces with a new file and never rewrites; a copy of the logs) and
-one background thread uploads them, one commit per evaluation, so no step waits for the network. At
+ckpt_last.pt and ckpt_best.pt when they changed since the last push that got through, under FSDP
+the folders of optimizer shards they name (`tinylm.shards`) when not pushed yet, and always
+train_log.json and metrics.jsonl. They are staged at once in out_dir/.hub-uploads (hard links to the
+checkpoints and the shards, which later saves replace with new files and never rewrite; a copy of the
+logs) and one background thread uploads them, one commit per evaluation, so no step waits for the
+network. At
 most one upload runs at a time: an evaluation that finds one running leaves its files to go next, in
 place of any older ones still waiting (an older state is worth nothing once a newer one is there, and
 the upload already running goes on: it may be the last to get through before a preemption). A failed
 upload is tried again (`RETRY_DELAYS_S`) when the failure may pass, then reported in one warning line;
 training goes on, and the next evaluation pushes everything not pushed yet. Each commit leaves the
-branch holding the run's files and no other run's (a `ckpt_best.pt` the run does not have is deleted);
+branch holding the run's files and no other run's (a `ckpt_best.pt` the run does not have, a shards
+folder no checkpoint names any more, are deleted), so a commit's checkpoints and their shards go together;
 earlier commits stay in the branch's history, so an earlier evaluation resumes as `OWNER/NAME@COMMIT`.
 At its end the run waits for its last upload.
 
@@ -24,7 +27,8 @@ model card.
 Resuming (`fetch_run`): the files of one commit go to the Hugging Face cache, then the main process
 copies them into the run's out_dir (the --out-dir flag, else the --config file's out_dir, else the
 run's own), which must not hold another run unless --overwrite; from there the run resumes as from a
-local checkpoint, and goes on pushing to the same branch.
+local checkpoint, and goes on pushing to the same branch. The other processes resume from their cache,
+where the shards folders sit beside the checkpoint as in out_dir.
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
-from . import checkpoint, run_folder
-from .atomic import atomic_path, write_json
+from . import checkpoint, run_folder, shards
+from .atomic import atomic_path, replace_folder, write_json
 from .errors import UserError, command_line
 from .hub_names import hub_id, is_local
-from .paths import BEST_NAME, HUB_CHECKPOINTS_BRANCH, LAST_NAME, METRICS_NAME, TRAIN_LOG_NAME
+from .paths import BEST_NAME, HUB_CHECKPOINTS_BRANCH, LAST_NAME, METRICS_NAME, SHARDS_PREFIX, TRAIN_LOG_NAME
 
 CHECKPOINT_NAMES = (LAST_NAME, BEST_NAME)
 # The config keys that may hold a path of the user's machine.
@@ -102,9 +106,9 @@ class Upload:
     iter: int
     folder: Path
     ended: str | None  # the stop reason, when this is the end of the run (train_log.json's summary)
-    identities: dict[str, tuple]  # checkpoint staged -> the identity of its file in out_dir
-    names: list[str]  # every file staged, as named in the repo
-    held: frozenset[str]  # the run files out_dir held: the branch keeps no other
+    identities: dict[str, tuple]  # checkpoint or shards folder staged -> the identity of it in out_dir
+    names: list[str]  # every file and folder staged, as named at the top of the repo
+    held: frozenset[str]  # the run files and shards folders out_dir held: the branch keeps no other
 
     @property
     def what(self) -> str:
@@ -127,12 +131,28 @@ def file_identity(path: Path) -> tuple:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path | str, target: Path | str) -> None:
     """A hard link (instant, no space) where the filesystem has them, else a copy."""
     try:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def run_entry(path_in_repo: str) -> str | None:
+    """The run file or shards folder a file of the repo belongs to (None: not a run's, a README, say)."""
+    top, _, inside = path_in_repo.partition("/")
+    is_run_file = not inside and top in run_folder.RUN_FILES
+    in_shards_folder = bool(inside) and top.startswith(SHARDS_PREFIX)
+    return top if is_run_file or in_shards_folder else None
+
+
+def files_under(folder: Path, name: str) -> list[tuple[str, Path]]:
+    """(path in the repo, file) of the staged file or folder `name` in `folder`."""
+    path = folder / name
+    if not path.is_dir():
+        return [(name, path)]
+    return [(f"{name}/{file.relative_to(path).as_posix()}", file) for file in sorted(path.rglob("*")) if file.is_file()]
 
 
 def failure_reason(exc: Exception) -> str:
@@ -157,15 +177,6 @@ def transient(exc: Exception) -> bool:
     if isinstance(exc, HfHubHTTPError):
         return exc.response is None or exc.response.status_code in TRANSIENT_STATUSES
     return isinstance(exc, HTTPError) and not isinstance(exc, OfflineModeIsEnabled)
-
-
-def check_can_push(hub, sharded: bool) -> None:
-    """Refuse, before any work, a run whose pushed checkpoints could not resume: under FSDP the optimizer
-    state is a folder of shards beside ckpt_last.pt (`tinylm.shards`), which the pusher does not upload."""
-    if hub.push_checkpoints and sharded:
-        raise UserError("[hub] push_checkpoints cannot push an FSDP run yet: its optimizer state is a folder of "
-                        "shards the upload leaves out, so the pushed checkpoints would not resume; set "
-                        "push_checkpoints = false, or train with DDP (configs/accelerate/multi-gpu.yaml)")
 
 
 class HubPusher:
@@ -259,12 +270,19 @@ class HubPusher:
             if source.is_file() and file_identity(source) != covered.get(name):
                 identities[name] = file_identity(source)
                 link_or_copy(source, folder / name)  # made public by the worker
+        # Under FSDP, the folders the checkpoints name (a save removed the others): each save writes a
+        # new one, under a new name, so a folder pushed once is never pushed again.
+        held_shards = [source.name for source in shards.all_folders(self.out_dir)]
+        for name in held_shards:
+            if name not in covered:
+                identities[name] = (name,)
+                shutil.copytree(self.out_dir / name, folder / name, copy_function=link_or_copy)
         write_json(folder / TRAIN_LOG_NAME, {**train_log, "config": public_config(train_log["config"])})
         names = [*identities, TRAIN_LOG_NAME]
         if (self.out_dir / METRICS_NAME).is_file():  # appended to in place: copied, not linked
             shutil.copyfile(self.out_dir / METRICS_NAME, folder / METRICS_NAME)
             names.append(METRICS_NAME)
-        held = frozenset(name for name in run_folder.RUN_FILES if (self.out_dir / name).is_file())
+        held = frozenset(name for name in run_folder.RUN_FILES if (self.out_dir / name).is_file()) | set(held_shards)
         summary = train_log.get("summary")
         return Upload(step, folder, summary and summary["stop_reason"], identities, names, held)
 
@@ -289,10 +307,10 @@ class HubPusher:
             shutil.rmtree(upload.folder, ignore_errors=True)
 
     def _hand_on(self, failed: Upload, waiting: Upload) -> None:
-        """Give the upload waiting the checkpoints of one that failed, which it left out as being pushed
-        (a checkpoint it does not hold is unchanged since, so the failed one's is still the run's)."""
+        """Give the upload waiting the checkpoints (and shards) of one that failed, which it left out as
+        being pushed (what out_dir still holds and the waiting one did not stage is unchanged since)."""
         for name, identity in failed.identities.items():
-            if name not in waiting.identities and (failed.folder / name).is_file():
+            if name not in waiting.identities and name in waiting.held and (failed.folder / name).exists():
                 os.replace(failed.folder / name, waiting.folder / name)
                 waiting.identities[name] = identity
                 waiting.names.insert(0, name)
@@ -301,7 +319,7 @@ class HubPusher:
         """Make the staged checkpoints public, then commit, trying again while a failure may pass.
         Every failure becomes an `Outcome`: nothing this thread meets may stop training."""
         try:
-            for name in upload.identities:
+            for name in upload.identities.keys() & set(CHECKPOINT_NAMES):  # shards hold tensors by parameter name
                 checkpoint.save(upload.folder / name, public_payload(checkpoint.load(upload.folder / name)))
         except Exception as exc:  # noqa: BLE001 - reported, never raised into training
             return Outcome(upload.what, reason=f"cannot prepare its checkpoint: {exc}")
@@ -314,7 +332,8 @@ class HubPusher:
                 time.sleep(delay)
 
     def _commit(self, upload: Upload) -> str:
-        """One commit on the branch: the staged files, and the deletion of run files the run no longer has."""
+        """One commit on the branch: the staged files, and the deletion of the run files and shards folders
+        the run no longer has."""
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         if self._on_branch is None:
@@ -322,14 +341,16 @@ class HubPusher:
             self.api.create_repo(self.repo_id, private=self.private or None, exist_ok=True)
             self.api.create_branch(self.repo_id, branch=HUB_CHECKPOINTS_BRANCH, exist_ok=True)
             info = self.api.repo_info(self.repo_id, revision=HUB_CHECKPOINTS_BRANCH)
-            self._on_branch = {sibling.rfilename for sibling in info.siblings or []} & set(run_folder.RUN_FILES)
-        gone = sorted(self._on_branch - upload.held - set(upload.names))
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=upload.folder / name)
-                      for name in upload.names] + [CommitOperationDelete(path_in_repo=name) for name in gone]
+            self._on_branch = {sibling.rfilename for sibling in info.siblings or [] if run_entry(sibling.rfilename)}
+        added = [item for name in upload.names for item in files_under(upload.folder, name)]
+        kept = upload.held | set(upload.names)
+        gone = sorted(path for path in self._on_branch if run_entry(path) not in kept)
+        operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=file) for path, file in added] + \
+                     [CommitOperationDelete(path_in_repo=path) for path in gone]
         message = f"tinylm: iter {upload.iter}" + (f": the run ended ({upload.ended})" if upload.ended else "")
         commit = self.api.create_commit(self.repo_id, operations, commit_message=message,
                                         revision=HUB_CHECKPOINTS_BRANCH)
-        self._on_branch = (self._on_branch | set(upload.names)) - set(gone)
+        self._on_branch = (self._on_branch - set(gone)) | {path for path, _ in added}
         return commit.oid
 
 
@@ -363,12 +384,14 @@ def fetch_run(repo_id: str, revision: str, out_dir_for: Callable[[str], Path], *
     if get_cpu_distributed_information().rank != 0:
         return files[LAST_NAME], resume_as
     copy_run(files, resume_as.parent, overwrite=overwrite)
-    print(f"fetched {where} (commit {commit[:7]}) into {resume_as.parent}: {', '.join(files)}", flush=True)
+    entries = dict.fromkeys(run_entry(name) + ("/" if "/" in name else "") for name in files)
+    print(f"fetched {where} (commit {commit[:7]}) into {resume_as.parent}: {', '.join(entries)}", flush=True)
     return resume_as, resume_as
 
 
 def download(repo_id: str, revision: str) -> tuple[dict[str, Path], str]:
-    """The run files of the commit `revision` names, downloaded to the Hugging Face cache, and that commit."""
+    """The run files (and shards folders) of the commit `revision` names, downloaded to the Hugging Face
+    cache, and that commit."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -388,8 +411,9 @@ def download(repo_id: str, revision: str) -> tuple[dict[str, Path], str]:
             raise UserError(f"--resume {where}: that revision holds no {' or '.join(missing)}; a run with "
                             f"[hub] push_checkpoints = true keeps its files on branch {HUB_CHECKPOINTS_BRANCH} "
                             f"(--resume {repo_id}), each evaluation a commit (--resume {repo_id}@COMMIT)")
-        files = {name: Path(hf_hub_download(repo_id, name, revision=info.sha))
-                 for name in run_folder.RUN_FILES if name in names}
+        wanted = [name for name in run_folder.RUN_FILES if name in names] + \
+            sorted(name for name in names if "/" in name and run_entry(name))  # the shards folders' files
+        files = {name: Path(hf_hub_download(repo_id, name, revision=info.sha)) for name in wanted}
     except RepositoryNotFoundError:
         raise UserError(f"--resume {where}: no checkpoint file of that name here, and no Hub repo {repo_id} this "
                         "token can read; check the name (and HF_TOKEN for a private repo)") from None
@@ -412,13 +436,23 @@ def read_out_dir(train_log: Path, where: str) -> str:
 
 def copy_run(files: dict[str, Path], out_dir: Path, *, overwrite: bool) -> None:
     """Copy the fetched `files` into `out_dir`, holding its lock; a run already there is refused
-    (`run_folder.refuse_other_run`), or with `overwrite` removed first."""
+    (`run_folder.refuse_other_run`), or with `overwrite` removed first. The shards folders go first,
+    each whole (staged, then renamed), so a checkpoint copied never names a folder not there."""
     run_folder.check_writable(out_dir)
     with run_folder.lock(out_dir):
         found = run_folder.other_run(out_dir, resumed_from=None)
         if found and not overwrite:
             run_folder.refuse_other_run(out_dir, found)
         run_folder.clear_replaced_run(out_dir)
+        for folder in dict.fromkeys(name.split("/")[0] for name in files if "/" in name):
+            staging = shards.staging_folder(out_dir, f"{folder}.")
+            for name, source in files.items():
+                if name.startswith(f"{folder}/"):
+                    target = staging / name.removeprefix(f"{folder}/")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, target)
+            replace_folder(staging, out_dir / folder)
         for name, source in files.items():
-            with atomic_path(out_dir / name) as tmp:
-                shutil.copyfile(source, tmp)
+            if "/" not in name:
+                with atomic_path(out_dir / name) as tmp:
+                    shutil.copyfile(source, tmp)

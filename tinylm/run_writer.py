@@ -25,7 +25,7 @@ from . import checkpoint, rng, run_folder, shards
 from .atomic import write_json
 from .config import HubConfig
 from .errors import UserError
-from .hub_run import HubPusher, check_can_push
+from .hub_run import HubPusher
 from .paths import TRAIN_LOG_NAME
 
 
@@ -38,7 +38,6 @@ class RunWriter:
         self.is_main = accelerator.is_main_process
         # No process holds the whole optimizer state: each writes its shard (tinylm.shards).
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
-        check_can_push(hub, sharded=self.sharded)
         self.lock = run_folder.lock(out_dir)
         self.replaced_run: list[str] = []
         self.pusher: HubPusher | None = None

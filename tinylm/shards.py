@@ -48,7 +48,7 @@ def save(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         return None
     # The moments, by parameter name: DTensors (this process's shard) under FSDP, whole tensors otherwise.
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    staging = [_staging(out_dir, step) if is_main else None]
+    staging = [str(staging_folder(out_dir, f"{SHARDS_PREFIX}{step}-")) if is_main else None]
     broadcast_object_list(staging)  # every process writes into the folder the main process made
     staging = Path(staging[0])
     blind = [rank for rank, sees in enumerate(gather_object([staging.is_dir()])) if not sees]
@@ -114,10 +114,12 @@ def all_folders(out_dir: Path) -> list[Path]:
     return sorted(folder for folder in out_dir.glob(f"{SHARDS_PREFIX}*") if folder.is_dir())
 
 
-def _staging(out_dir: Path, step: int) -> str:
-    staging = tempfile.mkdtemp(prefix=f".{SHARDS_PREFIX}{step}-", suffix=".tmp", dir=out_dir)
+def staging_folder(out_dir: Path, stem: str) -> Path:
+    """A new, empty folder `.<stem>XXXXXXXX.tmp` in out_dir, where a shards folder is written before its
+    rename (`stem` starts with SHARDS_PREFIX: a dead writer's is litter, STAGING_PATTERN)."""
+    staging = tempfile.mkdtemp(prefix=f".{stem}", suffix=".tmp", dir=out_dir)
     os.chmod(staging, dir_mode())  # mkdtemp's is owner-only; the run's other files follow the umask
-    return staging
+    return Path(staging)
 
 
 def _first_failure(exc: CheckpointException) -> str:
