@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# pytest's exit code when tests ran and some failed; 5 (none selected) or 2 (a collection error) kill nothing.
+TESTS_FAILED = 1
 
 # (name, file, original text, mutated text, pytest selection)
 MUTANTS = [
@@ -884,7 +886,14 @@ def run_mutant(file: str, original: str, mutated: str, selection: list[str]) -> 
         started = time.perf_counter()
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0", *selection]
         result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
-        return result.returncode != 0, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if result.returncode == TESTS_FAILED:
+            return True, seconds
+        if result.returncode == 0:
+            return False, seconds
+        # Anything else is not a test failing: no test selected (a renamed test), a collection error, ...
+        raise SystemExit(f"{' '.join(selection)}: pytest exited {result.returncode}, not a test failing:\n"
+                         + (result.stdout + result.stderr)[-2000:])
 
 
 def build_parser() -> argparse.ArgumentParser:
