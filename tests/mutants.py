@@ -868,6 +868,11 @@ MUTANTS = [
      "            replace_folder(staging, out_dir / folder)",
      "            replace_folder(staging, out_dir / f\"fetched-{folder}\")",
      ["tests/test_hub_run.py", "-k", "fsdp_runs_checkpoints"]),
+    ("trainer: an FSDP resume leaves the optimizer shards unread (a LoRA run's adapters' moments start afresh)",
+     "tinylm/trainer.py",
+     "            shards.load(shards.folder_of(resume.path, resume.payload), self.model, self.optimizer.optimizer)",
+     "            pass",
+     ["tests/test_lora.py", "-k", "twice_the_batch"]),
 ]
 
 

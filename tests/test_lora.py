@@ -215,14 +215,17 @@ def test_a_lora_runs_memory_estimate_is_its_step_peak(world, tmp_path, fresh_acc
     assert found.peak == pytest.approx(peak, rel=0.02)
 
 
-def test_two_processes_train_lora_as_one_process_with_twice_the_batch(world, tmp_path):
+def test_two_processes_train_lora_as_one_process_with_twice_the_batch_under_ddp_and_fsdp(world, tmp_path):
     """LoRA under DDP, two real gloo processes through `accelerate launch`: the same evaluations, to float
     noise, as one process with twice the batch (each rank's adapters start as rank 0's and their gradients
-    are all-reduced; the frozen base has none).
+    are all-reduced; the frozen base has none). Under FSDP (tests/fsdp_cpu_train.py: each process holds
+    half of every weight, frozen or not, and of the adapters' moments), killed at its last save and
+    resumed from iter 4's checkpoint and optimizer shards: DDP's numbers.
 
-    Kills (planted by hand): the gradients never all-reduced (`accumulate` -> `no_sync` in train_step).
+    Kills (planted by hand): the gradients never all-reduced (`accumulate` -> `no_sync` in train_step); the
+    optimizer shards not loaded on resume.
     """
-    from test_multiprocess import launch
+    from test_multiprocess import FSDP_ON_CPU, fsdp_launch, launch
 
     adapters = {**ADAPTERS, "lora_dropout": 0.0}  # dropout draws differ by rank
     one = write_run(tmp_path / "one", world, adapters=adapters, max_iters=8, eval_interval=4, batch_size=4,
@@ -237,6 +240,17 @@ def test_two_processes_train_lora_as_one_process_with_twice_the_batch(world, tmp
     assert single[-1][2] < single[0][2] - 0.01  # the adapters learned something, so unsynced ones would show
     for a, b in zip(single, double):
         assert b[1:] == pytest.approx(a[1:], abs=1e-4)
+
+    fsdp = write_run(tmp_path / "fsdp", world, adapters=adapters, max_iters=8, eval_interval=4, batch_size=2,
+                     eval_iters=4)
+    killed = run(fsdp_launch(8, "--config", str(fsdp)), env=FSDP_ON_CPU)
+    assert killed.returncode != 0 and "DTensor" in killed.stderr, killed.stdout + killed.stderr
+    resumed = run(fsdp_launch(0, "--resume", str(tmp_path / "fsdp" / "ckpt" / "ckpt_last.pt")), check=True,
+                  env=FSDP_ON_CPU)
+    assert "resumed from iter 4" in resumed.stdout and "lora: " in resumed.stdout
+    # The same sums as DDP's in another order (sharded norms, reduce-scatter): equal to float rounding.
+    for a, b in zip(double, losses(tmp_path / "fsdp" / "ckpt"), strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
 
 
 def test_gradient_checkpointing_with_lora_trains_as_without(world, tmp_path):
