@@ -181,7 +181,8 @@ MUTANTS = [
      ["tests/test_prepare_dataset.py", "-k", "bad_dataset_input and weights"]),
     ("mixing: the same --dataset mixed with itself", "tinylm/prepare.py",
      "    if repeated:", "    if False:",
-     ["tests/test_prepare_dataset.py", "-k", "bad_dataset_input and twice"]),
+     ["tests/test_prepare_dataset.py::test_bad_dataset_input_is_one_line_and_leaves_outputs_intact"
+      "[--dataset docs.jsonl --dataset docs.jsonl]"]),
     ("encoding: streamed token ids held in memory", "tinylm/encoding.py",
      "    writer.write(ids.flatten().to_numpy(zero_copy_only=False))",
      "    write_rows.__dict__.setdefault('held', []).append(rows.to_pylist())\n"
@@ -873,6 +874,13 @@ MUTANTS = [
      "            shards.load(shards.folder_of(resume.path, resume.payload), self.model, self.optimizer.optimizer)",
      "            pass",
      ["tests/test_lora.py", "-k", "twice_the_batch"]),
+    ("trainer: the memory estimate of an FSDP run made as for DDP (unsharded, with buckets)", "tinylm/trainer.py",
+     "world_size=self.accelerator.num_processes, sharded=self.writer.sharded)",
+     "world_size=self.accelerator.num_processes, sharded=False)",
+     ["tests/test_memory.py", "-k", "fsdp"]),
+    ("memory: FSDP's gathered block weights left out of the estimate", "tinylm/memory.py",
+     "    gathered_blocks = 4 * per_block * min(layers, 2) if step.sharded else 0", "    gathered_blocks = 0",
+     ["tests/test_memory.py", "-k", "fsdp"]),
 ]
 
 
