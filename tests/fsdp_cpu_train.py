@@ -10,6 +10,9 @@ KILL_AT: an iter, or 0 for none. Every process SIGKILLs itself at the save of th
 optimizer shards are written and before any checkpoint file is: a preemption at the worst moment.
 STEP_DELAY_S (environment, default 0): seconds every process sleeps before each step, so the
 background uploads of a run that pushes to the Hub keep up with its evaluations.
+MEASURE_STEP (environment, default 0: none): at that step every process prints "fsdp-memory: RANK
+ESTIMATE MEASURED", the banner's memory estimate and the bytes its weights, optimizer state and the
+step's tensors took at the peak (compat.TensorBytes, each DTensor by its local shard).
 The product code is untouched.
 """
 
@@ -20,6 +23,7 @@ import time
 
 import tinylm.shards as shards_module
 import tinylm.trainer as trainer_module
+from tinylm.compat import TensorBytes
 from tinylm.errors import run_cli
 from tinylm.train import main
 from training_helpers import use_fsdp_on_cpu
@@ -30,6 +34,7 @@ original_set_up = trainer_module.Trainer._set_up
 original_save_shards = shards_module.save
 original_step = trainer_module.Trainer.train_step
 step_delay = float(os.environ.get("STEP_DELAY_S", "0"))
+measure_step = int(os.environ.get("MEASURE_STEP", "0"))
 
 
 def make_accelerator(self):
@@ -57,14 +62,27 @@ def save_shards(out_dir, model, optimizer, *, step, is_main):
     return name
 
 
-def slow_step(self, step):
+def local_bytes(tensor) -> int:
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).nbytes
+
+
+def train_step(self, step):
     time.sleep(step_delay)
-    return original_step(self, step)
+    if step != measure_step:
+        return original_step(self, step)
+    held = sum(local_bytes(weight) for weight in self.model.parameters()) + sum(
+        local_bytes(value) for state in self.optimizer.optimizer.state.values()
+        for name, value in state.items() if name != "step")
+    with TensorBytes() as counted:
+        result = original_step(self, step)
+    line = f"fsdp-memory: {self.accelerator.process_index} {self.memory_estimate.peak} {held + counted.peak}\n"
+    os.write(sys.stderr.fileno(), line.encode())
+    return result
 
 
 trainer_module.Trainer.make_accelerator = make_accelerator
-if step_delay:
-    trainer_module.Trainer.train_step = slow_step
+if step_delay or measure_step:
+    trainer_module.Trainer.train_step = train_step
 trainer_module.Trainer._set_up = set_up
 shards_module.save = save_shards
 sys.exit(run_cli(main, sys.argv[2:]))

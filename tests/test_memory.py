@@ -148,6 +148,25 @@ def test_a_real_runs_estimate_is_its_step_peak(checkpointing, prepared, tmp_path
     assert found.peak == pytest.approx(peak, rel=0.02)
 
 
+def test_an_fsdp_processs_estimate_is_its_step_peak(prepared, tmp_path):
+    """Two FSDP processes (tests/fsdp_cpu_train.py): each holds half of the weights, gradients and AdamW state,
+    and while it computes the whole weights of the root (the embeddings) and of two blocks. The banner's
+    estimate is, per process, the bytes of its weights, its AdamW state and the step's tensors at the peak
+    (by hand: 0.98-1.07 over four shapes, two and four processes), where the unsharded one is 1.25-1.3.
+    Kills: the estimate made as for DDP (every process holding everything, and the buckets)."""
+    from test_multiprocess import FSDP_ON_CPU, fsdp_launch
+
+    config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={
+        "max_iters": 2, "eval_interval": 100, "batch_size": 1, "cpu_matmul": "blas"},
+        model={"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 32})  # mostly weights, AdamW state
+    result = run(fsdp_launch(0, "--config", str(config)), check=True, env={**FSDP_ON_CPU, "MEASURE_STEP": "1"})
+    measured = re.findall(r"^fsdp-memory: (\d) (\d+) (\d+)$", result.stderr, re.MULTILINE)
+    assert sorted(rank for rank, *_ in measured) == ["0", "1"], result.stderr
+    for _, estimate, peak in measured:
+        assert int(estimate) == pytest.approx(int(peak), rel=0.05)
+    assert "(estimate per process, 2 FSDP shards: weights " in result.stdout and "DDP buckets" not in result.stdout
+
+
 @pytest.mark.parametrize(("text", "size"), [("8GB", 8 * GIB), ("7.5GiB", int(7.5 * GIB)), ("6000MB", 6000 * 2**20),
                                             ("12", 12 * GIB), ("0.5g", GIB // 2), (" 512 mib ", 512 * 2**20)])
 def test_memory_sizes_read_as_gpu_makers_count(text, size):

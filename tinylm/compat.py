@@ -128,7 +128,8 @@ class TensorBytes(TorchDispatchMode):
 
     Every tensor an ATen op returns, forward or backward, is counted once per storage, from the op until
     its storage is freed; a view or an in-place op returns a storage it was given, already counted or not
-    ours. Buffers a kernel allocates and frees inside itself are not seen. It relies on torch's Python
+    ours. A DTensor (FSDP2's sharded weights, their gradients and moments) counts as its local shard, the
+    only memory it has on this process. Buffers a kernel allocates and frees inside itself are not seen. It relies on torch's Python
     dispatch mode (`torch.utils._python_dispatch`, a private module, the one `__torch_dispatch__` modes
     subclass) seeing each op on the calling thread, where CPU autograd runs the backward too.
     """
@@ -139,10 +140,10 @@ class TensorBytes(TorchDispatchMode):
         self._alive: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        given = {tensor.untyped_storage().data_ptr() for tensor in _local_tensors((args, kwargs))}
         out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+        for tensor in _local_tensors(out):
+            if tensor.device.type == "cpu":
                 self._count(tensor.untyped_storage(), given)
         return out
 
@@ -158,6 +159,14 @@ class TensorBytes(TorchDispatchMode):
     def _freed(self, address: int, size: int) -> None:
         self._alive.discard(address)
         self.now -= size
+
+
+def _local_tensors(tree) -> list[torch.Tensor]:
+    """The tensors in `tree`, a DTensor as its local shard (its own wrapper has no storage)."""
+    from torch.distributed.tensor import DTensor
+
+    return [item.to_local() if isinstance(item, DTensor) else item
+            for item in tree_flatten(tree)[0] if isinstance(item, torch.Tensor)]
 
 
 # peft 0.21 asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecated in

@@ -22,8 +22,12 @@ made so far), and the end of the step (every gradient). Gradients fill in as act
 so with one micro-batch a step peaks below weights + gradients + moments + activations; with
 gradient accumulation the later micro-batches start with every gradient allocated. Under fp16/bf16,
 autocast's half-precision copies of the matmul weights live until their backward. Several processes
-(DDP) each hold one more copy of the gradients, in its buckets. Not counted: the CUDA context and the
-caching allocator's slack (leave ~10%), torch.compile's changes (usually less memory), FSDP.
+(DDP) each hold one more copy of the gradients, in its buckets. Under FSDP (`sharded`) each process
+holds 1/world_size of the weights, gradients and moments, no buckets, and whole weights while it
+computes: the root's (the embeddings, which lm_head shares) for the whole step and two blocks' (the one
+computing and the next, prefetched); the output layer's gradient stays whole until the backward ends.
+Not counted: the CUDA context and the caching allocator's slack (leave ~10%), torch.compile's changes
+(usually less memory), FSDP's mixed-precision copies (measured in fp32 only).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Step:
     gradient_checkpointing: bool = False
     fused_attention: bool = True  # a fused attention kernel (flash, memory-efficient) rather than PyTorch's math one
     world_size: int = 1
+    sharded: bool = False  # FSDP: each of the world_size processes holds a shard of the weights, gradients, moments
     trainable: int | None = None  # parameters that train (and have gradients and moments); None: all of them
 
 
@@ -80,13 +85,16 @@ class Estimate:
     logits: int  # of which the loss's fp32 log-softmax over the vocabulary, three times over in its backward
     half_weights: int  # autocast's fp16/bf16 copies of the matmul weights, at their largest
     buckets: int  # DDP's gradient buckets (several processes)
+    gathered: int  # FSDP: the whole weights gathered at once (the root's, two blocks')
     peak: int
 
     def summary(self) -> str:
         """The banner's line: the peak and its parts."""
         extras = [f"{name} {human(size)}" for name, size in (("fp16/bf16 weight copies", self.half_weights),
-                                                           ("DDP buckets", self.buckets)) if size]
-        return (f"about {human(self.peak)} at the peak (estimate: weights {human(self.weights)}, gradients "
+                                                           ("DDP buckets", self.buckets),
+                                                           ("whole weights gathered", self.gathered)) if size]
+        sharded = f" per process, {self.step.world_size} FSDP shards" if self.step.sharded else ""
+        return (f"about {human(self.peak)} at the peak (estimate{sharded}: weights {human(self.weights)}, gradients "
                 f"{human(self.gradients)}, AdamW state {human(self.optimizer)}, activations {human(self.activations)} "
                 f"for a micro-batch of {self.step.batch_size} x {self.step.block_size} tokens, "
                 f"{human(self.logits)} of them logits{''.join(', ' + extra for extra in extras)}); gradient "
@@ -94,9 +102,10 @@ class Estimate:
 
     def table(self) -> list[str]:
         """The parts one per line, for `tinylm train --dry-run`."""
-        rows = [("weights", self.weights, f"{self.parameters / 1e6:.2f}M parameters, fp32"),
-                ("gradients", self.gradients, f"{self.trainable / 1e6:.2f}M trainable parameters, fp32"),
-                ("AdamW state", self.optimizer, "two fp32 moments per trainable parameter"),
+        shard = f", this process's 1/{self.step.world_size} (FSDP)" if self.step.sharded else ""
+        rows = [("weights", self.weights, f"{self.parameters / 1e6:.2f}M parameters, fp32{shard}"),
+                ("gradients", self.gradients, f"{self.trainable / 1e6:.2f}M trainable parameters, fp32{shard}"),
+                ("AdamW state", self.optimizer, f"two fp32 moments per trainable parameter{shard}"),
                 ("activations", self.activations,
                  f"one micro-batch of {self.step.batch_size} x {self.step.block_size} tokens at its largest, "
                  f"{human(self.logits)} of them the loss's logits")]
@@ -105,6 +114,8 @@ class Estimate:
                          f"the {self.step.precision} copies autocast makes for the matmuls"))
         if self.buckets:
             rows.append(("DDP buckets", self.buckets, "a second copy of the gradients per process"))
+        if self.gathered:
+            rows.append(("gathered", self.gathered, "FSDP: the root's and two blocks' whole weights, at once"))
         lines = [f"  {name:<14}{human(size):>10}  {note}" for name, size, note in rows]
         when = ("a later micro-batch's activations beside every gradient" if self.step.grad_accum_steps > 1
                 else "less than the sum: gradients fill in as activations are freed")
@@ -187,34 +198,47 @@ def estimate(shape: GPT2Config, step: Step) -> Estimate:
 
     parameters = parameter_count(shape)
     trainable = parameters if step.trainable is None else step.trainable
-    gradients = 4 * trainable
+    full = step.trainable is None
+    shards = step.world_size if step.sharded else 1
+    gradients = 4 * trainable // shards
     per_block = block_parameters(width, inner)
     matmul_weights = 4 * width * width + 2 * width * inner  # per block; lm_head's is the embedding's
     copies = 2 if step.precision != "fp32" else 0
+    # Under FSDP the root's weights (wte = lm_head, wpe, ln_f) are gathered whole for the whole step, each
+    # block's while it computes, with the next block's already on the way (prefetched).
+    root = 4 * (vocab + shape.n_positions + 2) * width if step.sharded else 0
+    gathered_blocks = 4 * per_block * min(layers, 2) if step.sharded else 0
 
-    def gradients_done(blocks: int) -> int:  # the output layer's and `blocks` blocks' (and a c_proj's) so far
-        done = (vocab + 2) * width + blocks * per_block + width * inner
-        return gradients if step.grad_accum_steps > 1 else gradients * done // parameters
+    def gradients_done(blocks: int) -> int:
+        """The gradients made when the backward reaches a block: the output layer's (whole until the backward
+        ends, under FSDP too) and a c_proj's, and `blocks` blocks' (sharded under FSDP)."""
+        if step.grad_accum_steps > 1:
+            return gradients
+        done = (vocab + 2) * width + width * inner + blocks * per_block // shards
+        return 4 * trainable * done // parameters
 
-    loss = (layers * kept + inputs + head + 3 * logits
+    loss = (layers * kept + inputs + head + 3 * logits + root
             + (gradients if step.grad_accum_steps > 1 else 0)
             + copies * (vocab * width + (0 if step.gradient_checkpointing else layers * matmul_weights)))
-    moments = [loss, gradients + (4 * vocab * width if step.trainable is None else 0)]  # the end: embedding's grad
+    # The end: the embedding's gradient (and under FSDP the root's whole gradients, before they are sharded).
+    end = gradients + root + ((4 * vocab * width + root) if full else 0)
+    moments = [loss, end]
     for index in (layers - 1, 0):  # linear in the block's index: its ends bound it
         blocks_copied = 1 if step.gradient_checkpointing else index + 1
         moments.append(inputs + index * kept + block_live + gradients_done(layers - 1 - index)
-                       + copies * blocks_copied * matmul_weights)
+                       + copies * blocks_copied * matmul_weights + root + gathered_blocks)
     activations = max(layers * kept + inputs + head + 3 * logits, inputs + (layers - 1) * kept + block_live)
-    weights, optimizer = 4 * parameters, 8 * trainable
-    buckets = gradients if step.world_size > 1 else 0
+    weights, optimizer = 4 * parameters // shards, 8 * trainable // shards
+    buckets = gradients if step.world_size > 1 and not step.sharded else 0
     half_weights = copies * (vocab * width + (1 if step.gradient_checkpointing else layers) * matmul_weights)
     return Estimate(shape=shape, step=step, parameters=parameters, trainable=trainable, weights=weights,
                     gradients=gradients, optimizer=optimizer, activations=activations, logits=3 * logits,
-                    half_weights=half_weights, buckets=buckets, peak=weights + optimizer + buckets + max(moments))
+                    half_weights=half_weights, buckets=buckets, gathered=root + gathered_blocks,
+                    peak=weights + optimizer + buckets + max(moments))
 
 
 def step_for(config: Config, *, device: str, precision: str, cpu_matmul: str, world_size: int = 1,
-             trainable: int | None = None) -> Step:
+             sharded: bool = False, trainable: int | None = None) -> Step:
     """The `Step` of `config` as it runs on `device` at `precision`, with `cpu_matmul` ("blas", "onednn").
 
     Attention is fused on CUDA, and on the CPU unless dropout is on (PyTorch's CPU flash attention
@@ -225,16 +249,16 @@ def step_for(config: Config, *, device: str, precision: str, cpu_matmul: str, wo
     return Step(batch_size=training.batch_size, block_size=config.model.block_size,
                 grad_accum_steps=training.grad_accum_steps, precision=precision, device=device,
                 dropout=config.model.dropout, gradient_checkpointing=training.gradient_checkpointing,
-                fused_attention=fused, world_size=world_size, trainable=trainable)
+                fused_attention=fused, world_size=world_size, sharded=sharded, trainable=trainable)
 
 
 def of_run(config: Config, shape: GPT2Config, *, device: str, precision: str, cpu_matmul: str,
-           world_size: int = 1) -> Estimate:
-    """The estimate for a run of `config` on a model of `shape` (see `step_for`); a LoRA run keeps gradients
-    and moments for its adapters only."""
+           world_size: int = 1, sharded: bool = False) -> Estimate:
+    """The estimate for one process of a run of `config` on a model of `shape` (see `step_for`; `sharded`:
+    under FSDP); a LoRA run keeps gradients and moments for its adapters only."""
     trainable = lora.trainable_parameters(config.lora, shape.n_layer, shape.n_embd) if config.lora.enabled else None
     return estimate(shape, step_for(config, device=device, precision=precision, cpu_matmul=cpu_matmul,
-                                    world_size=world_size, trainable=trainable))
+                                    world_size=world_size, sharded=sharded, trainable=trainable))
 
 
 def parse_size(text: str, flag: str = "--memory") -> int:

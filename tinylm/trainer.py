@@ -192,9 +192,9 @@ class Trainer:
     def _announce(self) -> None:
         """Before the first step: the banner, and the run --overwrite replaces cleared."""
         model = self.accelerator.unwrap_model(self.model)
-        estimate = memory.of_run(self.config, model.config, device=self.hardware.device,
-                                 precision=self.hardware.precision, cpu_matmul=self.cpu_matmul.backend,
-                                 world_size=self.accelerator.num_processes)
+        self.memory_estimate = estimate = memory.of_run(
+            self.config, model.config, device=self.hardware.device, precision=self.hardware.precision,
+            cpu_matmul=self.cpu_matmul.backend, world_size=self.accelerator.num_processes, sharded=self.writer.sharded)
         self.writer.stop_together(memory.refusal(estimate, self.accelerator.device, self.memory_limit))
         speed = (["torch.compile"] if self.compiled else []) + ([self.cpu_matmul.note] if self.cpu_matmul.note else [])
         self.print(run_report.banner(self.config, model, self.data, self.train_tokens.num_tokens,
