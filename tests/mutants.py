@@ -1,6 +1,6 @@
 """Planted bugs: each one must make the tests that guard it fail.
 
-    python tests/mutants.py [--only NAME ...]
+    python tests/mutants.py [--only NAME ...] [--start-at NAME]
 
 For each mutant: copy the repo's tinylm/ and tests/ into a temporary folder, make one edit there
 (the working tree is never touched), run the tests that guard that code, and count the mutant as
@@ -912,12 +912,19 @@ def run_mutant(file: str, original: str, mutated: str, selection: list[str]) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="names (substrings) of the mutants to run")
+    parser.add_argument("--start-at", metavar="NAME", help="skip the mutants before the first whose name holds NAME "
+                        "(to go on with a long run that stopped)")
     return parser
 
 
 def main() -> int:
     args = build_parser().parse_args()
     chosen = [m for m in MUTANTS if not args.only or any(part in m[0] for part in args.only)]
+    if args.start_at:
+        starts = [index for index, mutant in enumerate(chosen) if args.start_at in mutant[0]]
+        if not starts:
+            raise SystemExit(f"--start-at {args.start_at!r}: no mutant of that name")
+        chosen = chosen[starts[0]:]
     survivors = []
     for name, file, original, mutated, selection in chosen:
         killed, seconds = run_mutant(file, original, mutated, selection)
