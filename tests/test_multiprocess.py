@@ -234,6 +234,8 @@ def test_an_fsdp_run_killed_mid_save_resumes_from_its_optimizer_shards_exactly(p
 
     resumed = run(fsdp_launch(0, "--resume", str(out_dir / "ckpt_last.pt")), check=True, env=FSDP_ON_CPU)
     assert "resumed from iter 4" in resumed.stdout and "reseeded" not in resumed.stdout + resumed.stderr
+    for mine, theirs in zip(logged(out_dir), logged(tmp_path / "full")):
+        print("killed and resumed", dict(mine), "\nuninterrupted     ", dict(theirs))
     assert logged(out_dir) == logged(tmp_path / "full")
     assert len(logged(out_dir)) == 7  # the evaluations at 0, 4, 8, 12 and the steps logged at 4, 8, 12
     # The kill left iter 4's folder, named, and iter 8's, written but named by nothing: removed at the resume.
