@@ -881,6 +881,18 @@ MUTANTS = [
     ("memory: FSDP's gathered block weights left out of the estimate", "tinylm/memory.py",
      "    gathered_blocks = 4 * per_block * min(layers, 2) if step.sharded else 0", "    gathered_blocks = 0",
      ["tests/test_memory.py", "-k", "fsdp"]),
+    ("train: --dry-run --processes N --fsdp estimates one unsharded process", "tinylm/train.py",
+     "processes=args.processes or 1,\n                             fsdp=args.fsdp)",
+     "processes=1,\n                             fsdp=False)",
+     ["tests/test_memory.py", "-k", "fsdp_launch"]),
+    ("train: --fsdp outside --dry-run accepted (and ignored)", "tinylm/train.py",
+     "    if (args.processes is not None or args.fsdp) and not args.dry_run:",
+     "    if args.processes is not None and not args.dry_run:",
+     ["tests/test_memory.py", "-k", "fsdp_launch"]),
+    ("memory: an FSDP step's accumulated gradients counted sharded", "tinylm/memory.py",
+     "    accumulated = 4 * trainable if step.grad_accum_steps > 1 else 0",
+     "    accumulated = 4 * trainable // shards if step.grad_accum_steps > 1 else 0",
+     ["tests/test_memory.py", "-k", "fsdp_processs"]),
 ]
 
 

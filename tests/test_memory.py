@@ -19,7 +19,7 @@ import pytest
 import torch
 from accelerate.commands.estimate import estimate_training_usage
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from training_helpers import REPO, estimate_and_step_peak, make_trainer, run, train_here, write_config
+from training_helpers import REPO, cli_here, estimate_and_step_peak, make_trainer, run, train_here, write_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tinylm import memory
@@ -148,16 +148,19 @@ def test_a_real_runs_estimate_is_its_step_peak(checkpointing, prepared, tmp_path
     assert found.peak == pytest.approx(peak, rel=0.02)
 
 
-def test_an_fsdp_processs_estimate_is_its_step_peak(prepared, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_an_fsdp_processs_estimate_is_its_step_peak(accumulation, prepared, tmp_path):
     """Two FSDP processes (tests/fsdp_cpu_train.py): each holds half of the weights, gradients and AdamW state,
-    and while it computes the whole weights of the root (the embeddings) and of two blocks. The banner's
-    estimate is, per process, the bytes of its weights, its AdamW state and the step's tensors at the peak
-    (by hand: 0.98-1.07 over four shapes, two and four processes), where the unsharded one is 1.25-1.3.
-    Kills: the estimate made as for DDP (every process holding everything, and the buckets)."""
+    and while it computes the whole weights of the root (the embeddings) and of two blocks; accumulating,
+    every gradient whole until the last micro-batch. The banner's estimate is, per process, the bytes of its
+    weights, its AdamW state and the step's tensors at the peak (by hand: 0.98-1.04 over five shapes, two
+    and four processes), where the unsharded one is 1.25-1.96. Kills: the estimate made as for DDP (every
+    process holding everything, and the buckets); the gathered weights left out; the accumulated gradients
+    counted sharded."""
     from test_multiprocess import FSDP_ON_CPU, fsdp_launch
 
     config = write_config(tmp_path / "run.toml", prepared, tmp_path / "ckpt", training={
-        "max_iters": 2, "eval_interval": 100, "batch_size": 1, "cpu_matmul": "blas"},
+        "max_iters": 2, "eval_interval": 100, "batch_size": 1, "grad_accum_steps": accumulation, "cpu_matmul": "blas"},
         model={"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 32})  # mostly weights, AdamW state
     result = run(fsdp_launch(0, "--config", str(config)), check=True, env={**FSDP_ON_CPU, "MEASURE_STEP": "1"})
     measured = re.findall(r"^fsdp-memory: (\d) (\d+) (\d+)$", result.stderr, re.MULTILINE)
@@ -246,6 +249,38 @@ def test_dry_run_of_a_gpt2_medium_fine_tune_on_an_8gb_gpu_needs_no_gpu_network_o
     assert re.search(rf"^  peak +{advice.group(3)} GiB", followed.stdout, re.M), followed.stdout + followed.stderr
     assert "fits in the --memory limit of 8.00 GiB, with" in followed.stdout
     assert snapshot(tmp_path) == before and not (tmp_path / "checkpoints").exists()
+
+
+def test_dry_run_of_an_fsdp_launch_gives_each_processs_share(tmp_path, capsys, monkeypatch):
+    """`--dry-run --processes 8 --fsdp` plans a launch of configs/accelerate/fsdp.yaml on eight GPUs: the
+    estimate of each process (the one the test above measures on two), not of one process; --processes
+    alone is DDP's (the buckets). Outside --dry-run the two flags are refused: a run's processes are
+    accelerate launch's. Kills: the flags read but not passed to the estimate."""
+    from tinylm.train import main as train_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "run.toml").write_text('[model]\ninit_from = "gpt2"\n[data]\ntokenizer = "pretrained"\n'
+                                       '[training]\nprecision = "bf16"\n')
+    planned = {}
+    for name, flags in (("one", []), ("ddp", ["--processes", "8"]), ("fsdp", ["--processes", "8", "--fsdp"])):
+        result = cli_here(train_main, ["--dry-run", "--config", "run.toml", "--device", "cuda", *flags], capsys,
+                          check=True, cwd=tmp_path)
+        planned[name] = dict(re.findall(r"^  (weights|DDP buckets|gathered|peak) +([\d.]+ \w+)", result.stdout, re.M))
+        assert ("one process" if name == "one" else f"each of 8 {name.upper()} processes") in result.stdout
+    shape, config = memory.run_shape(load_config(tmp_path / "run.toml"), None)  # gpt2's, offline, as the dry run's
+    for name, (processes, fsdp) in {"one": (1, False), "ddp": (8, False), "fsdp": (8, True)}.items():
+        expected = memory.of_run(config, shape, device="cuda", precision="bf16", cpu_matmul="blas",
+                                 world_size=processes, sharded=fsdp)
+        assert planned[name]["peak"] == memory.human(expected.peak)
+    assert planned["one"]["weights"] == planned["ddp"]["weights"] == "475 MiB" and planned["fsdp"]["weights"] == "59.3 MiB"
+    assert "DDP buckets" in planned["ddp"] and "DDP buckets" not in planned["fsdp"] and "gathered" in planned["fsdp"]
+    for flags, needle in ((["--fsdp"], "--fsdp describes a launch to --dry-run"),
+                          (["--processes", "2"], "--processes describes a launch to --dry-run"),
+                          (["--dry-run", "--fsdp"], "--fsdp shards the model across several processes"),
+                          (["--dry-run", "--processes", "0"], "--processes must be 1 or more")):
+        result = cli_here(train_main, ["--config", "run.toml", *flags], capsys, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {needle}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_dry_run_of_a_scratch_run_reads_the_prepared_data_and_writes_nothing(prepared, tmp_path, snapshot):

@@ -25,7 +25,8 @@ autocast's half-precision copies of the matmul weights live until their backward
 (DDP) each hold one more copy of the gradients, in its buckets. Under FSDP (`sharded`) each process
 holds 1/world_size of the weights, gradients and moments, no buckets, and whole weights while it
 computes: the root's (the embeddings, which lm_head shares) for the whole step and two blocks' (the one
-computing and the next, prefetched); the output layer's gradient stays whole until the backward ends.
+computing and the next, prefetched); the output layer's gradient stays whole until the backward ends,
+and with accumulation every gradient until the last micro-batch.
 Not counted: the CUDA context and the caching allocator's slack (leave ~10%), torch.compile's changes
 (usually less memory), FSDP's mixed-precision copies (measured in fp32 only).
 """
@@ -208,17 +209,19 @@ def estimate(shape: GPT2Config, step: Step) -> Estimate:
     # block's while it computes, with the next block's already on the way (prefetched).
     root = 4 * (vocab + shape.n_positions + 2) * width if step.sharded else 0
     gathered_blocks = 4 * per_block * min(layers, 2) if step.sharded else 0
+    # What a later micro-batch of an accumulating step starts with: every gradient, whole under FSDP too
+    # (accelerate's `accumulate` skips FSDP's reduce-scatter, which shards them, until the last micro-batch).
+    accumulated = 4 * trainable if step.grad_accum_steps > 1 else 0
 
     def gradients_done(blocks: int) -> int:
         """The gradients made when the backward reaches a block: the output layer's (whole until the backward
         ends, under FSDP too) and a c_proj's, and `blocks` blocks' (sharded under FSDP)."""
         if step.grad_accum_steps > 1:
-            return gradients
+            return accumulated
         done = (vocab + 2) * width + width * inner + blocks * per_block // shards
         return 4 * trainable * done // parameters
 
-    loss = (layers * kept + inputs + head + 3 * logits + root
-            + (gradients if step.grad_accum_steps > 1 else 0)
+    loss = (layers * kept + inputs + head + 3 * logits + root + accumulated
             + copies * (vocab * width + (0 if step.gradient_checkpointing else layers * matmul_weights)))
     # The end: the embedding's gradient (and under FSDP the root's whole gradients, before they are sharded).
     end = gradients + root + ((4 * vocab * width + root) if full else 0)
@@ -375,10 +378,12 @@ def run_shape(config: Config, model_config: dict | None = None) -> tuple[GPT2Con
     return GPT2Config.from_dict({**shape.to_dict(), "n_positions": fitted.model.block_size}), fitted
 
 
-def dry_run(config: Config, *, device: str, limit: int | None, resumed: dict | None = None) -> str:
+def dry_run(config: Config, *, device: str, limit: int | None, resumed: dict | None = None, processes: int = 1,
+            fsdp: bool = False) -> str:
     """What `tinylm train --dry-run` prints: the estimate of a run of `config` (resuming the checkpoint
-    `resumed`) on `device` ("auto", "cpu" or "cuda": a GPU need not be here), and whether it fits in `limit`
-    bytes (else, on a GPU here, its free memory)."""
+    `resumed`) on `device` ("auto", "cpu" or "cuda": a GPU need not be here), for each of `processes`
+    (sharding the model when `fsdp`), and whether it fits in `limit` bytes (else, on a GPU here, its free
+    memory)."""
     shape, config = run_shape(config, resumed["model_config"] if resumed else None)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -386,7 +391,8 @@ def dry_run(config: Config, *, device: str, limit: int | None, resumed: dict | N
     # "auto" times the step at the start of a run: unknown here, so oneDNN's (math attention), the larger peak.
     setting = config.training.cpu_matmul
     cpu_matmul = (setting if setting != "auto" else started_cpu_matmul(resumed) or "onednn") if device == "cpu" else "blas"
-    found = of_run(config, shape, device=device, precision=precision, cpu_matmul=cpu_matmul)
+    found = of_run(config, shape, device=device, precision=precision, cpu_matmul=cpu_matmul, world_size=processes,
+                   sharded=fsdp)
     step = found.step
     model = ("" if config.model.init_from == SCRATCH else
              f"{pretrained.describe(config.model.init_from, config.model.init_revision)}: ")
@@ -394,7 +400,9 @@ def dry_run(config: Config, *, device: str, limit: int | None, resumed: dict | N
              f"{shape.n_head} heads, {shape.n_embd} wide, vocab {shape.vocab_size}",
              f"  on {device} in {precision}: batch_size {step.batch_size} x grad_accum_steps {step.grad_accum_steps} "
              f"x block {step.block_size}, gradient checkpointing {'on' if step.gradient_checkpointing else 'off'}, "
-             f"{'fused' if step.fused_attention else 'math'} attention, one process",
+             f"{'fused' if step.fused_attention else 'math'} attention, "
+             + (f"each of {processes} FSDP processes" if fsdp else f"each of {processes} DDP processes"
+                if processes > 1 else "one process"),
              *found.table()]
     space = available(torch.device(device), limit)
     if space is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tinylm import paths, startup
 from tinylm.config import DATA_FORMATS, PRECISIONS, TOKENIZERS, Config, from_dict, load_config
-from tinylm.errors import run_cli
+from tinylm.errors import UserError, run_cli
 
 # Flag -> dotted config key it overrides (flags win over the TOML file).
 OVERRIDES = {
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the memory the run may use, e.g. 8GB (GB = GiB = 2**30 bytes, as GPU makers count): "
                              "stop before the first step if the estimate exceeds it (default: on a GPU, its free "
                              "memory; on a CPU, no check)")
+    parser.add_argument("--processes", type=int, metavar="N",
+                        help="with --dry-run: estimate each of N processes (a run has as many as accelerate launch "
+                             "starts)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="with --dry-run and --processes: the processes shard the model with FSDP "
+                             "(configs/accelerate/fsdp.yaml)")
     overrides = parser.add_argument_group("config overrides")
     overrides.add_argument("--precision", choices=PRECISIONS, help="training.precision")
     overrides.add_argument("--data-format", choices=DATA_FORMATS, help="training.data_format")
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_launch_flags(args)
     overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items()}
     if args.resume is None:
         config, resumed = load_config(args.config or paths.CONFIG_EXAMPLE, overrides), None
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     memory_limit = None if args.memory is None else memory.parse_size(args.memory)
     if args.dry_run:
         print(memory.dry_run(config, device=config.training.device, limit=memory_limit,
-                             resumed=resumed.payload if resumed else None))
+                             resumed=resumed.payload if resumed else None, processes=args.processes or 1,
+                             fsdp=args.fsdp))
         return 0
 
     with startup.heavy_imports():  # the trainer's: accelerate, datasets...
@@ -121,6 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(config.training.out_dir)
         print(push.push_run(final_checkpoint(out_dir), out_dir / EXPORT_NAME, config.hub), flush=True)
     return 0
+
+
+def check_launch_flags(args: argparse.Namespace) -> None:
+    """--processes and --fsdp describe a launch to --dry-run; a run gets them from accelerate launch."""
+    if (args.processes is not None or args.fsdp) and not args.dry_run:
+        flag = "--processes" if args.processes is not None else "--fsdp"
+        raise UserError(f"{flag} describes a launch to --dry-run; a run gets its processes from accelerate launch: "
+                        "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N tinylm/train.py "
+                        "... (or configs/accelerate/multi-gpu.yaml for DDP)")
+    if args.processes is not None and args.processes < 1:
+        raise UserError(f"--processes must be 1 or more, got {args.processes}")
+    if args.fsdp and (args.processes or 1) < 2:
+        raise UserError("--fsdp shards the model across several processes: give --processes N (2 or more)")
 
 
 def resume_config(args: argparse.Namespace, overrides: dict):
