@@ -13,6 +13,8 @@ background uploads of a run that pushes to the Hub keep up with its evaluations.
 MEASURE_STEP (environment, default 0: none): at that step every process prints "fsdp-memory: RANK
 ESTIMATE MEASURED", the banner's memory estimate and the bytes its weights, optimizer state and the
 step's tensors took at the peak (compat.TensorBytes, each DTensor by its local shard).
+OUT_DIR_ELSEWHERE (environment): the processes other than the main one append "-elsewhere" to the
+--out-dir they are given: the same path on a second machine's own disk, not on a filesystem they share.
 The product code is untouched.
 """
 
@@ -85,4 +87,7 @@ if step_delay or measure_step:
     trainer_module.Trainer.train_step = train_step
 trainer_module.Trainer._set_up = set_up
 shards_module.save = save_shards
-sys.exit(run_cli(main, sys.argv[2:]))
+argv = sys.argv[2:]
+if os.environ.get("OUT_DIR_ELSEWHERE") and os.environ.get("RANK", "0") != "0":
+    argv[argv.index("--out-dir") + 1] += "-elsewhere"
+sys.exit(run_cli(main, argv))

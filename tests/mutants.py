@@ -893,6 +893,9 @@ MUTANTS = [
      "    accumulated = 4 * trainable if step.grad_accum_steps > 1 else 0",
      "    accumulated = 4 * trainable // shards if step.grad_accum_steps > 1 else 0",
      ["tests/test_memory.py", "-k", "fsdp_processs"]),
+    ("run_writer: an FSDP run whose processes do not share out_dir found out only at its first shards save",
+     "tinylm/run_writer.py", "            if self.sharded:  # before any work", "            if False:  # before any work",
+     ["tests/test_multiprocess.py", "-k", "do_not_share"]),
 ]
 
 

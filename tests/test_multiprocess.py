@@ -247,3 +247,25 @@ def test_an_fsdp_run_killed_mid_save_resumes_from_its_optimizer_shards_exactly(p
     last, best = (load_checkpoint(out_dir / name)["train_state"]["optimizer_shards"]
                   for name in ("ckpt_last.pt", "ckpt_best.pt"))
     assert last == best and [folder.name for folder in out_dir.glob("ckpt_shards-*")] == [last]
+
+
+def test_an_fsdp_run_whose_processes_do_not_share_out_dir_is_refused_before_any_work(prepared, tmp_path):
+    """Under FSDP every process writes its shard of each checkpoint into out_dir. A process that sees another
+    folder there (tests/fsdp_cpu_train.py's OUT_DIR_ELSEWHERE: a second machine's own disk) stops every process
+    before the first step, not at the first save with optimizer state, an eval_interval into the run.
+
+    Kills: the check left to that save."""
+    out_dir = tmp_path / "ckpt"
+    config = write_config(tmp_path / "run.toml", prepared, out_dir)
+    result = run(fsdp_launch(0, "--config", str(config), "--out-dir", str(out_dir)),
+                 env={**FSDP_ON_CPU, "OUT_DIR_ELSEWHERE": "1"})
+    assert result.returncode != 0
+    refusal = ("error: process 1 does not see {}, which the main process made in training.out_dir; under FSDP "
+               "every process writes its part of each checkpoint there, so put out_dir on a filesystem every machine "
+               "shares")
+    for folder in (out_dir, tmp_path / "ckpt-elsewhere"):  # each process names out_dir as it was given it
+        assert result.stderr.count(refusal.format(folder / ".tinylm.lock.json")) == 1, result.stdout + result.stderr
+    # (The launcher prints its own traceback when a process exits with an error: none goes through tinylm.)
+    assert f'File "{REPO / "tinylm"}' not in result.stderr and "eval iter" not in result.stdout
+    assert sorted(path.name for path in out_dir.iterdir()) == [".tinylm.lock"]  # nothing written, the lock let go
+

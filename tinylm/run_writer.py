@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
-from . import checkpoint, rng, run_folder, shards
+from . import checkpoint, locks, rng, run_folder, shards
 from .atomic import write_json
 from .config import HubConfig
 from .errors import UserError
@@ -53,6 +53,8 @@ class RunWriter:
             failure = exc
         try:
             self.stop_together(failure)
+            if self.sharded:  # before any work, not at the first save with optimizer state (a whole interval)
+                shards.check_shared(self.out_dir / locks.OWNER_NAME)
         except UserError:
             self.close(say)
             raise

@@ -51,13 +51,12 @@ def save(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     staging = [str(staging_folder(out_dir, f"{SHARDS_PREFIX}{step}-")) if is_main else None]
     broadcast_object_list(staging)  # every process writes into the folder the main process made
     staging = Path(staging[0])
-    blind = [rank for rank, sees in enumerate(gather_object([staging.is_dir()])) if not sees]
-    if blind:  # every process stops here, together, rather than some of them in dcp.save's collectives
+    try:  # every process stops here, together, rather than some of them in dcp.save's collectives
+        check_shared(staging)
+    except UserError as exc:
         if is_main:
             staging.rmdir()
-        raise UserError(f"cannot save the optimizer shards: process {blind[0]} does not see {staging}, which the "
-                        "main process made in training.out_dir; under FSDP every process writes its part there, "
-                        "so put out_dir on a filesystem every machine shares")
+        raise UserError(f"cannot save the optimizer shards: {exc}") from None
     try:
         dcp.save(state, checkpoint_id=staging)
     except CheckpointException as exc:  # raised on every process when one of them failed
@@ -72,6 +71,16 @@ def save(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if is_main:
         replace_folder(staging, out_dir / name)
     return name
+
+
+def check_shared(made: Path) -> None:
+    """Stop every process, with one line, unless every one sees `made`, which the main process made in
+    training.out_dir (every process calls this together)."""
+    blind = [rank for rank, sees in enumerate(gather_object([made.exists()])) if not sees]
+    if blind:
+        raise UserError(f"process {blind[0]} does not see {made}, which the main process made in training.out_dir; "
+                        "under FSDP every process writes its part of each checkpoint there, so put out_dir on a "
+                        "filesystem every machine shares")
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
