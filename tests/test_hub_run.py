@@ -446,6 +446,7 @@ def test_an_fsdp_runs_checkpoints_go_with_their_optimizer_shards_and_resume_from
         assert folders == named - {None}, commit.summary  # iter 0's checkpoints name none: no step taken yet
         assert all(f"{folder}/.metadata" in commit.files for folder in folders)
         commits[int(commit.summary.split()[2].rstrip(":"))] = commit
+    assert any(0 < step < 12 for step in commits), FakeHub.summaries("someone/fsdp", BRANCH)
     middle = min(step for step in commits if 0 < step < 12)  # 4, unless its upload had to give way to 8's
     reference = logged(out_dir)
     expected = load_checkpoint(out_dir / "ckpt_last.pt")["model"]
