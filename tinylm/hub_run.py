@@ -27,8 +27,8 @@ model card.
 Resuming (`fetch_run`): the files of one commit go to the Hugging Face cache, then the main process
 copies them into the run's out_dir (the --out-dir flag, else the --config file's out_dir, else the
 run's own), which must not hold another run unless --overwrite; from there the run resumes as from a
-local checkpoint, and goes on pushing to the same branch. The other processes resume from their cache,
-where the shards folders sit beside the checkpoint as in out_dir.
+local checkpoint, and goes on pushing to the same branch. The other processes read the checkpoint from
+their cache and, under FSDP, the shards from out_dir, which every process shares (`shards.check_shared`).
 """
 
 from __future__ import annotations
