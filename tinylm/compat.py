@@ -129,9 +129,10 @@ class TensorBytes(TorchDispatchMode):
     Every tensor an ATen op returns, forward or backward, is counted once per storage, from the op until
     its storage is freed; a view or an in-place op returns a storage it was given, already counted or not
     ours. A DTensor (FSDP2's sharded weights, their gradients and moments) counts as its local shard, the
-    only memory it has on this process. Buffers a kernel allocates and frees inside itself are not seen. It relies on torch's Python
-    dispatch mode (`torch.utils._python_dispatch`, a private module, the one `__torch_dispatch__` modes
-    subclass) seeing each op on the calling thread, where CPU autograd runs the backward too.
+    only memory it has on this process. Buffers a kernel allocates and frees inside itself are not seen.
+    It relies on torch's Python dispatch mode (`torch.utils._python_dispatch`, a private module, the one
+    `__torch_dispatch__` modes subclass) seeing each op on the calling thread, where CPU autograd runs
+    the backward too.
     """
 
     def __init__(self):

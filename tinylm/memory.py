@@ -394,15 +394,15 @@ def dry_run(config: Config, *, device: str, limit: int | None, resumed: dict | N
     found = of_run(config, shape, device=device, precision=precision, cpu_matmul=cpu_matmul, world_size=processes,
                    sharded=fsdp)
     step = found.step
+    launch = ("one process" if processes == 1 else f"each of {processes} FSDP processes" if fsdp
+              else f"each of {processes} DDP processes")
     model = ("" if config.model.init_from == SCRATCH else
              f"{pretrained.describe(config.model.init_from, config.model.init_revision)}: ")
     lines = [f"memory estimate (dry run: nothing is trained or written) of {model}{shape.n_layer} layers, "
              f"{shape.n_head} heads, {shape.n_embd} wide, vocab {shape.vocab_size}",
              f"  on {device} in {precision}: batch_size {step.batch_size} x grad_accum_steps {step.grad_accum_steps} "
              f"x block {step.block_size}, gradient checkpointing {'on' if step.gradient_checkpointing else 'off'}, "
-             f"{'fused' if step.fused_attention else 'math'} attention, "
-             + (f"each of {processes} FSDP processes" if fsdp else f"each of {processes} DDP processes"
-                if processes > 1 else "one process"),
+             f"{'fused' if step.fused_attention else 'math'} attention, {launch}",
              *found.table()]
     space = available(torch.device(device), limit)
     if space is None:
