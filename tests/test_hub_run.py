@@ -431,7 +431,7 @@ def test_an_fsdp_runs_checkpoints_go_with_their_optimizer_shards_and_resume_from
     two new FSDP processes and logs, step for step, the numbers the pushing run logged after it.
 
     Kills: the shards not staged; a replaced shards folder left on the branch; the shards not downloaded,
-    or copied where the checkpoint does not look; the other process's shards looked for in out_dir."""
+    or copied where the checkpoint does not look."""
     from test_multiprocess import FSDP_ON_CPU, fsdp_launch, logged
 
     out_dir = tmp_path / "ckpt"
@@ -457,9 +457,9 @@ def test_an_fsdp_runs_checkpoints_go_with_their_optimizer_shards_and_resume_from
                               "--processed-dir", str(prepared)), env={**hub_env, **FSDP_ON_CPU})
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from iter {middle}" in resumed.stdout and "reseeded" not in resumed.stdout + resumed.stderr
-    assert re.search(rf"fetched someone/fsdp@\w+ \(commit \w+\) into {re.escape(str(elsewhere))}: "
-                     rf"ckpt_best.pt, ckpt_last.pt, train_log.json, metrics.jsonl, ckpt_shards-{middle}-\w+/",
-                     resumed.stdout), resumed.stdout
+    fetched = re.search(rf"^fetched someone/fsdp@\w+ \(commit \w+\) into {re.escape(str(elsewhere))}: "
+                        r"ckpt_best.pt, ckpt_last.pt, train_log.json, metrics.jsonl, (.+)$", resumed.stdout, re.M)
+    assert fetched and f"ckpt_shards-{middle}-" in fetched.group(1), resumed.stdout  # the folders, as folders
     for mine, theirs in zip(logged(elsewhere), reference):
         print("resumed from the Hub", dict(mine), "\npushing run         ", dict(theirs))
     assert logged(elsewhere) == reference
