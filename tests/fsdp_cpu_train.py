@@ -28,7 +28,7 @@ import tinylm.trainer as trainer_module
 from tinylm.compat import TensorBytes
 from tinylm.errors import run_cli
 from tinylm.train import main
-from training_helpers import use_fsdp_on_cpu
+from training_helpers import held_bytes, use_fsdp_on_cpu
 
 kill_at = int(sys.argv[1])
 original_make_accelerator = trainer_module.Trainer.make_accelerator
@@ -64,17 +64,11 @@ def save_shards(out_dir, model, optimizer, *, step, is_main):
     return name
 
 
-def local_bytes(tensor) -> int:
-    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).nbytes
-
-
 def train_step(self, step):
     time.sleep(step_delay)
     if step != measure_step:
         return original_step(self, step)
-    held = sum(local_bytes(weight) for weight in self.model.parameters()) + sum(
-        local_bytes(value) for state in self.optimizer.optimizer.state.values()
-        for name, value in state.items() if name != "step")
+    held = held_bytes(self.model, self.optimizer.optimizer)
     with TensorBytes() as counted:
         result = original_step(self, step)
     line = f"fsdp-memory: {self.accelerator.process_index} {self.memory_estimate.peak} {held + counted.peak}\n"

@@ -241,9 +241,16 @@ def estimate_and_step_peak(trainer) -> tuple:
     trainer.train_step(0)
     with TensorBytes() as counted:
         trainer.train_step(1)
-    held = sum(p.nbytes for p in model.parameters()) + sum(
-        value.nbytes for state in trainer.optimizer.state.values() for name, value in state.items() if name != "step")
-    return found, held + counted.peak
+    return found, held_bytes(model, trainer.optimizer) + counted.peak
+
+
+def held_bytes(model, optimizer) -> int:
+    """The bytes of the weights and the optimizer's moments this process holds (a DTensor's: its local shard)."""
+    def local(tensor) -> int:
+        return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).nbytes
+
+    return sum(local(weight) for weight in model.parameters()) + sum(
+        local(value) for state in optimizer.state.values() for name, value in state.items() if name != "step")
 
 
 def use_fsdp_on_cpu(accelerator) -> None:
